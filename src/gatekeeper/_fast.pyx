@@ -1,0 +1,978 @@
+# cython: language_level=3, cdivision=True
+"""The data plane: receive, check and forward with raw libzmq calls, GIL released.
+
+`_fast_py.py` is the readable twin and the specification of every decision made here.
+"""
+
+import os
+import time
+
+import zmq
+import zmq.backend.cython._zmq as _pyzmq_backend
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.errno cimport EAGAIN, EINTR
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcmp, memcpy, strlen
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from .rules import KEY_IDENTITY, KEY_PEER_ADDRESS, MAX_BANS, MAX_FRAMES_LIMIT, MAX_KEY_BYTES, OFFENDER_SLOTS
+from .rules import REASONS, RECLAIM_SCAN, TOP_OFFENDERS
+
+cdef extern from "_zmq_abi.h" nogil:
+    ctypedef struct gk_zmq_msg_t:
+        pass
+    ctypedef struct gk_zmq_pollitem_t:
+        void *socket
+        int fd
+        short events
+        short revents
+    ctypedef struct gk_zmq_api:
+        int (*msg_init)(gk_zmq_msg_t *) noexcept nogil
+        int (*msg_close)(gk_zmq_msg_t *) noexcept nogil
+        int (*msg_recv)(gk_zmq_msg_t *, void *, int) noexcept nogil
+        int (*msg_send)(gk_zmq_msg_t *, void *, int) noexcept nogil
+        int (*msg_more)(const gk_zmq_msg_t *) noexcept nogil
+        size_t (*msg_size)(const gk_zmq_msg_t *) noexcept nogil
+        void *(*msg_data)(gk_zmq_msg_t *) noexcept nogil
+        const char *(*msg_gets)(const gk_zmq_msg_t *, const char *) noexcept nogil
+        int (*send)(void *, const void *, size_t, int) noexcept nogil
+        int (*poll)(gk_zmq_pollitem_t *, int, long) noexcept nogil
+        int (*errno_ "errno_")() noexcept nogil
+    const char *gk_zmq_resolve(const char *path, gk_zmq_api *api)
+    enum:
+        GK_ZMQ_POLLIN
+        GK_ZMQ_POLLOUT
+        GK_ZMQ_DONTWAIT
+        GK_ZMQ_SNDMORE
+
+IMPLEMENTATION = "cython"
+
+cdef gk_zmq_api Z
+cdef const char *_missing = gk_zmq_resolve(os.fsencode(_pyzmq_backend.__file__), &Z)
+if _missing != NULL:
+    raise ImportError(
+        f"gatekeeper._fast: cannot resolve {(<bytes>_missing).decode()} in pyzmq's libzmq"
+    )
+
+RUN_TICK, RUN_SERVICE, RUN_INTERRUPTED = 0, 1, 2
+cdef enum:
+    C_RUN_TICK = 0
+    C_RUN_SERVICE = 1
+    C_RUN_INTERRUPTED = 2
+    C_RUN_ERROR = 3
+    BATCH_ = 256
+    NREASONS = 10
+    KEY_STRIDE = 256  # one length byte, then up to 255 key bytes
+    MAX_SERVICES = 8
+    # reason codes, as in rules.py
+    R_BANNED = 1
+    R_IDENTITY_DENIED = 2
+    R_IDENTITY_NOT_ALLOWED = 3
+    R_TOO_MANY_FRAMES = 4
+    R_FRAME_TOO_LARGE = 5
+    R_MESSAGE_TOO_LARGE = 6
+    R_MALFORMED_ENVELOPE = 7
+    R_COMMAND_NOT_ALLOWED = 8
+    R_RATE_LIMITED = 9
+    R_BACKEND_UNAVAILABLE = 10
+    KEY_IDENTITY_ = 0
+    KEY_PEER_ADDRESS_ = 1
+    RECLAIM_SCAN_ = 16
+    MAX_KEY = 255
+
+BATCH = BATCH_
+assert NREASONS == len(REASONS) and KEY_STRIDE == MAX_KEY_BYTES + 1
+assert OFFENDER_SLOTS == 32 and RECLAIM_SCAN == RECLAIM_SCAN_ and KEY_IDENTITY == KEY_IDENTITY_
+
+REJECT_MARKER = b"GATEKEEPER"
+cdef tuple _REASON_BYTES = tuple(r.encode() for r in REASONS)
+cdef const char *REASON_TEXT[NREASONS]
+cdef size_t REASON_LEN[NREASONS]
+for _i, _text in enumerate(_REASON_BYTES):
+    REASON_TEXT[_i] = PyBytes_AS_STRING(_text)
+    REASON_LEN[_i] = PyBytes_GET_SIZE(_text)
+
+COUNTER_NAMES = (
+    "frontend_messages_in",
+    "frontend_bytes_in",
+    "frontend_messages_out",
+    "frontend_bytes_out",
+    "backend_messages_in",
+    "backend_bytes_in",
+    "backend_messages_out",
+    "backend_bytes_out",
+    "forwarded",
+    "replied",
+    "rejects_sent",
+    "reject_dropped",
+    "unroutable",
+    "reply_dropped",
+)
+cdef enum:
+    FE_MSGS_IN, FE_BYTES_IN, FE_MSGS_OUT, FE_BYTES_OUT
+    BE_MSGS_IN, BE_BYTES_IN, BE_MSGS_OUT, BE_BYTES_OUT
+    FORWARDED, REPLIED, REJECTS_SENT, REJECT_DROPPED, UNROUTABLE, REPLY_DROPPED
+    NCOUNTERS
+
+
+cdef inline double monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+# ---------------------------------------------------------------------------------------
+# KeyIndex: a bounded set of keys (<= 255 bytes) with open addressing, each key owning a
+# slot in a dense array that grows by doubling up to max_entries, plus an optional
+# fixed-size payload per slot. Memory is proportional to the keys held, capped by
+# max_entries.
+
+cdef struct KeyIndex:
+    uint32_t *index       # hash -> slot + 1; 0 = empty; linear probing
+    uint32_t mask
+    uint64_t *hashes      # per slot
+    uint8_t *keys         # per slot, KEY_STRIDE bytes
+    uint8_t *payload      # per slot, payload_size bytes
+    size_t payload_size
+    uint32_t count
+    uint32_t allocated
+    uint32_t max_entries
+
+
+cdef inline uint64_t hash_key(const uint8_t *k, size_t n) noexcept nogil:
+    # FNV-1a: keys are short, and the table is bounded, so flooding one chain costs the
+    # attacker only its own keys' probe length.
+    cdef uint64_t h = 1469598103934665603ULL
+    cdef size_t i
+    for i in range(n):
+        h = (h ^ k[i]) * 1099511628211ULL
+    return h ^ (h >> 29)
+
+
+cdef int ki_init(KeyIndex *ki, uint32_t max_entries, size_t payload_size) except -1:
+    cdef uint32_t cap = 8
+    while cap < 2 * max_entries:
+        cap <<= 1
+    ki.index = <uint32_t *>calloc(cap, sizeof(uint32_t))
+    ki.mask = cap - 1
+    ki.hashes = NULL
+    ki.keys = NULL
+    ki.payload = NULL
+    ki.payload_size = payload_size
+    ki.count = 0
+    ki.allocated = 0
+    ki.max_entries = max_entries
+    if ki.index == NULL:
+        raise MemoryError()
+    return 0
+
+
+cdef void ki_free(KeyIndex *ki) noexcept nogil:
+    free(ki.index)
+    free(ki.hashes)
+    free(ki.keys)
+    free(ki.payload)
+    ki.index = NULL
+    ki.hashes = NULL
+    ki.keys = NULL
+    ki.payload = NULL
+    ki.count = 0
+    ki.allocated = 0
+
+
+cdef inline bint ki_slot_is(KeyIndex *ki, uint32_t slot, uint64_t h, const uint8_t *k,
+                            size_t n) noexcept nogil:
+    cdef const uint8_t *stored = ki.keys + <size_t>slot * KEY_STRIDE
+    return ki.hashes[slot] == h and stored[0] == n and memcmp(stored + 1, k, n) == 0
+
+
+cdef int ki_find(KeyIndex *ki, const uint8_t *k, size_t n) noexcept nogil:
+    if ki.count == 0 or n > MAX_KEY:
+        return -1
+    cdef uint64_t h = hash_key(k, n)
+    cdef uint32_t i = <uint32_t>h & ki.mask
+    cdef uint32_t e
+    while True:
+        e = ki.index[i]
+        if e == 0:
+            return -1
+        if ki_slot_is(ki, e - 1, h, k, n):
+            return e - 1
+        i = (i + 1) & ki.mask
+
+
+cdef void ki_link(KeyIndex *ki, uint32_t slot) noexcept nogil:
+    cdef uint32_t i = <uint32_t>ki.hashes[slot] & ki.mask
+    while ki.index[i] != 0:
+        i = (i + 1) & ki.mask
+    ki.index[i] = slot + 1
+
+
+cdef void ki_unlink(KeyIndex *ki, uint32_t slot) noexcept nogil:
+    # Backward-shift deletion keeps every probe chain unbroken without tombstones.
+    cdef uint32_t i = <uint32_t>ki.hashes[slot] & ki.mask
+    cdef uint32_t j, home
+    while ki.index[i] != slot + 1:
+        i = (i + 1) & ki.mask
+    j = i
+    while True:
+        j = (j + 1) & ki.mask
+        if ki.index[j] == 0:
+            break
+        home = <uint32_t>ki.hashes[ki.index[j] - 1] & ki.mask
+        # the entry at j may move to i only if its home is not cyclically in (i, j]
+        if (i <= j and (i < home <= j)) or (i > j and (home > i or home <= j)):
+            continue
+        ki.index[i] = ki.index[j]
+        i = j
+    ki.index[i] = 0
+
+
+cdef void ki_set_key(KeyIndex *ki, uint32_t slot, const uint8_t *k, size_t n) noexcept nogil:
+    cdef uint8_t *stored = ki.keys + <size_t>slot * KEY_STRIDE
+    stored[0] = <uint8_t>n
+    memcpy(stored + 1, k, n)
+    ki.hashes[slot] = hash_key(k, n)
+
+
+cdef int ki_add(KeyIndex *ki, const uint8_t *k, size_t n) noexcept nogil:
+    """A new slot for a key known to be absent; -1 when full or out of memory."""
+    cdef uint32_t grown
+    cdef void *p
+    if ki.count >= ki.max_entries or n > MAX_KEY:
+        return -1
+    if ki.count == ki.allocated:
+        grown = ki.allocated * 2 if ki.allocated else 64
+        if grown > ki.max_entries:
+            grown = ki.max_entries
+        p = realloc(ki.hashes, grown * sizeof(uint64_t))
+        if p == NULL:
+            return -1
+        ki.hashes = <uint64_t *>p
+        p = realloc(ki.keys, <size_t>grown * KEY_STRIDE)
+        if p == NULL:
+            return -1
+        ki.keys = <uint8_t *>p
+        if ki.payload_size:
+            p = realloc(ki.payload, <size_t>grown * ki.payload_size)
+            if p == NULL:
+                return -1
+            ki.payload = <uint8_t *>p
+        ki.allocated = grown
+    cdef uint32_t slot = ki.count
+    ki.count += 1
+    ki_set_key(ki, slot, k, n)
+    ki_link(ki, slot)
+    return slot
+
+
+cdef void ki_remove(KeyIndex *ki, uint32_t slot) noexcept nogil:
+    """Remove a slot, moving the last one into its place."""
+    cdef uint32_t last = ki.count - 1
+    ki_unlink(ki, slot)
+    if slot != last:
+        ki_unlink(ki, last)
+        ki.hashes[slot] = ki.hashes[last]
+        memcpy(ki.keys + <size_t>slot * KEY_STRIDE, ki.keys + <size_t>last * KEY_STRIDE, KEY_STRIDE)
+        if ki.payload_size:
+            memcpy(ki.payload + slot * ki.payload_size, ki.payload + last * ki.payload_size,
+                   ki.payload_size)
+        ki_link(ki, slot)
+    ki.count = last
+
+
+cdef bytes ki_key(KeyIndex *ki, uint32_t slot):
+    cdef const uint8_t *stored = ki.keys + <size_t>slot * KEY_STRIDE
+    return PyBytes_FromStringAndSize(<const char *>stored + 1, stored[0])
+
+
+cdef int ki_fill(KeyIndex *ki, keys) except -1:
+    """Initialise `ki` holding exactly `keys` (an iterable of bytes), in iteration order."""
+    keys = sorted(keys)
+    ki_free(ki)
+    ki_init(ki, max(1, len(keys)), 0)
+    cdef bytes k
+    for k in keys:
+        if PyBytes_GET_SIZE(k) > MAX_KEY_BYTES:
+            raise ValueError(f"key longer than {MAX_KEY_BYTES} bytes: {k[:16]!r}...")
+        if ki_find(ki, <const uint8_t *>PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k)) < 0:
+            ki_add(ki, <const uint8_t *>PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Token buckets, operation for operation as `_Bucket` in the twin (same doubles, same
+# order), so both make identical decisions.
+
+cdef struct Limits:
+    double mps
+    double burst
+    double bps
+    double byte_cap
+
+
+cdef struct Bucket:
+    double tokens
+    double byte_tokens
+    double last
+
+
+cdef inline Limits make_limits(lim):
+    cdef Limits l
+    l.mps = lim.messages_per_second
+    l.burst = lim.burst
+    l.bps = lim.bytes_per_second
+    l.byte_cap = lim.byte_capacity
+    return l
+
+
+cdef inline void bucket_reset(Bucket *b, const Limits *l, double now) noexcept nogil:
+    b.tokens = l.burst
+    b.byte_tokens = l.byte_cap
+    b.last = now
+
+
+cdef inline void bucket_refill(Bucket *b, const Limits *l, double now) noexcept nogil:
+    cdef double elapsed = now - b.last
+    if elapsed > 0.0:
+        b.tokens = min(l.burst, b.tokens + elapsed * l.mps)
+        if l.bps > 0.0:
+            b.byte_tokens = min(l.byte_cap, b.byte_tokens + elapsed * l.bps)
+        b.last = now
+
+
+cdef inline bint bucket_take(Bucket *b, const Limits *l, size_t nbytes) noexcept nogil:
+    if b.tokens < 1.0:
+        return False
+    if l.bps > 0.0 and b.byte_tokens < <double>nbytes:
+        return False
+    b.tokens -= 1.0
+    b.byte_tokens -= <double>nbytes
+    return True
+
+
+cdef inline bint bucket_is_full(const Bucket *b, const Limits *l, double now) noexcept nogil:
+    cdef double elapsed = now - b.last
+    if elapsed < 0.0:
+        elapsed = 0.0
+    if b.tokens + elapsed * l.mps < l.burst:
+        return False
+    return l.bps <= 0.0 or b.byte_tokens + elapsed * l.bps >= l.byte_cap
+
+
+cdef struct Offender:
+    uint64_t count
+    uint8_t key[KEY_STRIDE]
+
+
+cdef struct Sample:
+    int reason
+    uint32_t nframes
+    uint64_t total
+    uint8_t key[KEY_STRIDE]
+
+
+cdef class PolicyEngine:
+    """Per-message decisions and the state behind them; knows nothing of sockets."""
+
+    cdef readonly object rules
+    cdef KeyIndex bans, deny, allow, commands, overrides, table
+    cdef Limits *override_limits
+    cdef Limits limits
+    cdef Bucket overflow
+    cdef bint rate_on, allow_active, require_delimiter, dry_run, backend_full_reject, reject
+    cdef uint32_t hand
+    cdef uint8_t *prefixes          # nprefixes * KEY_STRIDE
+    cdef int nprefixes
+    cdef int max_frames, command_frame, rate_key, log_per_second
+    cdef size_t max_frame_bytes, max_message_bytes
+    cdef uint64_t violations_[NREASONS]
+    cdef Offender offenders[32]
+    cdef int noffenders
+    cdef Sample *samples
+    cdef int nsamples, sample_cap
+    cdef uint32_t window[NREASONS]
+    cdef uint64_t suppressed[NREASONS]
+    cdef Bucket *taken
+    cdef size_t taken_bytes
+
+    def __cinit__(self):
+        ki_init(&self.bans, MAX_BANS, 0)
+
+    def __init__(self, rules):
+        self.rules = None
+        self.set_rules(rules)
+
+    def __dealloc__(self):
+        ki_free(&self.bans)
+        ki_free(&self.deny)
+        ki_free(&self.allow)
+        ki_free(&self.commands)
+        ki_free(&self.overrides)
+        ki_free(&self.table)
+        free(self.override_limits)
+        free(self.prefixes)
+        free(self.samples)
+
+    # -- configuration -------------------------------------------------------------
+
+    def set_rules(self, rules, now=None):
+        """Swap the policy. Bucket state survives when the rate-limit settings are equal."""
+        old = self.rules
+        same_rate = (
+            old is not None
+            and old.rate_limit == rules.rate_limit
+            and old.per_key == rules.per_key
+            and old.max_keys == rules.max_keys
+            and old.rate_key == rules.rate_key
+        )
+        cdef int i
+        cdef bytes p
+        self.max_frames = rules.max_frames
+        self.max_frame_bytes = rules.max_frame_bytes
+        self.max_message_bytes = rules.max_message_bytes
+        self.require_delimiter = rules.require_delimiter
+        self.command_frame = rules.command_frame
+        self.dry_run = rules.dry_run
+        self.reject = rules.reject
+        self.backend_full_reject = rules.backend_full_reject
+        self.rate_key = rules.rate_key
+        self.allow_active = rules.allow_list_active
+        ki_fill(&self.deny, rules.deny_identities)
+        ki_fill(&self.allow, rules.allow_identities)
+        ki_fill(&self.commands, rules.allowed_commands)
+        free(self.prefixes)
+        self.nprefixes = len(rules.allow_identity_prefixes)
+        self.prefixes = <uint8_t *>calloc(max(1, self.nprefixes), KEY_STRIDE)
+        for i, p in enumerate(rules.allow_identity_prefixes):
+            if len(p) > MAX_KEY_BYTES:
+                raise ValueError("identity prefix longer than 255 bytes")
+            self.prefixes[i * KEY_STRIDE] = len(p)
+            memcpy(self.prefixes + i * KEY_STRIDE + 1, PyBytes_AS_STRING(p), len(p))
+        if not same_rate:
+            self._reset_rate(rules, time.monotonic() if now is None else now)
+        if old is None or old.log_per_second != rules.log_per_second:
+            self.log_per_second = rules.log_per_second
+            free(self.samples)
+            self.sample_cap = max(1, rules.log_per_second * NREASONS)
+            self.samples = <Sample *>malloc(self.sample_cap * sizeof(Sample))
+            if self.samples == NULL:
+                raise MemoryError()
+            self._reset_samples()
+        self.rules = rules
+
+    cdef _reset_rate(self, rules, double now):
+        cdef uint32_t slot
+        ki_free(&self.overrides)
+        ki_free(&self.table)
+        free(self.override_limits)
+        self.override_limits = NULL
+        self.hand = 0
+        self.taken = NULL
+        self.rate_on = rules.rate_limit is not None
+        if not self.rate_on:
+            ki_init(&self.table, 1, sizeof(Bucket))
+            ki_init(&self.overrides, 1, sizeof(Bucket))
+            return
+        self.limits = make_limits(rules.rate_limit)
+        bucket_reset(&self.overflow, &self.limits, now)
+        ki_init(&self.table, rules.max_keys, sizeof(Bucket))
+        per_key = sorted(rules.per_key.items())
+        ki_init(&self.overrides, max(1, len(per_key)), sizeof(Bucket))
+        self.override_limits = <Limits *>calloc(max(1, len(per_key)), sizeof(Limits))
+        if self.override_limits == NULL:
+            raise MemoryError()
+        for key, lim in per_key:
+            slot = ki_add(&self.overrides, <const uint8_t *>PyBytes_AS_STRING(key), len(key))
+            self.override_limits[slot] = make_limits(lim)
+            bucket_reset(<Bucket *>self.overrides.payload + slot, &self.override_limits[slot], now)
+
+    def ban(self, bytes identity):
+        cdef const uint8_t *k = <const uint8_t *>PyBytes_AS_STRING(identity)
+        cdef size_t n = PyBytes_GET_SIZE(identity)
+        if ki_find(&self.bans, k, n) >= 0:
+            return True
+        return ki_add(&self.bans, k, n) >= 0
+
+    def unban(self, bytes identity):
+        cdef int slot = ki_find(&self.bans, <const uint8_t *>PyBytes_AS_STRING(identity),
+                                PyBytes_GET_SIZE(identity))
+        if slot < 0:
+            return False
+        ki_remove(&self.bans, slot)
+        return True
+
+    def banned(self):
+        return sorted(ki_key(&self.bans, i) for i in range(self.bans.count))
+
+    # -- the decision --------------------------------------------------------------
+
+    cdef Bucket *lookup(self, const uint8_t *key, size_t n, double now,
+                        const Limits **limits) noexcept nogil:
+        cdef int slot = ki_find(&self.overrides, key, n)
+        cdef int scanned
+        cdef Bucket *b
+        if slot >= 0:
+            limits[0] = &self.override_limits[slot]
+            return <Bucket *>self.overrides.payload + slot
+        limits[0] = &self.limits
+        slot = ki_find(&self.table, key, n)
+        if slot >= 0:
+            return <Bucket *>self.table.payload + slot
+        if self.table.count < self.table.max_entries:
+            slot = ki_add(&self.table, key, n)
+            if slot >= 0:
+                b = <Bucket *>self.table.payload + slot
+                bucket_reset(b, &self.limits, now)
+                return b
+            return &self.overflow  # out of memory: fail towards the shared bucket
+        for scanned in range(min(<uint32_t>RECLAIM_SCAN_, self.table.max_entries)):
+            slot = self.hand
+            self.hand = (self.hand + 1) % self.table.max_entries
+            b = <Bucket *>self.table.payload + slot
+            if bucket_is_full(b, &self.limits, now):
+                ki_unlink(&self.table, slot)
+                ki_set_key(&self.table, slot, key, n)
+                ki_link(&self.table, slot)
+                bucket_reset(b, &self.limits, now)
+                return b
+        return &self.overflow
+
+    cdef int check(self, double now, const uint8_t *identity, size_t identity_len,
+                   const uint8_t *key, size_t key_len, size_t nframes, size_t largest,
+                   size_t total, size_t first_len, const uint8_t *command,
+                   size_t command_len) noexcept nogil:
+        """SPEC order; see PolicyEngine.check in the twin. `command` NULL = missing."""
+        cdef int i
+        cdef const uint8_t *p
+        cdef const Limits *limits
+        cdef Bucket *b
+        if self.bans.count and ki_find(&self.bans, identity, identity_len) >= 0:
+            return R_BANNED
+        if self.deny.count and ki_find(&self.deny, identity, identity_len) >= 0:
+            return R_IDENTITY_DENIED
+        if self.allow_active and ki_find(&self.allow, identity, identity_len) < 0:
+            for i in range(self.nprefixes):
+                p = self.prefixes + i * KEY_STRIDE
+                if p[0] <= identity_len and memcmp(p + 1, identity, p[0]) == 0:
+                    break
+            else:
+                return R_IDENTITY_NOT_ALLOWED
+        if nframes > <size_t>self.max_frames:
+            return R_TOO_MANY_FRAMES
+        if largest > self.max_frame_bytes:
+            return R_FRAME_TOO_LARGE
+        if total > self.max_message_bytes:
+            return R_MESSAGE_TOO_LARGE
+        if self.require_delimiter and first_len != 0:
+            return R_MALFORMED_ENVELOPE
+        if self.command_frame >= 0 and (
+            command == NULL or ki_find(&self.commands, command, command_len) < 0
+        ):
+            return R_COMMAND_NOT_ALLOWED
+        if self.rate_on:
+            if key_len > MAX_KEY:
+                key_len = MAX_KEY
+            b = self.lookup(key, key_len, now, &limits)
+            bucket_refill(b, limits, now)
+            if not bucket_take(b, limits, total):
+                return R_RATE_LIMITED
+            self.taken = b
+            self.taken_bytes = total
+        return 0
+
+    cdef void give_back(self) noexcept nogil:
+        if self.taken != NULL:
+            self.taken.tokens += 1.0
+            self.taken.byte_tokens += <double>self.taken_bytes
+            self.taken = NULL
+
+    cdef void record(self, int reason, const uint8_t *key, size_t key_len, size_t nframes,
+                     size_t total) noexcept nogil:
+        cdef int i
+        cdef int lowest = -1
+        cdef Offender *o
+        cdef Sample *s
+        if key_len > MAX_KEY:
+            key_len = MAX_KEY
+        self.violations_[reason - 1] += 1
+        # space-saving top-k, as _count_offender in the twin
+        for i in range(self.noffenders):
+            o = &self.offenders[i]
+            if o.key[0] == key_len and memcmp(o.key + 1, key, key_len) == 0:
+                o.count += 1
+                break
+            if lowest < 0 or o.count < self.offenders[lowest].count:
+                lowest = i
+        else:
+            if self.noffenders < 32:
+                o = &self.offenders[self.noffenders]
+                self.noffenders += 1
+                o.count = 1
+            else:
+                o = &self.offenders[lowest]
+                o.count += 1
+            o.key[0] = <uint8_t>key_len
+            memcpy(o.key + 1, key, key_len)
+        if self.window[reason - 1] < <uint32_t>self.log_per_second:
+            self.window[reason - 1] += 1
+            s = &self.samples[self.nsamples]
+            self.nsamples += 1
+            s.reason = reason
+            s.nframes = <uint32_t>nframes
+            s.total = total
+            s.key[0] = <uint8_t>key_len
+            memcpy(s.key + 1, key, key_len)
+        else:
+            self.suppressed[reason - 1] += 1
+
+    def check_message(self, double now, bytes identity, bytes key, list frames):
+        """`check` from Python, for tests; frames are the body frames."""
+        cdef size_t largest = 0, total = 0
+        cdef bytes f, command = None
+        for f in frames:
+            largest = max(largest, <size_t>len(f))
+            total += len(f)
+        if 0 <= self.command_frame < min(len(frames), self.max_frames):
+            command = frames[self.command_frame]
+        self.taken = NULL
+        return self.check(
+            now, <const uint8_t *>PyBytes_AS_STRING(identity), len(identity),
+            <const uint8_t *>PyBytes_AS_STRING(key), len(key), len(frames), largest, total,
+            len(frames[0]),
+            <const uint8_t *>PyBytes_AS_STRING(command) if command is not None else NULL,
+            len(command) if command is not None else 0,
+        )
+
+    def decide(self, double now, bytes identity, bytes key, frames, bint backend_ready=True):
+        """The relay's whole decision for one message, without sockets; see the twin."""
+        frames = list(frames)
+        cdef size_t total = sum(len(f) for f in frames)
+        cdef const uint8_t *k = <const uint8_t *>PyBytes_AS_STRING(key)
+        cdef int reason = self.check_message(now, identity, key, frames)
+        cdef bint forward = reason == 0 or self.dry_run
+        if reason:
+            self.record(reason, k, len(key), len(frames), total)
+        if forward and not backend_ready and self.backend_full_reject:
+            if reason == 0:
+                self.give_back()
+            self.record(R_BACKEND_UNAVAILABLE, k, len(key), len(frames), total)
+            reason = R_BACKEND_UNAVAILABLE
+        return reason
+
+    # -- what Python reads ---------------------------------------------------------
+
+    def violations(self):
+        return tuple(self.violations_[i] for i in range(NREASONS))
+
+    @property
+    def tracked_keys(self):
+        return self.table.count if self.rate_on else 0
+
+    def top_offenders(self):
+        entries = [
+            (PyBytes_FromStringAndSize(<const char *>self.offenders[i].key + 1,
+                                       self.offenders[i].key[0]),
+             self.offenders[i].count)
+            for i in range(self.noffenders)
+        ]
+        entries.sort(key=lambda e: (-e[1], e[0]))
+        return entries[:TOP_OFFENDERS]
+
+    cdef void _reset_samples(self) noexcept:
+        cdef int i
+        self.nsamples = 0
+        for i in range(NREASONS):
+            self.window[i] = 0
+            self.suppressed[i] = 0
+
+    def take_samples(self):
+        """Violations sampled since the last call and how many were left out, per reason."""
+        samples = [
+            (REASONS[self.samples[i].reason - 1],
+             PyBytes_FromStringAndSize(<const char *>self.samples[i].key + 1,
+                                       self.samples[i].key[0]),
+             self.samples[i].nframes, self.samples[i].total)
+            for i in range(self.nsamples)
+        ]
+        suppressed = {REASONS[i]: self.suppressed[i] for i in range(NREASONS)
+                      if self.suppressed[i]}
+        self._reset_samples()
+        return samples, suppressed
+
+
+# ---------------------------------------------------------------------------------------
+
+cdef inline void release(gk_zmq_msg_t *m) noexcept nogil:
+    Z.msg_close(m)
+    Z.msg_init(m)
+
+
+cdef class Relay:
+    """The loop: polls frontend, backend and service sockets; forwards what passes."""
+
+    cdef readonly object frontend, backend, services
+    cdef readonly PolicyEngine engine
+    cdef void *fe
+    cdef void *be
+    cdef gk_zmq_pollitem_t items[2 + MAX_SERVICES]
+    cdef int nservices
+    cdef gk_zmq_msg_t *msgs         # routing id, then up to MAX_FRAMES_LIMIT body frames
+    cdef gk_zmq_msg_t scratch       # frames past max_frames, and replies
+    cdef int npending               # frames of a message waiting for backend room
+    cdef size_t pending_bytes
+    cdef public bint paused
+    cdef readonly bint frontend_open
+    cdef uint64_t counts[NCOUNTERS]
+    cdef int error
+
+    def __cinit__(self):
+        self.msgs = <gk_zmq_msg_t *>malloc((MAX_FRAMES_LIMIT + 1) * sizeof(gk_zmq_msg_t))
+        if self.msgs == NULL:
+            raise MemoryError()
+        for i in range(MAX_FRAMES_LIMIT + 1):
+            Z.msg_init(&self.msgs[i])
+        Z.msg_init(&self.scratch)
+
+    def __init__(self, frontend, backend, services, PolicyEngine engine):
+        services = list(services)
+        if len(services) > MAX_SERVICES:
+            raise ValueError(f"at most {MAX_SERVICES} service sockets")
+        self.frontend, self.backend, self.services = frontend, backend, services
+        self.engine = engine
+        self.fe = <void *><size_t>frontend.underlying
+        self.be = <void *><size_t>backend.underlying
+        self.nservices = len(services)
+        for i, s in enumerate([frontend, backend] + services):
+            self.items[i].socket = <void *><size_t>s.underlying
+            self.items[i].fd = 0
+            self.items[i].events = GK_ZMQ_POLLIN
+            self.items[i].revents = 0
+        self.frontend_open = True
+
+    def __dealloc__(self):
+        if self.msgs != NULL:
+            for i in range(MAX_FRAMES_LIMIT + 1):
+                Z.msg_close(&self.msgs[i])
+            free(self.msgs)
+        Z.msg_close(&self.scratch)
+
+    def counters(self):
+        return dict(zip(COUNTER_NAMES, [self.counts[i] for i in range(NCOUNTERS)]))
+
+    @property
+    def outstanding(self):
+        """Requests forwarded that the backend has not answered yet (by count)."""
+        cdef uint64_t fwd = self.counts[FORWARDED], back = self.counts[BE_MSGS_IN]
+        return fwd - back if fwd > back else 0
+
+    def close_frontend(self):
+        """Stop reading clients for good (shutdown); replies still flow."""
+        self.frontend_open = False
+
+    def run(self, long timeout_ms):
+        """Loop until a service socket is readable (RUN_SERVICE), `timeout_ms` passed
+        (RUN_TICK) or a signal interrupted the poll (RUN_INTERRUPTED)."""
+        cdef int rc
+        with nogil:
+            rc = self._run(timeout_ms)
+        if rc == C_RUN_ERROR:
+            raise zmq.ZMQError(self.error)
+        return rc
+
+    cdef int _run(self, long timeout_ms) noexcept nogil:
+        cdef double deadline = monotonic() + timeout_ms * 1e-3
+        cdef long wait
+        cdef int rc, i
+        cdef bint reading
+        while True:
+            reading = self.frontend_open and not self.paused and self.npending == 0
+            self.items[0].events = GK_ZMQ_POLLIN if reading else 0
+            self.items[1].events = GK_ZMQ_POLLIN | (GK_ZMQ_POLLOUT if self.npending else 0)
+            wait = <long>((deadline - monotonic()) * 1e3)
+            rc = Z.poll(self.items, 2 + self.nservices, wait if wait > 0 else 0)
+            if rc < 0:
+                self.error = Z.errno_()
+                return C_RUN_INTERRUPTED if self.error == EINTR else C_RUN_ERROR
+            if rc == 0:
+                return C_RUN_TICK
+            if self.npending and self.items[1].revents & GK_ZMQ_POLLOUT:
+                if self.send_backend(self.npending, self.pending_bytes) < 0:
+                    return C_RUN_ERROR
+            if self.items[1].revents & GK_ZMQ_POLLIN:
+                if self.relay_replies() < 0:
+                    return C_RUN_ERROR
+            if reading and self.items[0].revents & GK_ZMQ_POLLIN:
+                if self.relay_requests() < 0:
+                    return C_RUN_ERROR
+            for i in range(self.nservices):
+                if self.items[2 + i].revents:
+                    return C_RUN_SERVICE
+            if monotonic() >= deadline:
+                return C_RUN_TICK
+
+    cdef int fail(self) noexcept nogil:
+        self.error = Z.errno_()
+        return -1
+
+    # -- client -> backend ---------------------------------------------------------
+
+    cdef int relay_requests(self) noexcept nogil:
+        cdef double now = monotonic()
+        cdef int n
+        for n in range(BATCH_):
+            if self.npending or self.paused or not self.frontend_open:
+                return 0
+            if Z.msg_recv(&self.msgs[0], self.fe, GK_ZMQ_DONTWAIT) < 0:
+                if Z.errno_() in (EAGAIN, EINTR):
+                    return 0
+                return self.fail()
+            if self.handle_request(now) < 0:
+                return -1
+        return 0
+
+    cdef int handle_request(self, double now) noexcept nogil:
+        cdef gk_zmq_msg_t *m
+        cdef size_t nframes = 0, largest = 0, total = 0, size, key_len
+        cdef size_t identity_len = Z.msg_size(&self.msgs[0])
+        cdef int held = 0, reason, i
+        cdef bint more = Z.msg_more(&self.msgs[0])
+        cdef const uint8_t *identity = <const uint8_t *>Z.msg_data(&self.msgs[0])
+        cdef const uint8_t *key
+        cdef const uint8_t *command = NULL
+        cdef size_t command_len = 0
+        cdef const char *prop
+        cdef const char *prop_name
+        cdef int max_frames = self.engine.max_frames
+        # Multipart messages arrive whole, so the rest is already here: take it all, so
+        # that nothing of a refused message is ever left in the socket.
+        while more:
+            if held < max_frames:
+                held += 1
+                m = &self.msgs[held]
+            else:
+                m = &self.scratch
+            if Z.msg_recv(m, self.fe, 0) < 0:
+                return self.fail()
+            size = Z.msg_size(m)
+            nframes += 1
+            total += size
+            if size > largest:
+                largest = size
+            more = Z.msg_more(m)
+        release(&self.scratch)
+        self.counts[FE_MSGS_IN] += 1
+        self.counts[FE_BYTES_IN] += identity_len + total
+        if held == 0:
+            return 0  # a ROUTER always has a body after the routing id
+        if self.engine.rate_key == KEY_IDENTITY_:
+            key, key_len = identity, identity_len
+        else:
+            prop_name = "Peer-Address" if self.engine.rate_key == KEY_PEER_ADDRESS_ else "User-Id"
+            prop = Z.msg_gets(&self.msgs[1], prop_name)
+            if prop == NULL:
+                key, key_len = identity, 0
+            else:
+                key, key_len = <const uint8_t *>prop, strlen(prop)
+        if 0 <= self.engine.command_frame < held:
+            command = <const uint8_t *>Z.msg_data(&self.msgs[1 + self.engine.command_frame])
+            command_len = Z.msg_size(&self.msgs[1 + self.engine.command_frame])
+        self.engine.taken = NULL
+        reason = self.engine.check(now, identity, identity_len, key, key_len, nframes, largest,
+                              total, Z.msg_size(&self.msgs[1]), command, command_len)
+        if reason:
+            self.engine.record(reason, key, key_len, nframes, total)
+        if reason == 0 or self.engine.dry_run:
+            i = self.send_backend(1 + held, identity_len + total)
+            if i != 0:
+                return i  # forwarded, or an error
+            if not self.engine.backend_full_reject:
+                self.npending = 1 + held
+                self.pending_bytes = identity_len + total
+                return 0
+            if reason == 0:
+                self.engine.give_back()
+            self.engine.record(R_BACKEND_UNAVAILABLE, key, key_len, nframes, total)
+            reason = R_BACKEND_UNAVAILABLE
+        if self.engine.reject:
+            self.send_reject(held, reason)
+        for i in range(1 + held):
+            release(&self.msgs[i])
+        return 0
+
+    cdef int send_backend(self, int nparts, size_t nbytes) noexcept nogil:
+        """1 sent, 0 no room (nothing sent), -1 error. libzmq admits a multipart message
+        whole or not at all at its first frame, so only that send can lack room."""
+        cdef int i
+        if Z.msg_send(&self.msgs[0], self.be, GK_ZMQ_DONTWAIT | GK_ZMQ_SNDMORE) < 0:
+            if Z.errno_() == EAGAIN:
+                return 0
+            return self.fail()
+        for i in range(1, nparts):
+            if Z.msg_send(&self.msgs[i], self.be, GK_ZMQ_SNDMORE if i < nparts - 1 else 0) < 0:
+                return self.fail()
+        self.npending = 0
+        self.counts[BE_MSGS_OUT] += 1
+        self.counts[BE_BYTES_OUT] += nbytes
+        self.counts[FORWARDED] += 1
+        return 1
+
+    cdef void send_reject(self, int held, int reason) noexcept nogil:
+        cdef int envelope = 0, i
+        cdef size_t nbytes = Z.msg_size(&self.msgs[0])
+        for i in range(1, held + 1):
+            if Z.msg_size(&self.msgs[i]) == 0:
+                envelope = i
+                break
+        for i in range(1, envelope + 1):
+            nbytes += Z.msg_size(&self.msgs[i])
+        if Z.msg_send(&self.msgs[0], self.fe, GK_ZMQ_DONTWAIT | GK_ZMQ_SNDMORE) < 0:
+            # EAGAIN: the client's pipe is full; EHOSTUNREACH: it has gone. Never block.
+            self.counts[REJECT_DROPPED] += 1
+            return
+        for i in range(1, envelope + 1):
+            Z.msg_send(&self.msgs[i], self.fe, GK_ZMQ_SNDMORE)
+        Z.send(self.fe, "GATEKEEPER", 10, GK_ZMQ_SNDMORE)
+        Z.send(self.fe, REASON_TEXT[reason - 1], REASON_LEN[reason - 1], 0)
+        self.counts[REJECTS_SENT] += 1
+        self.counts[FE_MSGS_OUT] += 1
+        self.counts[FE_BYTES_OUT] += nbytes + 10 + REASON_LEN[reason - 1]
+
+    # -- backend -> client ---------------------------------------------------------
+
+    cdef int relay_replies(self) noexcept nogil:
+        cdef gk_zmq_msg_t *m = &self.scratch
+        cdef int n
+        cdef bint more, delivered
+        cdef size_t nbytes
+        for n in range(BATCH_):
+            if Z.msg_recv(m, self.be, GK_ZMQ_DONTWAIT) < 0:
+                if Z.errno_() in (EAGAIN, EINTR):
+                    return 0
+                return self.fail()
+            nbytes = Z.msg_size(m)
+            more = Z.msg_more(m)
+            delivered = True
+            if Z.msg_send(m, self.fe, GK_ZMQ_DONTWAIT | (GK_ZMQ_SNDMORE if more else 0)) < 0:
+                delivered = False
+                if Z.errno_() == EAGAIN:
+                    self.counts[REPLY_DROPPED] += 1
+                else:
+                    self.counts[UNROUTABLE] += 1
+            while more:
+                if Z.msg_recv(m, self.be, 0) < 0:
+                    return self.fail()
+                nbytes += Z.msg_size(m)
+                more = Z.msg_more(m)
+                if delivered:
+                    Z.msg_send(m, self.fe, GK_ZMQ_SNDMORE if more else 0)
+            release(m)
+            self.counts[BE_MSGS_IN] += 1
+            self.counts[BE_BYTES_IN] += nbytes
+            if delivered:
+                self.counts[REPLIED] += 1
+                self.counts[FE_MSGS_OUT] += 1
+                self.counts[FE_BYTES_OUT] += nbytes
+        return 0

@@ -1,0 +1,543 @@
+"""The data plane in pure Python: the readable specification of `_fast.pyx`.
+
+Same names, same decisions, same counters as the compiled twin; used where the extension
+is missing, with GATEKEEPER_NO_EXTENSIONS=1, and as the baseline of the benchmarks. Any
+change here must be mirrored there; the differential tests hold the two together.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import zmq
+
+from .rules import (
+    BACKEND_UNAVAILABLE,
+    BANNED,
+    COMMAND_NOT_ALLOWED,
+    FORWARD,
+    FRAME_TOO_LARGE,
+    IDENTITY_DENIED,
+    IDENTITY_NOT_ALLOWED,
+    KEY_IDENTITY,
+    KEY_PROPERTIES,
+    MALFORMED_ENVELOPE,
+    MAX_BANS,
+    MAX_KEY_BYTES,
+    MESSAGE_TOO_LARGE,
+    OFFENDER_SLOTS,
+    RATE_LIMITED,
+    REASONS,
+    RECLAIM_SCAN,
+    TOO_MANY_FRAMES,
+    TOP_OFFENDERS,
+    Limits,
+    Rules,
+)
+
+IMPLEMENTATION = "python"
+
+RUN_TICK, RUN_SERVICE, RUN_INTERRUPTED = 0, 1, 2
+# Messages drained from one socket per wake-up before polling again, so that one busy
+# side cannot starve the other or the service sockets.
+BATCH = 256
+
+REJECT_MARKER = b"GATEKEEPER"
+_REASON_BYTES = tuple(r.encode() for r in REASONS)
+COUNTER_NAMES = (
+    "frontend_messages_in",
+    "frontend_bytes_in",
+    "frontend_messages_out",
+    "frontend_bytes_out",
+    "backend_messages_in",
+    "backend_bytes_in",
+    "backend_messages_out",
+    "backend_bytes_out",
+    "forwarded",
+    "replied",
+    "rejects_sent",
+    "reject_dropped",
+    "unroutable",
+    "reply_dropped",
+)
+
+
+class _Bucket:
+    """A token bucket (messages, and bytes when the limits have a byte budget)."""
+
+    __slots__ = ("key", "tokens", "byte_tokens", "last")
+
+    def __init__(self, key: bytes, limits: Limits, now: float) -> None:
+        self.reset(key, limits, now)
+
+    def reset(self, key: bytes, limits: Limits, now: float) -> None:
+        self.key = key
+        self.tokens = limits.burst
+        self.byte_tokens = limits.byte_capacity
+        self.last = now
+
+    def refill(self, limits: Limits, now: float) -> None:
+        elapsed = now - self.last
+        if elapsed > 0.0:
+            self.tokens = min(limits.burst, self.tokens + elapsed * limits.messages_per_second)
+            if limits.bytes_per_second > 0.0:
+                self.byte_tokens = min(
+                    limits.byte_capacity, self.byte_tokens + elapsed * limits.bytes_per_second
+                )
+            self.last = now
+
+    def take(self, limits: Limits, nbytes: int) -> bool:
+        if self.tokens < 1.0:
+            return False
+        if limits.bytes_per_second > 0.0 and self.byte_tokens < nbytes:
+            return False
+        self.tokens -= 1.0
+        self.byte_tokens -= nbytes
+        return True
+
+    def give_back(self, nbytes: int) -> None:
+        self.tokens += 1.0
+        self.byte_tokens += nbytes
+
+    def is_full(self, limits: Limits, now: float) -> bool:
+        """Idle long enough to be full again: it carries no information any more."""
+        elapsed = now - self.last
+        if elapsed < 0.0:
+            elapsed = 0.0
+        if self.tokens + elapsed * limits.messages_per_second < limits.burst:
+            return False
+        return (
+            limits.bytes_per_second <= 0.0
+            or self.byte_tokens + elapsed * limits.bytes_per_second >= limits.byte_capacity
+        )
+
+
+class _RateTable:
+    """At most `max_keys` buckets; idle (full) ones are reclaimed by a clock hand; when
+    none is reclaimable new keys share one overflow bucket, so churn buys nothing."""
+
+    def __init__(self, rules: Rules, now: float) -> None:
+        assert rules.rate_limit is not None
+        self.limits = rules.rate_limit
+        self.max_keys = rules.max_keys
+        self.slots: list[_Bucket] = []
+        self.index: dict[bytes, int] = {}
+        self.hand = 0
+        self.overflow = _Bucket(b"", self.limits, now)
+        self.override_limits = dict(rules.per_key)
+        self.overrides = {k: _Bucket(k, lim, now) for k, lim in rules.per_key.items()}
+
+    def lookup(self, key: bytes, now: float) -> tuple[_Bucket, Limits]:
+        bucket = self.overrides.get(key)
+        if bucket is not None:
+            return bucket, self.override_limits[key]
+        slot = self.index.get(key)
+        if slot is not None:
+            return self.slots[slot], self.limits
+        if len(self.slots) < self.max_keys:
+            self.index[key] = len(self.slots)
+            self.slots.append(_Bucket(key, self.limits, now))
+            return self.slots[-1], self.limits
+        for _ in range(min(RECLAIM_SCAN, self.max_keys)):
+            slot = self.hand
+            self.hand = (self.hand + 1) % self.max_keys
+            bucket = self.slots[slot]
+            if bucket.is_full(self.limits, now):
+                del self.index[bucket.key]
+                bucket.reset(key, self.limits, now)
+                self.index[key] = slot
+                return bucket, self.limits
+        return self.overflow, self.limits
+
+
+class PolicyEngine:
+    """Per-message decisions and the state behind them: bans, buckets, violation counts,
+    top offenders and log samples. Knows nothing of sockets."""
+
+    def __init__(self, rules: Rules) -> None:
+        self._bans: set[bytes] = set()
+        self._violations = [0] * len(REASONS)
+        self._offenders: list[list] = []  # [key, count], space-saving over OFFENDER_SLOTS
+        self._table: _RateTable | None = None
+        self._taken: tuple[_Bucket, int] | None = None
+        self.rules = rules
+        self.set_rules(rules)
+        self._reset_samples()
+
+    # -- configuration -------------------------------------------------------------
+
+    def set_rules(self, rules: Rules, now: float | None = None) -> None:
+        """Swap the policy. Bucket state survives when the rate-limit settings are equal."""
+        old = self.rules
+        same_rate = (
+            self._table is not None
+            and old.rate_limit == rules.rate_limit
+            and old.per_key == rules.per_key
+            and old.max_keys == rules.max_keys
+            and old.rate_key == rules.rate_key
+        )
+        self.rules = rules
+        if not same_rate:
+            now = time.monotonic() if now is None else now
+            self._table = _RateTable(rules, now) if rules.rate_limit is not None else None
+        if old.log_per_second != rules.log_per_second:
+            self._reset_samples()
+
+    def ban(self, identity: bytes) -> bool:
+        if identity not in self._bans and (
+            len(self._bans) >= MAX_BANS or len(identity) > MAX_KEY_BYTES
+        ):
+            return False
+        self._bans.add(identity)
+        return True
+
+    def unban(self, identity: bytes) -> bool:
+        if identity in self._bans:
+            self._bans.remove(identity)
+            return True
+        return False
+
+    def banned(self) -> list[bytes]:
+        return sorted(self._bans)
+
+    # -- the decision --------------------------------------------------------------
+
+    def check(
+        self,
+        now: float,
+        identity: bytes,
+        key: bytes,
+        nframes: int,
+        largest: int,
+        total: int,
+        first: bytes,
+        command: bytes | None,
+    ) -> int:
+        """SPEC order; the first failing rule is the reason. On FORWARD with a rate limit
+        the tokens are taken, and `give_back` returns them if the send then fails."""
+        r = self.rules
+        if identity in self._bans:
+            return BANNED
+        if identity in r.deny_identities:
+            return IDENTITY_DENIED
+        if r.allow_list_active and identity not in r.allow_identities:
+            if not any(identity.startswith(p) for p in r.allow_identity_prefixes):
+                return IDENTITY_NOT_ALLOWED
+        if nframes > r.max_frames:
+            return TOO_MANY_FRAMES
+        if largest > r.max_frame_bytes:
+            return FRAME_TOO_LARGE
+        if total > r.max_message_bytes:
+            return MESSAGE_TOO_LARGE
+        if r.require_delimiter and len(first) != 0:
+            return MALFORMED_ENVELOPE
+        if r.command_frame >= 0 and (command is None or command not in r.allowed_commands):
+            return COMMAND_NOT_ALLOWED
+        if self._table is not None:
+            bucket, limits = self._table.lookup(key[:MAX_KEY_BYTES], now)
+            bucket.refill(limits, now)
+            if not bucket.take(limits, total):
+                return RATE_LIMITED
+            self._taken = (bucket, total)
+        return FORWARD
+
+    def give_back(self) -> None:
+        if self._taken is not None:
+            bucket, nbytes = self._taken
+            bucket.give_back(nbytes)
+            self._taken = None
+
+    def record(self, reason: int, key: bytes, nframes: int, total: int) -> None:
+        key = key[:MAX_KEY_BYTES]
+        self._violations[reason - 1] += 1
+        self._count_offender(key)
+        if self._window[reason - 1] < self.rules.log_per_second:
+            self._window[reason - 1] += 1
+            self._samples.append((REASONS[reason - 1], key, nframes, total))
+        else:
+            self._suppressed[reason - 1] += 1
+
+    def decide(
+        self,
+        now: float,
+        identity: bytes,
+        key: bytes,
+        frames: Sequence[bytes],
+        backend_ready: bool = True,
+    ) -> int:
+        """The relay's whole decision for one message, without sockets: returns the reason
+        recorded (0 when forwarded cleanly). `backend_ready=False` plays a full backend."""
+        r = self.rules
+        held = frames[: r.max_frames]
+        command = None
+        if 0 <= r.command_frame < len(held):
+            command = held[r.command_frame]
+        self._taken = None
+        reason = self.check(
+            now,
+            identity,
+            key,
+            len(frames),
+            max(len(f) for f in frames),
+            sum(len(f) for f in frames),
+            frames[0],
+            command,
+        )
+        forward = reason == FORWARD or r.dry_run
+        if reason:
+            self.record(reason, key, len(frames), sum(len(f) for f in frames))
+        if forward and not backend_ready and r.backend_full_reject:
+            if reason == FORWARD:
+                self.give_back()
+            self.record(BACKEND_UNAVAILABLE, key, len(frames), sum(len(f) for f in frames))
+            reason = BACKEND_UNAVAILABLE
+        return reason
+
+    # -- what Python reads ---------------------------------------------------------
+
+    def violations(self) -> tuple[int, ...]:
+        return tuple(self._violations)
+
+    @property
+    def tracked_keys(self) -> int:
+        return len(self._table.slots) if self._table is not None else 0
+
+    def _count_offender(self, key: bytes) -> None:
+        lowest = None
+        for entry in self._offenders:
+            if entry[0] == key:
+                entry[1] += 1
+                return
+            if lowest is None or entry[1] < lowest[1]:
+                lowest = entry
+        if len(self._offenders) < OFFENDER_SLOTS:
+            self._offenders.append([key, 1])
+        else:
+            lowest[0] = key
+            lowest[1] += 1
+
+    def top_offenders(self) -> list[tuple[bytes, int]]:
+        ranked = sorted(self._offenders, key=lambda e: (-e[1], e[0]))
+        return [(k, c) for k, c in ranked[:TOP_OFFENDERS]]
+
+    def _reset_samples(self) -> None:
+        self._samples: list[tuple[str, bytes, int, int]] = []
+        self._window = [0] * len(REASONS)
+        self._suppressed = [0] * len(REASONS)
+
+    def take_samples(self) -> tuple[list[tuple[str, bytes, int, int]], dict[str, int]]:
+        """Violations sampled since the last call (at most log_per_second per reason) and
+        how many were left out, per reason. Called once a second by the log pump."""
+        samples = self._samples
+        suppressed = {REASONS[i]: n for i, n in enumerate(self._suppressed) if n}
+        self._reset_samples()
+        return samples, suppressed
+
+
+class Relay:
+    """The loop: polls frontend, backend and service sockets; forwards what passes."""
+
+    def __init__(
+        self,
+        frontend: zmq.Socket,
+        backend: zmq.Socket,
+        services: Sequence[zmq.Socket],
+        engine: PolicyEngine,
+    ) -> None:
+        self.frontend = frontend
+        self.backend = backend
+        self.services = list(services)
+        self.engine = engine
+        self.paused = False
+        self.frontend_open = True
+        self._pending: list[zmq.Frame] | None = None
+        self._counts = dict.fromkeys(COUNTER_NAMES, 0)
+
+    def counters(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    @property
+    def outstanding(self) -> int:
+        """Requests forwarded that the backend has not answered yet (by count)."""
+        c = self._counts
+        return max(0, c["forwarded"] - c["backend_messages_in"])
+
+    def close_frontend(self) -> None:
+        """Stop reading clients for good (shutdown); replies still flow."""
+        self.frontend_open = False
+
+    def run(self, timeout_ms: int) -> int:
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        poller = zmq.Poller()
+        while True:
+            reading = self.frontend_open and not self.paused and self._pending is None
+            poller.register(self.frontend, zmq.POLLIN if reading else 0)
+            backend_events = zmq.POLLIN | (zmq.POLLOUT if self._pending is not None else 0)
+            poller.register(self.backend, backend_events)
+            for s in self.services:
+                poller.register(s, zmq.POLLIN)
+            wait = max(0, int((deadline - time.monotonic()) * 1000))
+            try:
+                events = dict(poller.poll(wait))
+            except InterruptedError:
+                return RUN_INTERRUPTED
+            if not events:
+                return RUN_TICK
+            ev = events.get(self.backend, 0)
+            if ev & zmq.POLLOUT and self._pending is not None:
+                self._flush_pending()
+            if ev & zmq.POLLIN:
+                self._relay_replies()
+            if events.get(self.frontend, 0) & zmq.POLLIN and reading:
+                self._relay_requests(time.monotonic())
+            if any(s in events for s in self.services):
+                return RUN_SERVICE
+            if time.monotonic() >= deadline:
+                return RUN_TICK
+
+    # -- client -> backend ---------------------------------------------------------
+
+    def _relay_requests(self, now: float) -> None:
+        for _ in range(BATCH):
+            if self._pending is not None or self.paused or not self.frontend_open:
+                return
+            try:
+                first = self.frontend.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._handle_request(now, first)
+
+    def _receive_rest(self, first: zmq.Frame, limit: int) -> tuple[list[zmq.Frame], int, int, int]:
+        """Receive the whole message; hold at most `limit` frames, close the rest."""
+        held = [first]
+        count, largest, total = 1, len(first), len(first)
+        more = first.more
+        while more:
+            frame = self.frontend.recv(copy=False)
+            more = frame.more
+            count += 1
+            size = len(frame)
+            largest = max(largest, size)
+            total += size
+            if len(held) < limit:
+                held.append(frame)
+        return held, count, largest, total
+
+    def _handle_request(self, now: float, id_frame: zmq.Frame) -> None:
+        engine, rules, c = self.engine, self.engine.rules, self._counts
+        identity = id_frame.bytes
+        if not id_frame.more:
+            # A ROUTER always has a body after the routing id; nothing to forward.
+            c["frontend_messages_in"] += 1
+            c["frontend_bytes_in"] += len(identity)
+            return
+        first = self.frontend.recv(copy=False)
+        held, nframes, largest, total = self._receive_rest(first, rules.max_frames)
+        c["frontend_messages_in"] += 1
+        c["frontend_bytes_in"] += len(identity) + total
+        key = self._key(identity, first)
+        command = None
+        if 0 <= rules.command_frame < len(held):
+            command = held[rules.command_frame].bytes
+        engine._taken = None
+        reason = engine.check(
+            now, identity, key, nframes, largest, total, first.bytes, command
+        )
+        if reason:
+            engine.record(reason, key, nframes, total)
+        if reason == FORWARD or rules.dry_run:
+            message = [id_frame, *held]
+            if self._send_backend(message, len(identity) + total):
+                return
+            if not rules.backend_full_reject:
+                self._pending = message
+                self._pending_bytes = len(identity) + total
+                return
+            if reason == FORWARD:
+                engine.give_back()
+            engine.record(BACKEND_UNAVAILABLE, key, nframes, total)
+            reason = BACKEND_UNAVAILABLE
+        if rules.reject:
+            self._send_reject(id_frame, held, reason)
+
+    def _key(self, identity: bytes, frame: zmq.Frame) -> bytes:
+        kind = self.engine.rules.rate_key
+        if kind == KEY_IDENTITY:
+            return identity
+        value = frame.get(KEY_PROPERTIES[kind].decode())
+        return value.encode() if value else b""
+
+    def _send_backend(self, message: list[zmq.Frame], nbytes: int) -> bool:
+        """Try to hand the whole message to the backend without blocking. libzmq admits a
+        multipart message whole or not at all at its first frame, so only that send can
+        fail for lack of room."""
+        try:
+            self.backend.send(message[0], zmq.NOBLOCK | zmq.SNDMORE, copy=False)
+        except zmq.Again:
+            return False
+        last = len(message) - 1
+        for i in range(1, last + 1):
+            self.backend.send(message[i], zmq.SNDMORE if i < last else 0, copy=False)
+        c = self._counts
+        c["backend_messages_out"] += 1
+        c["backend_bytes_out"] += nbytes
+        c["forwarded"] += 1
+        return True
+
+    def _flush_pending(self) -> None:
+        if self._send_backend(self._pending, self._pending_bytes):
+            self._pending = None
+
+    def _send_reject(self, id_frame: zmq.Frame, held: list[zmq.Frame], reason: int) -> None:
+        envelope = []
+        for frame in held:
+            envelope.append(frame)
+            if len(frame) == 0:
+                break
+        else:
+            envelope = []
+        reply = [id_frame, *envelope, REJECT_MARKER, _REASON_BYTES[reason - 1]]
+        c = self._counts
+        try:
+            self.frontend.send_multipart(reply, zmq.NOBLOCK, copy=False)
+        except (zmq.Again, zmq.ZMQError):
+            # Again: the client's pipe is full; EHOSTUNREACH: it has gone. Never block.
+            c["reject_dropped"] += 1
+            return
+        c["rejects_sent"] += 1
+        c["frontend_messages_out"] += 1
+        c["frontend_bytes_out"] += sum(len(f) for f in reply)
+
+    # -- backend -> client ---------------------------------------------------------
+
+    def _relay_replies(self) -> None:
+        c = self._counts
+        for _ in range(BATCH):
+            try:
+                frame = self.backend.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            nbytes = len(frame)
+            delivered = True
+            try:
+                self.frontend.send(frame, zmq.NOBLOCK | (zmq.SNDMORE if frame.more else 0), copy=False)
+            except zmq.Again:
+                delivered = False
+                c["reply_dropped"] += 1
+            except zmq.ZMQError:
+                delivered = False
+                c["unroutable"] += 1
+            more = frame.more
+            while more:
+                frame = self.backend.recv(copy=False)
+                more = frame.more
+                nbytes += len(frame)
+                if delivered:
+                    self.frontend.send(frame, zmq.SNDMORE if more else 0, copy=False)
+            c["backend_messages_in"] += 1
+            c["backend_bytes_in"] += nbytes
+            if delivered:
+                c["replied"] += 1
+                c["frontend_messages_out"] += 1
+                c["frontend_bytes_out"] += nbytes

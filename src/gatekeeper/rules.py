@@ -1,0 +1,157 @@
+"""The compiled policy both data planes take: plain values, no parsing, no I/O.
+
+`policy.py` validates policy.toml; `rules_from_policy` turns the result into `Rules`.
+The data plane never sees the TOML structure, so a reload is one object swap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+# Refusal reasons in SPEC order; the code of a reason is its index + 1, 0 is "forward".
+REASONS: tuple[str, ...] = (
+    "banned",
+    "identity_denied",
+    "identity_not_allowed",
+    "too_many_frames",
+    "frame_too_large",
+    "message_too_large",
+    "malformed_envelope",
+    "command_not_allowed",
+    "rate_limited",
+    "backend_unavailable",
+)
+FORWARD = 0
+REASON_CODES: Mapping[str, int] = MappingProxyType({r: i + 1 for i, r in enumerate(REASONS)})
+BANNED, IDENTITY_DENIED, IDENTITY_NOT_ALLOWED, TOO_MANY_FRAMES, FRAME_TOO_LARGE = 1, 2, 3, 4, 5
+MESSAGE_TOO_LARGE, MALFORMED_ENVELOPE, COMMAND_NOT_ALLOWED, RATE_LIMITED = 6, 7, 8, 9
+BACKEND_UNAVAILABLE = 10
+
+# Refusals decided in the ZAP handler, before any message exists.
+HANDSHAKE_REASONS: tuple[str, ...] = (
+    "address_denied",
+    "address_not_allowed",
+    "key_not_allowed",
+    "too_many_connections",
+    "connection_rate_limited",
+    "identity_not_key",
+)
+
+# Data-plane events that are not refusals of a client message.
+EVENTS: tuple[str, ...] = ("reject_dropped", "unroutable", "reply_dropped")
+
+KEY_IDENTITY, KEY_PEER_ADDRESS, KEY_USER_ID = 0, 1, 2
+KEY_KINDS: Mapping[str, int] = MappingProxyType(
+    {"identity": KEY_IDENTITY, "peer_address": KEY_PEER_ADDRESS, "user_id": KEY_USER_ID}
+)
+# libzmq metadata property read per message for each key kind (zmq_msg_gets).
+KEY_PROPERTIES: Mapping[int, bytes] = MappingProxyType(
+    {KEY_PEER_ADDRESS: b"Peer-Address", KEY_USER_ID: b"User-Id"}
+)
+
+# ZMTP routing ids are at most 255 bytes; keys longer than that are cut to it.
+MAX_KEY_BYTES = 255
+# Frames of one message held for checking; policy.py refuses a larger max_frames.
+MAX_FRAMES_LIMIT = 1024
+# Top-offender candidates tracked (space-saving); the top 10 of them are reported.
+OFFENDER_SLOTS = 32
+TOP_OFFENDERS = 10
+# Buckets examined for reclamation when the rate table is full, per new key.
+RECLAIM_SCAN = 16
+# Runtime ban list size; BAN beyond it is refused.
+MAX_BANS = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """One key's token-bucket parameters; bytes_per_second 0 means no byte budget."""
+
+    messages_per_second: float
+    burst: float
+    bytes_per_second: float = 0.0
+
+    @property
+    def byte_capacity(self) -> float:
+        return 2.0 * self.bytes_per_second
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    max_frames: int = 8
+    max_frame_bytes: int = 65536
+    max_message_bytes: int = 262144
+    deny_identities: frozenset[bytes] = frozenset()
+    allow_identities: frozenset[bytes] = frozenset()
+    allow_identity_prefixes: tuple[bytes, ...] = ()
+    require_delimiter: bool = False
+    command_frame: int = -1
+    allowed_commands: frozenset[bytes] = frozenset()
+    rate_limit: Limits | None = None
+    rate_key: int = KEY_IDENTITY
+    per_key: Mapping[bytes, Limits] = field(default_factory=dict)
+    max_keys: int = 100000
+    reject: bool = False
+    dry_run: bool = False
+    backend_full_reject: bool = False
+    log_per_second: int = 10
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_frames <= MAX_FRAMES_LIMIT:
+            raise ValueError(f"max_frames must be in 1..{MAX_FRAMES_LIMIT}")
+        if self.max_keys < 1:
+            raise ValueError("max_keys must be >= 1")
+        if self.log_per_second < 0:
+            raise ValueError("log_per_second must be >= 0")
+
+    @property
+    def allow_list_active(self) -> bool:
+        return bool(self.allow_identities or self.allow_identity_prefixes)
+
+
+def rules_from_policy(policy) -> Rules:
+    """Compile a validated `policy.Policy` into data-plane `Rules`."""
+    rl = policy.rate_limit
+    access = policy.access
+    proto = policy.protocol
+
+    def limits(section) -> Limits:
+        return Limits(
+            float(section.messages_per_second),
+            float(section.burst),
+            float(section.bytes_per_second),
+        )
+
+    rate_limit = limits(rl) if rl is not None else None
+    per_key: dict[bytes, Limits] = {}
+    if rl is not None:
+        for key, override in rl.per_key.items():
+            per_key[key.encode()[:MAX_KEY_BYTES]] = limits(override)
+    return Rules(
+        max_frames=policy.limits.max_frames,
+        max_frame_bytes=policy.limits.max_frame_bytes,
+        max_message_bytes=policy.limits.max_message_bytes,
+        deny_identities=frozenset(parse_identity(i) for i in access.deny_identities),
+        allow_identities=frozenset(parse_identity(i) for i in access.allow_identities),
+        allow_identity_prefixes=tuple(parse_identity(i) for i in access.allow_identity_prefixes),
+        require_delimiter=proto.require_delimiter,
+        command_frame=proto.command_frame,
+        allowed_commands=frozenset(c.encode() for c in proto.allowed_commands),
+        rate_limit=rate_limit,
+        rate_key=KEY_KINDS[rl.key] if rl is not None else KEY_IDENTITY,
+        per_key=MappingProxyType(per_key),
+        max_keys=rl.max_keys if rl is not None else 1,
+        reject=policy.violations.action == "reject",
+        dry_run=policy.violations.dry_run,
+        backend_full_reject=policy.backpressure.on_backend_full == "reject",
+        log_per_second=policy.violations.log_per_second,
+    )
+
+
+def parse_identity(text: str) -> bytes:
+    """An identity as written by an operator: UTF-8 text, or `hex:<digits>` for binary ids."""
+    if text.startswith("hex:"):
+        return bytes.fromhex(text[4:])
+    return text.encode()
+
