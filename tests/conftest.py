@@ -1,0 +1,51 @@
+import importlib
+import itertools
+import os
+import time
+
+import pytest
+import zmq
+
+from gatekeeper import _fast_py
+
+try:
+    from gatekeeper import _fast
+except ImportError:  # the extension-loaded test reports this; the rest runs on the twin
+    _fast = None
+
+IMPLS = [
+    pytest.param(_fast, id="c", marks=pytest.mark.skipif(_fast is None, reason="no extension")),
+    pytest.param(_fast_py, id="py"),
+]
+if os.environ.get("GATEKEEPER_NO_EXTENSIONS"):
+    IMPLS = IMPLS[1:]
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    """The data-plane module under test: the compiled one (`c`) or its twin (`py`)."""
+    return request.param
+
+
+_ports = itertools.count(0)
+
+
+@pytest.fixture
+def endpoint_factory(tmp_path):
+    """Fresh endpoints of one transport: `make(transport, name)`."""
+
+    def make(transport: str, name: str) -> str:
+        if transport == "inproc":
+            return f"inproc://{name}-{next(_ports)}-{time.monotonic_ns()}"
+        if transport == "ipc":
+            return f"ipc://{tmp_path}/{name}-{next(_ports)}.sock"
+        return "tcp://127.0.0.1:*"
+
+    return make
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)

@@ -1,0 +1,132 @@
+"""The two policy engines fed the same random policies and traffic must agree exactly."""
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gatekeeper import _fast_py
+from gatekeeper.rules import MAX_KEY_BYTES, Limits, Rules
+
+_fast = pytest.importorskip("gatekeeper._fast") if not os.environ.get(
+    "GATEKEEPER_NO_EXTENSIONS") else None
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(_fast is None, reason="needs the compiled twin"),
+]
+
+IDS = [b"", b"a", b"b", b"svc-1", b"svc-2", b"x" * 300, b"\x00\xff", b"vip"]
+ident = st.sampled_from(IDS)
+frame = st.one_of(st.just(b""), st.sampled_from([b"GET", b"PUT"]), st.binary(max_size=40))
+
+limits = st.builds(
+    Limits,
+    st.sampled_from([0.5, 1.0, 10.0, 1e6]),
+    st.sampled_from([1.0, 2.0, 5.0]),
+    st.sampled_from([0.0, 0.0, 20.0, 100.0]),
+)
+rules = st.builds(
+    Rules,
+    max_frames=st.integers(1, 4),
+    max_frame_bytes=st.integers(0, 40),
+    max_message_bytes=st.integers(0, 80),
+    deny_identities=st.frozensets(st.sampled_from(IDS[:5]), max_size=2),
+    allow_identities=st.frozensets(st.sampled_from(IDS[:5]), max_size=2),
+    allow_identity_prefixes=st.lists(st.sampled_from([b"svc-", b"", b"b"]), max_size=2).map(tuple),
+    require_delimiter=st.booleans(),
+    command_frame=st.integers(-1, 2),
+    allowed_commands=st.frozensets(st.sampled_from([b"GET", b"PUT", b""]), max_size=2),
+    rate_limit=st.one_of(st.none(), limits),
+    per_key=st.dictionaries(st.sampled_from([b"vip", b"a"]), limits, max_size=2),
+    max_keys=st.integers(1, 4),
+    reject=st.booleans(),
+    dry_run=st.booleans(),
+    backend_full_reject=st.booleans(),
+    log_per_second=st.integers(0, 3),
+)
+step = st.tuples(
+    st.floats(0.0, 3.0, allow_nan=False),  # time advance
+    ident,
+    st.lists(frame, min_size=1, max_size=6),
+    st.booleans(),  # backend ready
+    st.sampled_from([None, None, None, "ban", "unban", "samples"]),
+)
+
+
+def observe(engine):
+    return (engine.violations(), engine.tracked_keys, engine.top_offenders(), engine.banned())
+
+
+def replay(module, policy, steps, reload_to=None):
+    engine = module.PolicyEngine(policy)
+    engine.set_rules(policy, now=0.0)  # start every bucket at t=0 in both
+    now, trace = 0.0, []
+    for i, (dt, identity, frames, ready, op) in enumerate(steps):
+        now += dt
+        if op == "ban":
+            trace.append(("ban", engine.ban(identity)))
+        elif op == "unban":
+            trace.append(("unban", engine.unban(identity)))
+        elif op == "samples":
+            trace.append(("samples", engine.take_samples()))
+        if reload_to is not None and i == len(steps) // 2:
+            engine.set_rules(reload_to, now=now)
+        trace.append(engine.decide(now, identity, identity[:MAX_KEY_BYTES], frames, ready))
+    return trace, observe(engine), engine.take_samples()
+
+
+@settings(max_examples=int(os.environ.get("GATEKEEPER_DIFF_EXAMPLES", 400)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(policy=rules, steps=st.lists(step, max_size=60), reload_to=st.one_of(st.none(), rules))
+def test_engines_agree(policy, steps, reload_to):
+    assert replay(_fast, policy, steps, reload_to) == replay(_fast_py, policy, steps, reload_to)
+
+
+@pytest.mark.parametrize("module", [_fast, _fast_py], ids=["c", "py"])
+def test_key_churn_stays_within_max_keys(module):
+    engine = module.PolicyEngine(Rules(rate_limit=Limits(1.0, 2.0), max_keys=1000))
+    engine.set_rules(engine.rules, now=0.0)
+    refused = 0
+    for i in range(20000):
+        refused += engine.decide(i * 1e-6, b"", b"churn-%d" % i, [b"x"]) != 0
+        assert engine.tracked_keys <= 1000
+    assert engine.tracked_keys == 1000
+    # 19000 keys beyond the table share one bucket: its burst, not 19000 bursts, got through
+    assert refused == 19000 - 2
+
+
+@pytest.mark.parametrize("module", [_fast, _fast_py], ids=["c", "py"])
+def test_idle_buckets_are_reclaimed(module):
+    engine = module.PolicyEngine(Rules(rate_limit=Limits(10.0, 1.0), max_keys=2))
+    engine.set_rules(engine.rules, now=0.0)
+    assert [engine.decide(0.0, b"", k, [b"x"]) for k in (b"a", b"b", b"c")] == [0, 0, 0]
+    assert engine.decide(0.0, b"", b"d", [b"x"]) == 9  # c and d share the overflow bucket
+    # a second later a and b are full again: d gets a bucket of its own
+    assert engine.decide(1.0, b"", b"d", [b"x"]) == 0
+    assert engine.decide(1.0, b"", b"d", [b"x"]) == 9
+    assert engine.tracked_keys == 2
+
+
+@pytest.mark.parametrize("module", [_fast, _fast_py], ids=["c", "py"])
+def test_log_samples_are_bounded_per_reason(module):
+    engine = module.PolicyEngine(Rules(deny_identities=frozenset({b"bad"}), log_per_second=5))
+    for _ in range(1000):
+        engine.decide(0.0, b"bad", b"bad", [b"x"])
+    samples, suppressed = engine.take_samples()
+    assert len(samples) == 5 and suppressed == {"identity_denied": 995}
+    assert samples[0] == ("identity_denied", b"bad", 1, 1)
+    assert engine.take_samples() == ([], {})
+    assert engine.top_offenders() == [(b"bad", 1000)]
+
+
+@pytest.mark.parametrize("module", [_fast, _fast_py], ids=["c", "py"])
+def test_bans_are_bounded(module):
+    from gatekeeper.rules import MAX_BANS
+
+    engine = module.PolicyEngine(Rules())
+    assert not engine.ban(b"x" * 256)
+    for i in range(MAX_BANS):
+        assert engine.ban(b"%d" % i)
+    assert not engine.ban(b"one too many")
+    assert engine.unban(b"7") and engine.ban(b"one too many")
