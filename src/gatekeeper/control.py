@@ -1,0 +1,159 @@
+"""The control socket: a REP socket answering one-line commands with one JSON frame.
+
+Served by the data-plane thread between two calls of the relay loop. Nothing a client
+sends here can take the proxy down: every failure becomes an `ok: false` reply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import TYPE_CHECKING, Any, Callable
+
+import zmq
+
+from .rules import MAX_KEY_BYTES, parse_identity
+
+if TYPE_CHECKING:
+    from .proxy import Gatekeeper
+
+MAX_REQUEST_BYTES = 1024
+
+
+class ControlError(Exception):
+    """A request that cannot be served; its text goes back as the error."""
+
+
+class ControlServer:
+    def __init__(self, ctx: zmq.Context, control: Any, gatekeeper: "Gatekeeper") -> None:
+        self.gatekeeper = gatekeeper
+        self.socket = ctx.socket(zmq.REP)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        # A control request is one short line; libzmq cuts a peer that sends more.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_REQUEST_BYTES)
+        self.socket.setsockopt(zmq.RCVHWM, 16)
+        self.endpoint = control.bind
+        self._bind(control.bind)
+        self.commands: dict[str, Callable[[str | None], dict[str, Any] | list[bytes]]] = {
+            "STATS": self._stats,
+            "STATISTICS": self._statistics,
+            "PAUSE": self._pause,
+            "RESUME": self._resume,
+            "RELOAD": self._reload,
+            "BAN": self._ban,
+            "UNBAN": self._unban,
+            "TERMINATE": self._terminate,
+        }
+
+    def _bind(self, endpoint: str) -> None:
+        if not endpoint.startswith("ipc://"):
+            self.socket.bind(endpoint)
+            return
+        # The socket file is created by bind: make it owner-only from its first instant.
+        old = os.umask(0o177)
+        try:
+            self.socket.bind(endpoint)
+        finally:
+            os.umask(old)
+        os.chmod(endpoint[len("ipc://"):], 0o600)
+
+    def serve_ready(self) -> None:
+        while self.socket.poll(0, zmq.POLLIN):
+            request = self.socket.recv_multipart()
+            self.socket.send_multipart(self.dispatch(request))
+
+    def dispatch(self, request: list[bytes]) -> list[bytes]:
+        try:
+            word, arg = parse_request(request)
+            handler = self.commands.get(word)
+            if handler is None:
+                raise ControlError(f"unknown command {word!r}; known: {' '.join(self.commands)}")
+            reply = handler(arg)
+        except ControlError as exc:
+            reply = {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug here must not take the proxy down
+            self.gatekeeper.log.error("control_error", error=repr(exc))
+            reply = {"ok": False, "error": f"internal error: {exc}"}
+        if isinstance(reply, list):
+            return reply
+        return [json.dumps(reply, separators=(",", ":")).encode()]
+
+    # -- commands ------------------------------------------------------------------
+
+    def _stats(self, arg: str | None) -> dict[str, Any]:
+        _no_argument("STATS", arg)
+        return self.gatekeeper.stats()
+
+    def _statistics(self, arg: str | None) -> list[bytes]:
+        _no_argument("STATISTICS", arg)
+        return [struct.pack("=Q", v) for v in self.gatekeeper.statistics()]
+
+    def _pause(self, arg: str | None) -> dict[str, Any]:
+        _no_argument("PAUSE", arg)
+        self.gatekeeper.pause()
+        return {"ok": True, "paused": True}
+
+    def _resume(self, arg: str | None) -> dict[str, Any]:
+        _no_argument("RESUME", arg)
+        self.gatekeeper.resume()
+        return {"ok": True, "paused": False}
+
+    def _reload(self, arg: str | None) -> dict[str, Any]:
+        _no_argument("RELOAD", arg)
+        return self.gatekeeper.reload(source="control")
+
+    def _ban(self, arg: str | None) -> dict[str, Any]:
+        identity = _identity_argument("BAN", arg)
+        if not self.gatekeeper.engine.ban(identity):
+            raise ControlError("ban list full or identity longer than 255 bytes")
+        self.gatekeeper.log.info("banned", identity=arg)
+        return {"ok": True, "banned": arg}
+
+    def _unban(self, arg: str | None) -> dict[str, Any]:
+        identity = _identity_argument("UNBAN", arg)
+        if not self.gatekeeper.engine.unban(identity):
+            raise ControlError(f"not banned: {arg}")
+        self.gatekeeper.log.info("unbanned", identity=arg)
+        return {"ok": True, "unbanned": arg}
+
+    def _terminate(self, arg: str | None) -> dict[str, Any]:
+        _no_argument("TERMINATE", arg)
+        self.gatekeeper.shutdown(source="control")
+        return {"ok": True, "terminating": True}
+
+
+def parse_request(request: list[bytes]) -> tuple[str, str | None]:
+    """One UTF-8 frame: a command word and at most one argument, space-separated."""
+    if len(request) != 1:
+        raise ControlError(f"expected one frame, got {len(request)}")
+    raw = request[0]
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise ControlError(f"request longer than {MAX_REQUEST_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ControlError("request is not UTF-8") from None
+    parts = text.strip().split(" ")
+    if not parts[0]:
+        raise ControlError("empty request")
+    if len(parts) > 2:
+        raise ControlError("at most one argument")
+    return parts[0].upper(), parts[1] if len(parts) == 2 else None
+
+
+def _no_argument(word: str, arg: str | None) -> None:
+    if arg is not None:
+        raise ControlError(f"{word} takes no argument")
+
+
+def _identity_argument(word: str, arg: str | None) -> bytes:
+    if not arg:
+        raise ControlError(f"{word} needs an identity (text, or hex:<digits> for binary)")
+    try:
+        identity = parse_identity(arg)
+    except ValueError:
+        raise ControlError(f"bad hex identity: {arg}") from None
+    if not identity or len(identity) > MAX_KEY_BYTES:
+        raise ControlError(f"identity must be 1 to {MAX_KEY_BYTES} bytes")
+    return identity

@@ -1,0 +1,217 @@
+"""The Gatekeeper: wires sockets, the data plane, ZAP, control and metrics; runs the loop.
+
+One thread owns every ZeroMQ socket. The data plane runs until a service socket (control,
+ZAP) is readable, a tick is due or a signal arrived, then this loop does the Python work
+and calls back in. Signal handlers only record the signal; the loop acts on it.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import zmq
+
+from . import sockets
+from ._impl import IMPLEMENTATION, RUN_SERVICE, PolicyEngine, Relay
+from .auth import ZapHandler
+from .control import ControlServer
+from .log import EventLog, printable_key
+from .metrics import MetricsServer
+from .policy import LoadedPolicy, PolicyError, diff_policies, load_policy
+from .rules import EVENTS, HANDSHAKE_REASONS, REASONS, rules_from_policy
+
+TICK_MS = 100
+LOG_PUMP_S = 1.0
+
+
+class Gatekeeper:
+    def __init__(self, loaded: LoadedPolicy, log: EventLog | None = None) -> None:
+        self.loaded = loaded
+        self.log = log or EventLog()
+        self.started = time.time()
+        self.reloads = {"ok": 0, "error": 0}
+        self.draining = False
+        self.stopped = False
+        self._forced = False
+        self._signals: list[int] = []
+        self._drain_deadline = 0.0
+        policy = loaded.policy
+        sockets.check_libzmq()
+        self.engine = PolicyEngine(rules_from_policy(policy))
+        self.ctx = zmq.Context()
+        self._sockets: list[zmq.Socket] = []
+        try:
+            # ZAP first: no connection may complete before the handler is there.
+            self.zap = ZapHandler(self.ctx, policy, self.log)
+            self._sockets.append(self.zap.socket)
+            self.frontend = sockets.make_frontend(self.ctx, policy)
+            self._sockets.append(self.frontend)
+            self.zap.watch(self.frontend)
+            self.backend = sockets.make_backend(self.ctx, policy)
+            self._sockets.append(self.backend)
+            self.control = ControlServer(self.ctx, policy.control, self)
+            self._sockets.append(self.control.socket)
+            self.relay = Relay(
+                self.frontend,
+                self.backend,
+                [self.control.socket, *self.zap.service_sockets],
+                self.engine,
+            )
+            self.metrics = MetricsServer(self, policy.metrics.listen)
+        except BaseException:
+            self._close(linger=0)
+            raise
+
+    # -- the loop ------------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Run until shut down; returns the process exit code."""
+        previous = {s: signal.signal(s, self._on_signal)
+                    for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+        self.log.info("started", frontend=list(self.loaded.policy.frontend.bind),
+                      implementation=IMPLEMENTATION, libzmq=zmq.zmq_version(),
+                      policy=self.loaded.path)
+        next_pump = time.monotonic() + LOG_PUMP_S
+        try:
+            while not self.stopped:
+                if self.relay.run(TICK_MS) == RUN_SERVICE:
+                    self.control.serve_ready()
+                    self.zap.serve_ready()
+                self._dispatch_signals()
+                now = time.monotonic()
+                if now >= next_pump:
+                    self._pump_logs()
+                    self.zap.tick(now)
+                    next_pump = now + LOG_PUMP_S
+                if self.draining and (self.relay.outstanding == 0 or now >= self._drain_deadline):
+                    if self.relay.outstanding:
+                        self.log.warning("drain_timeout", outstanding=self.relay.outstanding)
+                    self.stopped = True
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self._pump_logs()
+            self._close(linger=0 if self._forced else None)
+        self.log.info("stopped", forced=self._forced, **self._totals())
+        return 1 if self._forced else 0
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGINT and self.draining:
+            self._forced = True  # a second Ctrl-C: stop now
+            self.stopped = True
+        self._signals.append(signum)
+
+    def _dispatch_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum == signal.SIGHUP:
+                self.reload(source="SIGHUP")
+            else:
+                self.shutdown(source=signal.Signals(signum).name)
+
+    def shutdown(self, source: str) -> None:
+        """Stop reading clients; relay replies until all are answered or the deadline."""
+        if self.draining:
+            return
+        self.draining = True
+        self.relay.close_frontend()
+        # libzmq's unbind would also cut the clients still waiting for replies, so the
+        # frontend stays bound and ZAP refuses new handshakes instead.
+        self.zap.closing = True
+        timeout = self.loaded.policy.shutdown.drain_timeout_ms / 1000.0
+        self._drain_deadline = time.monotonic() + timeout
+        self.log.info("draining", source=source, outstanding=self.relay.outstanding,
+                      timeout_s=timeout)
+
+    def _close(self, linger: int | None) -> None:
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.close()
+        policy = self.loaded.policy
+        lingers = {}
+        if hasattr(self, "frontend"):
+            lingers[self.frontend] = policy.frontend.linger_ms
+        if hasattr(self, "backend"):
+            lingers[self.backend] = policy.backend.linger_ms
+        for s in self._sockets:
+            s.close(linger=linger if linger is not None else lingers.get(s, 0))
+        self.ctx.term()
+
+    # -- operations (control socket and signals) -----------------------------------
+
+    def reload(self, source: str = "control") -> dict[str, Any]:
+        old = self.loaded
+        try:
+            new = load_policy(old.path)
+        except PolicyError as exc:
+            self.reloads["error"] += 1
+            self.log.error("reload_failed", source=source, error=str(exc))
+            return {"ok": False, "error": str(exc)}
+        changed, restart_required = diff_policies(old.policy, new.policy)
+        self.engine.set_rules(rules_from_policy(new.policy))
+        self.zap.set_policy(new.policy)
+        self.loaded = new
+        self.reloads["ok"] += 1
+        self.log.info("reloaded", source=source, sha256=new.sha256, changed=changed,
+                      restart_required=restart_required)
+        return {"ok": True, "changed": changed, "restart_required": restart_required}
+
+    def pause(self) -> None:
+        self.relay.paused = True
+
+    def resume(self) -> None:
+        self.relay.paused = False
+
+    def stats(self) -> dict[str, Any]:
+        c = self.relay.counters()
+        side = lambda s: {k: c[f"{s}_{k}"] for k in  # noqa: E731
+                          ("messages_in", "bytes_in", "messages_out", "bytes_out")}
+        return {
+            "ok": True,
+            "uptime_s": round(time.time() - self.started, 3),
+            "paused": bool(self.relay.paused),
+            "draining": self.draining,
+            "policy": {"path": self.loaded.path, "sha256": self.loaded.sha256,
+                       "loaded_at": self.loaded.loaded_at},
+            "frontend": side("frontend"),
+            "backend": side("backend"),
+            "forwarded": c["forwarded"],
+            "replied": c["replied"],
+            "violations": self.violations(),
+            "dropped": {e: c[e] for e in EVENTS},
+            "tracked_keys": self.engine.tracked_keys,
+            "top_offenders": [{"key": printable_key(k), "count": n}
+                              for k, n in self.engine.top_offenders()],
+            "reloads": dict(self.reloads),
+            "libzmq": zmq.zmq_version(),
+            "implementation": IMPLEMENTATION,
+        }
+
+    def violations(self) -> dict[str, int]:
+        """Refusals per reason, message-level and handshake-level, zeros included."""
+        counts = dict(zip(REASONS, self.engine.violations()))
+        counts.update({r: self.zap.refusals.get(r, 0) for r in HANDSHAKE_REASONS})
+        return counts
+
+    def statistics(self) -> list[int]:
+        """zmq_proxy_steerable's STATISTICS order."""
+        c = self.relay.counters()
+        return [c[f"{side}_{k}"] for side in ("frontend", "backend")
+                for k in ("messages_in", "bytes_in", "messages_out", "bytes_out")]
+
+    def _totals(self) -> dict[str, int]:
+        c = self.relay.counters()
+        return {"forwarded": c["forwarded"], "replied": c["replied"],
+                "refused": sum(self.violations().values())}
+
+    def _pump_logs(self) -> None:
+        """Sampled violation lines, and one summary of what the sampling left out."""
+        dry_run = self.engine.rules.dry_run
+        samples, suppressed = self.engine.take_samples()
+        for reason, key, nframes, nbytes in samples:
+            self.log.warning("violation", reason=reason, key=printable_key(key),
+                             frames=nframes, bytes=nbytes, dry_run=dry_run)
+        if suppressed:
+            self.log.warning("violations_suppressed", counts=suppressed)
