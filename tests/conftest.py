@@ -49,3 +49,43 @@ def ctx():
     context = zmq.Context()
     yield context
     context.destroy(linger=0)
+
+
+@pytest.fixture
+def echo_broker_factory():
+    from harness import EchoBroker
+
+    brokers = []
+
+    def make(endpoint, bind=True):
+        broker = EchoBroker(endpoint, bind)
+        brokers.append(broker)
+        return broker
+
+    yield make
+    for broker in brokers:
+        broker.close()
+
+
+@pytest.fixture
+def gatekeeper_factory(tmp_path, echo_broker_factory):
+    """`make(extra_toml, broker=True, python_twin=False, metrics=False)`: an echo broker
+    and a running gatekeeper CLI process in front of it; both stopped afterwards."""
+    from harness import GatekeeperProcess
+
+    procs = []
+
+    def make(extra="", *, broker=True, python_twin=False, metrics=False, start=True):
+        workdir = tmp_path / f"gk{len(procs)}"
+        workdir.mkdir()
+        gk = GatekeeperProcess(workdir, extra, python_twin=python_twin, metrics=metrics)
+        procs.append(gk)
+        if broker:
+            gk.broker = echo_broker_factory(gk.backend)
+        if start:
+            gk.start()
+        return gk
+
+    yield make
+    for gk in procs:
+        gk.stop()
