@@ -1,0 +1,456 @@
+"""End-to-end A/B benchmark: the gatekeeper against libzmq's proxy and its Python twin.
+
+Every box is its own process, started fresh for each run and killed after it:
+
+    load generator (C, _loadgen.pyx) -> proxy under test -> echo broker (zmq.proxy(r, r))
+
+Kinds:
+  direct      no proxy: the load generator straight to the echo broker; its throughput
+              must be well above every proxy's, or the generator is what gets measured
+  proxy       zmq.proxy(ROUTER, DEALER), libzmq's own C proxy
+  gatekeeper  python -m gatekeeper with every check on and nothing refused
+  python      the same with GATEKEEPER_NO_EXTENSIONS=1 (the pure-Python twin)
+
+The kinds alternate within each round, so drift on a shared machine hits all of them.
+
+    python bench/e2e.py [--rounds 3] [--seconds 3] [--connections 4] [--depth 64]
+                        [--size 64] [--latency-requests 5000] [--only proxy,gatekeeper]
+                        [--require-all] [--json results.json]
+    python bench/e2e.py --smoke     # CI: seconds long; checks that it works, not numbers
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import importlib.util
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+import loadgen
+
+THIS = Path(__file__).resolve()
+SRC = THIS.parent.parent / "src"
+KINDS = ("direct", "proxy", "gatekeeper", "python")
+# The gatekeeper kinds and the implementation each must report in STATS: a missing
+# extension silently falling back to Python would otherwise make the A/B compare B to B.
+GATEKEEPER_KINDS = {"gatekeeper": "cython", "python": "python"}
+READY_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
+PRESETS = {
+    "full": dict(rounds=3, seconds=3.0, warmup=0.5, connections=4, depth=64,
+                 latency_requests=5000),
+    "smoke": dict(rounds=1, seconds=0.5, warmup=0.2, connections=2, depth=4,
+                  latency_requests=200),
+}
+
+
+class StartFailure(Exception):
+    """A server did not come up; for the gatekeeper kinds this can be skipped."""
+
+
+# -- servers -------------------------------------------------------------------------
+
+def policy_toml(frontend: str, backend: str, control: str, size: int) -> str:
+    frame = max(65536, size)
+    # [protocol] stays off: require_delimiter and command_frame need an envelope, and the
+    # load generator's single frame starts with a timestamp.
+    return f"""\
+# Every check on, nothing refused: the benchmark measures what checking costs.
+[frontend]
+bind = ["{frontend}"]
+max_message_size = {max(1048576, frame)}
+
+[backend]
+connect = ["{backend}"]
+
+[limits]
+max_frames = 8
+max_frame_bytes = {frame}
+max_message_bytes = {max(262144, frame)}
+
+[rate_limit]
+key = "identity"
+messages_per_second = 1e9
+burst = 1000000000
+bytes_per_second = 2000000000   # far above the offered load; the schema caps it at int32
+
+[access]
+allow_identity_prefixes = ["{loadgen.IDENTITY_PREFIX.decode()}"]
+deny_identities = ["{loadgen.IDENTITY_PREFIX.decode()}denied"]
+
+[violations]
+action = "reject"
+
+[control]
+bind = "{control}"
+
+[metrics]
+listen = ""
+
+[shutdown]
+drain_timeout_ms = 500
+"""
+
+
+def gatekeeper_env(kind: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("GATEKEEPER_NO_EXTENSIONS", None)
+    if kind == "python":
+        env["GATEKEEPER_NO_EXTENSIONS"] = "1"
+    # An installed gatekeeper (editable or wheel) wins; otherwise run the source tree.
+    if importlib.util.find_spec("gatekeeper") is None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    return env
+
+
+@dataclass
+class Server:
+    role: str
+    proc: subprocess.Popen
+    log: Path
+
+    def exited(self) -> int | None:
+        return self.proc.poll()
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return "\n".join("    " + line for line in text)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def spawn(role: str, frontend: str, backend: str, workdir: Path, size: int) -> Server:
+    """Start one server process of any role: echo, proxy, gatekeeper or python."""
+    env = dict(os.environ)
+    if role == "echo":
+        argv = [sys.executable, str(THIS), "_echo", backend]
+    elif role == "proxy":
+        argv = [sys.executable, str(THIS), "_proxy", frontend, backend]
+    else:
+        config = workdir / "policy.toml"
+        config.write_text(policy_toml(frontend, backend, f"ipc://{workdir}/gk.ctl", size))
+        argv = [sys.executable, "-m", "gatekeeper", "--config", str(config),
+                "--log-format", "text"]
+        env = gatekeeper_env(role)
+    log = workdir / f"{role}.log"
+    # A file, not a pipe: nobody reads a pipe while the load runs, and a full one would
+    # stall the server under test. The _exec trampoline ties its life to ours.
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(THIS), "_exec", str(os.getpid()), *argv],
+            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        )
+    return Server(role, proc, log)
+
+
+def wait_ready(ctx: zmq.Context, endpoint: str, servers: list[Server]) -> None:
+    """Ready means a request through `endpoint` comes back, for every kind alike."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    probe = ctx.socket(zmq.DEALER)
+    probe.linger = 0
+    probe.routing_id = loadgen.IDENTITY_PREFIX + b"probe"
+    probe.connect(endpoint)
+    next_send = 0.0
+    try:
+        while (now := time.monotonic()) < deadline:
+            for s in servers:
+                if (rc := s.exited()) is not None:
+                    log = s.tail()
+                    raise StartFailure(f"{s.role} exited with code {rc}: {s.tail(1).strip()}"
+                                       + (f"\n{log}" if "\n" in log else ""))
+            if now >= next_send:  # re-send: a server may drop what came before it was up
+                with contextlib.suppress(zmq.Again):
+                    probe.send(b"probe", zmq.NOBLOCK)
+                next_send = now + 0.2
+            if probe.poll(50):
+                probe.recv_multipart()
+                return
+        raise StartFailure(f"no reply through {endpoint} in {READY_TIMEOUT_S:g} s\n"
+                           + "\n".join(f"  {s.role} log:\n{s.tail()}" for s in servers))
+    finally:
+        probe.close()
+
+
+def reported_implementation(ctx: zmq.Context, control: str) -> str | None:
+    """`implementation` from the control socket's STATS, or None if it does not answer."""
+    req = ctx.socket(zmq.REQ)
+    req.linger = 0
+    try:
+        req.connect(control)
+        req.send(b"STATS")
+        if not req.poll(2000):
+            return None
+        return json.loads(req.recv()).get("implementation")
+    except (zmq.ZMQError, ValueError, AttributeError):
+        return None
+    finally:
+        req.close()
+
+
+def run_one(kind: str, args: argparse.Namespace, ctx: zmq.Context) -> dict:
+    """Fresh echo broker (+ proxy), readiness, load run, single-flight run, teardown."""
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gk-bench-")))
+        frontend, backend = (f"tcp://127.0.0.1:{p}" for p in free_ports(2))
+        servers = []
+        for role in ["echo"] + ([] if kind == "direct" else [kind]):
+            server = spawn(role, frontend, backend, workdir, args.size)
+            stack.callback(server.stop)  # LIFO: the proxy stops before its broker
+            servers.append(server)
+        target = backend if kind == "direct" else frontend
+        wait_ready(ctx, target, servers)
+        implementation = None
+        if kind in GATEKEEPER_KINDS:
+            implementation = reported_implementation(ctx, f"ipc://{workdir}/gk.ctl")
+            if implementation not in (None, GATEKEEPER_KINDS[kind]):
+                raise StartFailure(
+                    f"it runs the {implementation} implementation, expected "
+                    f"{GATEKEEPER_KINDS[kind]} (is the extension built?)")
+        load = loadgen.throughput(
+            ctx, target, connections=args.connections, depth=args.depth, size=args.size,
+            warmup_s=args.warmup, seconds=args.seconds)
+        single = loadgen.latency(ctx, target, requests=args.latency_requests, size=args.size)
+        for s in servers:  # numbers from a run during which a server died mean nothing
+            if (rc := s.exited()) is not None:
+                raise RuntimeError(f"{s.role} died during the run (code {rc}):\n{s.tail()}")
+        return {"kind": kind, "load": load, "single": single,
+                "implementation": implementation}
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:  # all open at once, so the ports differ
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+# -- report --------------------------------------------------------------------------
+
+def summarize(runs: list[dict]) -> dict:
+    def median(part: str, key: str) -> float | None:
+        values = [r[part][key] for r in runs if r[part][key] is not None]
+        return statistics.median(values) if values else None
+
+    rates = [r["load"]["msgs_per_s"] for r in runs]
+    rate = statistics.median(rates)
+    return {
+        "rounds": len(runs),
+        "msgs_per_s": rate,
+        "spread": (max(rates) - min(rates)) / rate if rate else None,
+        "load_p50_us": median("load", "p50_us"),
+        "load_p99_us": median("load", "p99_us"),
+        "single_p50_us": median("single", "p50_us"),
+        "single_p99_us": median("single", "p99_us"),
+        "lost": sum(r[p]["lost"] for r in runs for p in ("load", "single")),
+        "refused": sum(r[p]["bad"] for r in runs for p in ("load", "single")),
+    }
+
+
+def ratios(summary: dict) -> dict:
+    def ratio(a: str, b: str, key: str) -> float | None:
+        if a in summary and b in summary and summary[b][key]:
+            return summary[a][key] / summary[b][key]
+        return None
+
+    return {
+        "gatekeeper/proxy msgs_per_s": ratio("gatekeeper", "proxy", "msgs_per_s"),
+        "gatekeeper/python msgs_per_s": ratio("gatekeeper", "python", "msgs_per_s"),
+        "gatekeeper/proxy single_p50": ratio("gatekeeper", "proxy", "single_p50_us"),
+    }
+
+
+def print_report(summary: dict, ratio_values: dict, skipped: dict) -> None:
+    def us(v: float | None) -> str:
+        return "-" if v is None else f"{v:,.1f}"
+
+    print()
+    print(f"{'kind':<11}{'msgs/s':>11}{'spread':>8}{'p50 load':>11}{'p99 load':>11}"
+          f"{'p50 1-flight':>14}{'p99 1-flight':>14}{'lost':>7}{'refused':>9}")
+    for kind, s in summary.items():
+        spread = "-" if s["spread"] is None else f"{100 * s['spread']:.0f}%"
+        print(f"{kind:<11}{s['msgs_per_s']:>11,.0f}{spread:>8}{us(s['load_p50_us']):>11}"
+              f"{us(s['load_p99_us']):>11}{us(s['single_p50_us']):>14}"
+              f"{us(s['single_p99_us']):>14}{s['lost']:>7}{s['refused']:>9}")
+    print("latencies in microseconds; msgs/s and latencies are medians over rounds;"
+          " spread = (max - min) / median of msgs/s")
+    for kind, reason in skipped.items():
+        print(f"{kind}: skipped ({reason.splitlines()[0]})")
+    print()
+    for name, value in ratio_values.items():
+        print(f"{name:<34}{'n/a' if value is None else f'{value:.2f}x'}")
+    proxies = [s["msgs_per_s"] for k, s in summary.items() if k != "direct"]
+    if "direct" in summary and proxies:
+        headroom = summary["direct"]["msgs_per_s"] / max(proxies)
+        print(f"{'direct/fastest proxy msgs_per_s':<34}{headroom:.2f}x"
+              + ("" if headroom >= 1.5 else
+                 "  WARNING: the load generator may be the bottleneck"))
+
+
+# -- main ------------------------------------------------------------------------------
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--seconds", type=float, help="measured seconds per load run")
+    p.add_argument("--warmup", type=float, help="unmeasured seconds before each load run")
+    p.add_argument("--connections", type=int)
+    p.add_argument("--depth", type=int, help="requests in flight per connection")
+    p.add_argument("--size", type=int, default=64, help="request bytes (>= 8)")
+    p.add_argument("--latency-requests", type=int, help="single-in-flight round trips")
+    p.add_argument("--only", default=",".join(KINDS),
+                   help=f"comma-separated kinds in run order, from {','.join(KINDS)}")
+    p.add_argument("--smoke", action="store_true",
+                   help="one short round; exit 1 unless every run got replies and lost none")
+    p.add_argument("--require-all", action="store_true",
+                   help="fail instead of skipping a gatekeeper kind that does not start")
+    p.add_argument("--json", type=Path, help="write the results here")
+    args = p.parse_args(argv)
+    for key, value in PRESETS["smoke" if args.smoke else "full"].items():
+        if getattr(args, key) is None:  # explicit options win over the preset
+            setattr(args, key, value)
+    args.kinds = [k.strip() for k in args.only.split(",") if k.strip()]
+    if unknown := set(args.kinds) - set(KINDS):
+        p.error(f"unknown kinds {sorted(unknown)}; choose from {','.join(KINDS)}")
+    if args.size < 8:
+        p.error("--size must be >= 8: the first 8 bytes carry the send time")
+    if min(args.rounds, args.connections, args.depth, args.latency_requests) < 1:
+        p.error("--rounds, --connections, --depth and --latency-requests must be >= 1")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    # Turn SIGTERM into an exception so the finally blocks stop every server.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    loadgen.load()  # build before any server starts, so compile time is not run time
+    gk = importlib.util.find_spec("gatekeeper")
+    print(f"python {platform.python_version()}, pyzmq {zmq.__version__}, libzmq "
+          f"{zmq.zmq_version()}, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.2f}; gatekeeper from "
+          f"{gk.origin if gk else SRC / 'gatekeeper'}")
+    print(f"rounds {args.rounds} x {','.join(args.kinds)}: {args.connections} connections x "
+          f"{args.depth} in flight, {args.size} B, {args.warmup:g} s warmup + "
+          f"{args.seconds:g} s; single flight {args.latency_requests} round trips")
+    runs: dict[str, list[dict]] = {k: [] for k in args.kinds}
+    skipped: dict[str, str] = {}
+    ctx = zmq.Context()
+    try:
+        for rnd in range(1, args.rounds + 1):
+            for kind in args.kinds:
+                if kind in skipped:
+                    continue
+                try:
+                    result = run_one(kind, args, ctx)
+                except StartFailure as exc:
+                    if kind not in GATEKEEPER_KINDS or args.require_all:
+                        print(f"error: {kind} did not start: {exc}", file=sys.stderr)
+                        return 1
+                    skipped[kind] = f"python -m gatekeeper did not start: {exc}"
+                    print(f"round {rnd}: skipping {kind}: {skipped[kind]}", flush=True)
+                    continue
+                result["round"] = rnd
+                runs[kind].append(result)
+                load, single = result["load"], result["single"]
+                print(f"round {rnd} {kind:<11}{load['msgs_per_s']:>11,.0f} msgs/s  "
+                      f"p50 {load['p50_us'] or 0:,.1f} us  single p50 "
+                      f"{single['p50_us'] or 0:,.1f} us  lost {load['lost'] + single['lost']}"
+                      + (f"  ({result['implementation'] or 'implementation not reported'})"
+                         if kind in GATEKEEPER_KINDS else ""), flush=True)
+    except (RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # the servers are already stopped by run_one's ExitStack
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        ctx.destroy(linger=0)
+
+    summary = {k: summarize(v) for k, v in runs.items() if v}
+    ratio_values = ratios(summary)
+    print_report(summary, ratio_values, skipped)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "config": {k: v for k, v in vars(args).items() if k != "json"},
+            "environment": {"python": platform.python_version(), "pyzmq": zmq.__version__,
+                            "libzmq": zmq.zmq_version(), "cpus": os.cpu_count()},
+            "runs": runs, "summary": summary, "ratios": ratio_values, "skipped": skipped,
+        }, indent=2, default=str))
+    if args.smoke:
+        failed = [f"{r['kind']} {part}: received {r[part]['received']}, lost "
+                  f"{r[part]['lost']}, refused {r[part]['bad']}"
+                  for rs in runs.values() for r in rs for part in ("load", "single")
+                  if not r[part]["received"] or r[part]["lost"] or r[part]["bad"]]
+        if failed or not summary:
+            print("smoke check failed: " + ("; ".join(failed) or "nothing ran"),
+                  file=sys.stderr)
+            return 1
+        print("smoke check passed")
+    return 0
+
+
+# -- child processes (hidden subcommands) ------------------------------------------------
+
+def child_exec(parent_pid: int, argv: list[str]) -> None:
+    """Become argv, killed with the benchmark even if that dies by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1  # survives execve
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent went before the line above took effect
+        sys.exit(1)
+    os.execve(argv[0], argv, os.environ)
+
+
+def serve_echo(endpoint: str) -> None:
+    sock = zmq.Context().socket(zmq.ROUTER)
+    # The load generator bounds what is in flight; the broker must never be what drops.
+    sock.sndhwm = sock.rcvhwm = 0
+    sock.bind(endpoint)
+    zmq.proxy(sock, sock)  # frontend == backend: libzmq echoes each message to its sender
+
+
+def serve_proxy(frontend: str, backend: str) -> None:
+    ctx = zmq.Context()
+    front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    front.bind(frontend)
+    back.connect(backend)
+    zmq.proxy(front, back)
+
+
+if __name__ == "__main__":
+    command, rest = (sys.argv[1:2] or [""])[0], sys.argv[2:]
+    if command == "_exec":
+        child_exec(int(rest[0]), rest[1:])
+    elif command == "_echo":
+        serve_echo(*rest)
+    elif command == "_proxy":
+        serve_proxy(*rest)
+    else:
+        sys.exit(main(sys.argv[1:]))
