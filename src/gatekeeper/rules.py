@@ -127,7 +127,7 @@ def rules_from_policy(policy) -> Rules:
     per_key: dict[bytes, Limits] = {}
     if rl is not None:
         for key, override in rl.per_key.items():
-            per_key[key.encode()[:MAX_KEY_BYTES]] = limits(override)
+            per_key[parse_identity(key)[:MAX_KEY_BYTES]] = limits(override)
     return Rules(
         max_frames=policy.limits.max_frames,
         max_frame_bytes=policy.limits.max_frame_bytes,

@@ -1,0 +1,591 @@
+"""policy.toml: one typed schema (msgspec Structs), validated once at load.
+
+Type and range errors come from msgspec; the rules that span keys or touch the file system
+are checked after conversion. Every error is a `PolicyError` naming the file and the key
+path, e.g. `policy.toml: rate_limit.burst: Expected `int` >= 1, got 0`.
+"""
+
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import stat
+import time
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import msgspec
+import zmq.auth
+from msgspec import Meta, Struct, field
+
+from .rules import MAX_FRAMES_LIMIT, parse_identity
+
+# Socket options and most data-plane fields are C ints; a larger value would only fail
+# after validation, when the socket is set up.
+_INT_MAX = 2**31 - 1
+Count = Annotated[int, Meta(gt=0, le=_INT_MAX)]
+NonNegative = Annotated[int, Meta(ge=0, le=_INT_MAX)]
+# TOML allows inf and nan; an infinite rate turns a token bucket's refill (0 * inf) into nan.
+Rate = Annotated[float, Meta(gt=0, le=1e9)]
+NonNegativeRate = Annotated[float, Meta(ge=0, le=1e9)]
+# Below 1024 bytes the ZMTP handshake itself is cut off.
+MessageSize = Annotated[int, Meta(ge=1024, le=_INT_MAX)]
+# libzmq keeps the TTL in deciseconds in a uint16 and truncates the rest: 150 ms would
+# silently become 100 ms, and anything under 100 ms would disable the TTL.
+HeartbeatTtl = Annotated[int, Meta(ge=100, le=6_553_500, multiple_of=100)]
+Endpoints = list[str]
+
+
+class _Section(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Unknown keys are errors: a typo must never silently weaken policy.
+
+    msgspec inherits the other options but not kw_only, so every subclass repeats it.
+    """
+
+
+class FrontendCurve(_Section, kw_only=True):
+    secret_key_file: str
+    allowed_clients_dir: str | None = None  # None: any client key, encryption only
+
+
+class BackendCurve(_Section, kw_only=True):
+    server_public_key_file: str
+    secret_key_file: str
+
+
+class ControlCurve(_Section, kw_only=True):
+    secret_key_file: str
+    allowed_clients_dir: str
+
+
+class _SocketSection(_Section, kw_only=True):
+    """Option keys both sides share."""
+
+    max_message_size: MessageSize = 1048576
+    sndhwm: Count = 1000
+    rcvhwm: Count = 1000
+    linger_ms: NonNegative = 0
+    heartbeat_interval_ms: Count = 5000
+    heartbeat_timeout_ms: Count = 15000
+    heartbeat_ttl_ms: HeartbeatTtl = 15000
+    tcp_keepalive: bool = True
+    tcp_keepalive_idle_s: Count = 60
+    tcp_keepalive_interval_s: Count = 10
+    tcp_keepalive_count: Count = 5
+
+
+class Frontend(_SocketSection, kw_only=True):
+    bind: Annotated[Endpoints, Meta(min_length=1)]
+    handshake_timeout_ms: Count = 5000
+    backlog: Count = 100
+    curve: FrontendCurve | None = None
+
+
+class Backend(_SocketSection, kw_only=True):
+    connect: Endpoints = []
+    bind: Endpoints = []
+    linger_ms: NonNegative = 1000
+    immediate: bool = True
+    curve: BackendCurve | None = None
+
+
+class Limits(_Section, kw_only=True):
+    max_frames: Annotated[int, Meta(ge=1, le=MAX_FRAMES_LIMIT)] = 8
+    max_frame_bytes: Count = 65536
+    max_message_bytes: Count = 262144
+
+
+class PerKeyLimits(_Section, kw_only=True):
+    """An exception for one key; after loading, omitted fields hold the section's values."""
+
+    messages_per_second: Rate | None = None
+    burst: Count | None = None
+    bytes_per_second: NonNegative | None = None
+
+
+class RateLimit(_Section, kw_only=True):
+    key: Literal["identity", "peer_address", "user_id"] = "identity"
+    messages_per_second: Rate = 100.0
+    burst: Count = 200
+    bytes_per_second: NonNegative = 0
+    max_keys: Count = 100000
+    per_key: dict[str, PerKeyLimits] = {}
+
+
+class Access(_Section, kw_only=True):
+    allow_identities: list[str] = []
+    allow_identity_prefixes: list[str] = []
+    deny_identities: list[str] = []
+    allow_addresses: list[str] = []
+    deny_addresses: list[str] = []
+    max_connections_per_address: NonNegative = 0
+    connections_per_second_per_address: NonNegativeRate = 0.0
+    require_identity_is_key: bool = False
+
+
+class Protocol(_Section, kw_only=True):
+    require_delimiter: bool = False
+    command_frame: Annotated[int, Meta(ge=-1, le=MAX_FRAMES_LIMIT - 1)] = -1
+    allowed_commands: list[str] = []
+
+
+class Violations(_Section, kw_only=True):
+    action: Literal["drop", "reject"] = "drop"
+    dry_run: bool = False
+    log_per_second: Annotated[int, Meta(ge=0, le=1000)] = 10
+
+
+class Backpressure(_Section, kw_only=True):
+    on_backend_full: Literal["wait", "reject"] = "wait"
+
+
+class Control(_Section, kw_only=True):
+    bind: str = "ipc://gatekeeper.ctl"
+    curve: ControlCurve | None = None
+
+
+class Metrics(_Section, kw_only=True):
+    listen: str = "127.0.0.1:9105"  # "" disables
+
+
+class Shutdown(_Section, kw_only=True):
+    drain_timeout_ms: NonNegative = 5000
+
+
+class Policy(_Section, kw_only=True):
+    frontend: Frontend
+    backend: Backend
+    limits: Limits = field(default_factory=Limits)
+    rate_limit: RateLimit | None = None  # absent section: no rate limit
+    access: Access = field(default_factory=Access)
+    protocol: Protocol = field(default_factory=Protocol)
+    violations: Violations = field(default_factory=Violations)
+    backpressure: Backpressure = field(default_factory=Backpressure)
+    control: Control = field(default_factory=Control)
+    metrics: Metrics = field(default_factory=Metrics)
+    shutdown: Shutdown = field(default_factory=Shutdown)
+
+
+class PolicyError(Exception):
+    """An invalid policy file. `key_path` is "" when the file cannot be read or parsed."""
+
+    def __init__(self, path: str, key_path: str, message: str) -> None:
+        self.path = path
+        self.key_path = key_path
+        self.message = message
+        where = f"{path}: {key_path}" if key_path else path
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedPolicy:
+    policy: Policy
+    path: str  # absolute
+    sha256: str  # of the file's bytes
+    loaded_at: float  # unix time
+
+
+class _Invalid(Exception):
+    """A rule failed; `parse_policy` adds the file name."""
+
+    def __init__(self, key_path: str, message: str) -> None:
+        super().__init__(message)
+        self.key_path = key_path
+        self.message = message
+
+
+def load_policy(path: str | os.PathLike[str]) -> LoadedPolicy:
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise PolicyError(path, "", f"cannot read the policy file: {e.strerror}") from None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise PolicyError(path, "", f"not UTF-8 text (TOML must be UTF-8): {e}") from None
+    policy = parse_policy(text, path)
+    return LoadedPolicy(policy, path, hashlib.sha256(data).hexdigest(), time.time())
+
+
+def parse_policy(text: str, path: str = "<string>") -> Policy:
+    """Parse and validate; relative key files resolve against the directory of `path`."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise PolicyError(path, "", f"TOML syntax error: {e}") from None
+    try:
+        try:
+            policy = msgspec.convert(raw, Policy)
+        except msgspec.ValidationError as e:
+            raise _schema_error(str(e), raw) from None
+        return _validate(policy, os.path.dirname(os.path.abspath(path)))
+    except _Invalid as e:
+        raise PolicyError(path, e.key_path, e.message) from None
+
+
+def policy_to_dict(policy: Policy) -> dict[str, Any]:
+    return msgspec.to_builtins(policy)
+
+
+_RESTART_SECTIONS = ("frontend", "backend", "control", "metrics")
+
+
+def diff_policies(old: Policy, new: Policy) -> tuple[list[str], list[str]]:
+    """Changed key paths as (applied live, needing a restart), each sorted."""
+    changed: list[str] = []
+    _diff(policy_to_dict(old), policy_to_dict(new), "", changed)
+    live, restart = [], []
+    for key in sorted(changed):
+        (restart if key.split(".", 1)[0] in _RESTART_SECTIONS else live).append(key)
+    return live, restart
+
+
+def format_policy(policy: Policy) -> str:
+    """The effective policy as TOML, defaults included; unset optional parts as comments."""
+    lines: list[str] = []
+
+    def table(name: str, values: dict[str, Any]) -> None:
+        scalars = [(k, v) for k, v in values.items() if not (isinstance(v, dict) and v)]
+        if scalars or not values:
+            lines.extend(("", f"[{name}]"))
+        for k, v in scalars:
+            lines.append(f"# {k}: not set" if v is None else f"{_join('', k)} = {_toml(v)}")
+        for k, v in values.items():
+            if isinstance(v, dict) and v:
+                table(_join(name, k), v)
+
+    for name, values in policy_to_dict(policy).items():
+        if values is None:
+            lines.extend(("", f"# [{name}]: not set"))
+        else:
+            table(name, values)
+    return "\n".join(lines[1:]) + "\n"
+
+
+# --- cross-key and file-system rules ----------------------------------------------------
+
+_REFUSED_SCHEMES = ("udp", "pgm", "epgm")
+_ALLOWED = "allowed: tcp://, ipc://, inproc://"
+_SUN_PATH_MAX = 107  # sockaddr_un.sun_path less the terminating NUL (Linux)
+
+
+def _validate(p: Policy, base_dir: str) -> Policy:
+    lim = p.limits
+    if lim.max_frame_bytes > lim.max_message_bytes:
+        raise _Invalid(
+            "limits.max_frame_bytes",
+            f"{lim.max_frame_bytes} exceeds limits.max_message_bytes ({lim.max_message_bytes}); "
+            "allowed: <= max_message_bytes",
+        )
+    if p.frontend.max_message_size < lim.max_frame_bytes:
+        raise _Invalid(
+            "frontend.max_message_size",
+            f"{p.frontend.max_message_size} is below limits.max_frame_bytes "
+            f"({lim.max_frame_bytes}), so libzmq would cut peers before the frame check refuses "
+            "them; allowed: >= max_frame_bytes",
+        )
+    _check_protocol(p.protocol, lim)
+    rate_limit = _resolve_rate_limit(p.rate_limit, lim) if p.rate_limit is not None else None
+    _check_access(p)
+    _check_endpoints(p)
+    _check_metrics(p.metrics.listen)
+    return msgspec.structs.replace(
+        p,
+        rate_limit=rate_limit,
+        frontend=_resolve_curve(p.frontend, "frontend.curve", base_dir),
+        backend=_resolve_curve(p.backend, "backend.curve", base_dir),
+        control=_resolve_curve(p.control, "control.curve", base_dir),
+    )
+
+
+def _check_protocol(proto: Protocol, lim: Limits) -> None:
+    if proto.command_frame > lim.max_frames - 1:
+        raise _Invalid(
+            "protocol.command_frame",
+            f"{proto.command_frame} is past the last frame limits.max_frames allows; "
+            f"allowed: -1..{lim.max_frames - 1}",
+        )
+    if proto.command_frame >= 0 and not proto.allowed_commands:
+        raise _Invalid(
+            "protocol.allowed_commands",
+            "empty while protocol.command_frame is set, which would refuse every message; "
+            "list the allowed commands",
+        )
+    if proto.command_frame < 0 and proto.allowed_commands:
+        raise _Invalid(
+            "protocol.allowed_commands",
+            "has no effect while protocol.command_frame = -1; set command_frame or remove the list",
+        )
+
+
+def _resolve_rate_limit(rl: RateLimit, lim: Limits) -> RateLimit:
+    """Checks the byte budgets and fills each per-key exception from the section."""
+    per_key = {}
+    for name, pk in rl.per_key.items():
+        per_key[name] = PerKeyLimits(
+            messages_per_second=(
+                rl.messages_per_second if pk.messages_per_second is None else pk.messages_per_second
+            ),
+            burst=rl.burst if pk.burst is None else pk.burst,
+            bytes_per_second=rl.bytes_per_second
+            if pk.bytes_per_second is None
+            else pk.bytes_per_second,
+        )
+    budgets = [("rate_limit.bytes_per_second", rl.bytes_per_second)] + [
+        (_join(_join("rate_limit.per_key", name), "bytes_per_second"), pk.bytes_per_second)
+        for name, pk in per_key.items()
+    ]
+    for key, bps in budgets:
+        # The byte bucket holds 2 s worth: a smaller one refuses every maximal message forever.
+        if bps and 2 * bps < lim.max_message_bytes:
+            raise _Invalid(
+                key,
+                f"{bps} is too small: the byte bucket (2 s worth, {2 * bps}) could never hold a "
+                f"message of limits.max_message_bytes ({lim.max_message_bytes}); "
+                f"allowed: 0 (no byte budget) or >= {(lim.max_message_bytes + 1) // 2}",
+            )
+    return msgspec.structs.replace(rl, per_key=per_key)
+
+
+def _check_access(p: Policy) -> None:
+    a = p.access
+    for name in ("allow_identities", "allow_identity_prefixes", "deny_identities"):
+        for i, ident in enumerate(getattr(a, name)):
+            try:
+                parse_identity(ident)
+            except ValueError:
+                raise _Invalid(
+                    f"access.{name}[{i}]",
+                    f"{ident!r} is not valid hex; allowed: text, or hex: and pairs of hex digits",
+                ) from None
+    for name in ("allow_addresses", "deny_addresses"):
+        for i, cidr in enumerate(getattr(a, name)):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as e:
+                raise _Invalid(f"access.{name}[{i}]", f"not an IPv4 or IPv6 CIDR: {e}") from None
+    if a.require_identity_is_key and p.frontend.curve is None:
+        raise _Invalid(
+            "access.require_identity_is_key",
+            "needs [frontend.curve]: without CURVE a client has no key to match its identity",
+        )
+
+
+def _check_endpoints(p: Policy) -> None:
+    endpoints = [(f"frontend.bind[{i}]", ep, True) for i, ep in enumerate(p.frontend.bind)]
+    b = p.backend
+    if bool(b.connect) == bool(b.bind):
+        raise _Invalid(
+            "backend.bind" if b.connect else "backend",
+            "set exactly one of backend.connect and backend.bind (a non-empty list of endpoints)",
+        )
+    endpoints += [(f"backend.connect[{i}]", ep, False) for i, ep in enumerate(b.connect)]
+    endpoints += [(f"backend.bind[{i}]", ep, True) for i, ep in enumerate(b.bind)]
+    endpoints.append(("control.bind", p.control.bind, True))
+    seen: dict[str, str] = {}
+    for key, ep, is_bind in endpoints:
+        _check_endpoint(key, ep, is_bind)
+        # Each bind to an ephemeral port gets a port of its own.
+        if ep in seen and not ep.endswith((":*", ":0")):
+            raise _Invalid(key, f"{ep} is also {seen[ep]}; every endpoint must differ")
+        seen[ep] = key
+    scheme, _, address = p.control.bind.partition("://")
+    if scheme == "tcp" and not _is_loopback(address.rpartition(":")[0]) and p.control.curve is None:
+        raise _Invalid(
+            "control.bind",
+            f"{p.control.bind} is reachable beyond this host; bind tcp:// control only on "
+            "loopback (127.0.0.1, [::1], localhost) or add [control.curve]",
+        )
+
+
+def _check_endpoint(key: str, ep: str, is_bind: bool) -> None:
+    scheme, sep, address = ep.partition("://")
+    if not sep:
+        raise _Invalid(key, f"{ep!r} is not an endpoint; expected transport://address, {_ALLOWED}")
+    if scheme in _REFUSED_SCHEMES:
+        raise _Invalid(
+            key,
+            f"{scheme}:// is refused: the released libzmq has known memory-safety bugs in the "
+            f"udp, pgm and epgm transports; {_ALLOWED}",
+        )
+    if scheme == "tcp":
+        # A connect may name a source address first: tcp://source;host:port.
+        host, colon, port = address.rpartition(";")[2].rpartition(":")
+        wildcard = is_bind and port == "*"
+        if not (host and colon and (wildcard or (port.isdigit() and int(port) <= 65535))):
+            raise _Invalid(
+                key, f"{ep!r}: expected tcp://host:port with a port 0..65535 (or * to bind)"
+            )
+    elif scheme == "ipc":
+        if not address or len(address.encode()) > _SUN_PATH_MAX:
+            raise _Invalid(key, f"{ep!r}: the ipc path must be 1..{_SUN_PATH_MAX} bytes")
+    elif scheme == "inproc":
+        if not address:
+            raise _Invalid(key, f"{ep!r}: the inproc name is empty")
+    else:
+        raise _Invalid(key, f"unsupported transport {scheme}://; {_ALLOWED}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name: not provably loopback
+
+
+def _check_metrics(listen: str) -> None:
+    if not listen:
+        return
+    host, colon, port = listen.rpartition(":")
+    if not (host and colon and port.isdigit() and int(port) <= 65535):
+        raise _Invalid(
+            "metrics.listen",
+            f"{listen!r}: expected host:port with a port 0..65535 ([::1]:9105 for IPv6), "
+            'or "" to disable',
+        )
+
+
+def _resolve_curve(section: Any, key: str, base_dir: str) -> Any:
+    """Checks the section's key files and makes their paths absolute."""
+    curve = section.curve
+    if curve is None:
+        return section
+    resolved = {}
+    for f in msgspec.structs.fields(curve):
+        value = getattr(curve, f.name)
+        if value is None:
+            continue
+        path = os.path.join(base_dir, value)
+        sub_key = f"{key}.{f.name}"
+        if f.name == "allowed_clients_dir":
+            if not os.path.isdir(path) or not os.access(path, os.R_OK | os.X_OK):
+                raise _Invalid(
+                    sub_key, f"{path} is not a readable directory of client certificates"
+                )
+        else:
+            _check_key_file(sub_key, path, secret=f.name == "secret_key_file")
+        resolved[f.name] = path
+    return msgspec.structs.replace(section, curve=msgspec.structs.replace(curve, **resolved))
+
+
+def _check_key_file(key: str, path: str, secret: bool) -> None:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise _Invalid(key, f"cannot read key file {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _Invalid(key, f"{path} is not a regular file")
+    if secret and st.st_mode & 0o004:
+        raise _Invalid(key, f"{path} is world-readable; a secret key file must not be (chmod o-r)")
+    try:
+        _, secret_key = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as e:
+        raise _Invalid(key, f"cannot load ZeroMQ certificate {path}: {e}") from None
+    if secret and secret_key is None:
+        raise _Invalid(key, f"{path} holds no secret-key; expected a .key_secret certificate")
+
+
+# --- msgspec errors as key paths ----------------------------------------------------------
+
+_MSGSPEC_ERROR = re.compile(r"(?s)(.*?)(?: - at `\$(.*)`)?")
+_PATH_PART = re.compile(r"\.(\w+)|\[(\d+)\]|\[(\.\.\.)\]")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _schema_error(text: str, raw: dict[str, Any]) -> _Invalid:
+    """msgspec's `... - at `$.a.b[0]`` as a key path and a message saying what is allowed."""
+    m = _MSGSPEC_ERROR.fullmatch(text)
+    assert m is not None
+    message, at = m.group(1), m.group(2) or ""
+    tp: Any = Policy
+    value: Any = raw
+    key = ""
+    for name, index, unnamed in _PATH_PART.findall(at):
+        part: str | int = int(index) if index else name
+        if unnamed:
+            # msgspec does not say which dict entry failed: the first that does not convert.
+            part = next(k for k, v in value.items() if not _converts(v, _field_type(tp, None)))
+        key = _join(key, part)
+        tp = _field_type(tp, part)
+        value = value[part]
+    field_error = re.fullmatch(r"Object (contains unknown|missing required) field `(\w+)`", message)
+    if field_error:
+        kind, name = field_error.groups()
+        where = f"in [{key}]" if key else "at the top level"
+        key = _join(key, name)
+        if kind == "missing required":
+            return _Invalid(key, "required but missing")
+        allowed = ", ".join(f.name for f in msgspec.structs.fields(_unwrap(tp)))
+        return _Invalid(key, f"unknown key; allowed {where}: {allowed}")
+    choices = _unwrap(tp)
+    if typing.get_origin(choices) is Literal:
+        allowed = " | ".join(_toml(c) for c in typing.get_args(choices))
+        return _Invalid(key, f"invalid value {_toml(value)}; allowed: {allowed}")
+    if "got `" not in message:
+        message += f", got {_toml(value)}"
+    return _Invalid(key, message)
+
+
+def _converts(value: Any, tp: Any) -> bool:
+    try:
+        msgspec.convert(value, tp)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strips Annotated[...] and `| None`."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        else:
+            return tp
+
+
+def _field_type(tp: Any, part: str | int | None) -> Any:
+    tp = _unwrap(tp)
+    origin = typing.get_origin(tp)
+    if origin is dict:
+        return typing.get_args(tp)[1]
+    if origin is list:
+        return typing.get_args(tp)[0]
+    return next(f.type for f in msgspec.structs.fields(tp) if f.name == part)
+
+
+def _join(prefix: str, part: str | int) -> str:
+    if isinstance(part, int):
+        return f"{prefix}[{part}]"
+    name = part if _BARE_KEY.fullmatch(part) else json.dumps(part)
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_join('', k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _diff(old: Any, new: Any, key: str, out: list[str]) -> None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in old.keys() | new.keys():
+            _diff(old.get(k), new.get(k), _join(key, k), out)
+    elif old != new:
+        out.append(key)

@@ -1,0 +1,248 @@
+"""The two proxy sockets: their option tables, built from a validated policy, and the sockets.
+
+`gatekeeper check` prints the same tables the sockets are built from, so what it shows is
+what runs.
+"""
+
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.auth
+
+from .policy import Backend, Frontend, LoadedPolicy, Policy, format_policy
+
+__all__ = [
+    "MIN_LIBZMQ",
+    "ZAP_DOMAIN",
+    "SocketOption",
+    "SocketSetupError",
+    "backend_options",
+    "check_libzmq",
+    "format_check",
+    "frontend_options",
+    "make_backend",
+    "make_frontend",
+]
+
+# 4.3.3 fixes CVE-2019-6250, CVE-2019-13132 and CVE-2020-15166 (and the related bugs).
+MIN_LIBZMQ = (4, 3, 3)
+ZAP_DOMAIN = b"gatekeeper"
+
+
+class SocketSetupError(Exception):
+    """A socket could not be set up; the message is a one-line cause."""
+
+
+@dataclass(frozen=True, slots=True)
+class SocketOption:
+    name: str  # libzmq's name without ZMQ_
+    option: int
+    value: int | bytes = field(repr=False)  # may be a secret key
+    reason: str
+    shown: str  # what `check` prints: the value, or a key's file, never the key
+
+
+def _opt(name: str, value: int | bytes, reason: str, shown: str | None = None) -> SocketOption:
+    if shown is None:
+        shown = value.decode() if isinstance(value, bytes) else str(value)
+    return SocketOption(name, getattr(zmq, name), value, reason, shown)
+
+
+def _queues(s: Frontend | Backend, peer: str) -> list[SocketOption]:
+    return [
+        _opt("SNDHWM", s.sndhwm, f"bounds the queue to each {peer}: memory stays bounded"),
+        _opt("RCVHWM", s.rcvhwm, f"bounds the queue from each {peer}: memory stays bounded"),
+        _opt(
+            "MAXMSGSIZE",
+            s.max_message_size,
+            f"libzmq cuts a {peer} that sends a larger frame before buffering it",
+        ),
+    ]
+
+
+def _liveness(s: Frontend | Backend, peer: str) -> list[SocketOption]:
+    opts = [
+        _opt("HEARTBEAT_IVL", s.heartbeat_interval_ms, f"ZMTP PINGs find a dead {peer} (ms)"),
+        _opt(
+            "HEARTBEAT_TIMEOUT",
+            s.heartbeat_timeout_ms,
+            f"a {peer} that does not answer a PING in time is disconnected (ms)",
+        ),
+        _opt(
+            "HEARTBEAT_TTL",
+            s.heartbeat_ttl_ms,
+            f"the {peer} drops us after this much silence (ms; libzmq keeps deciseconds)",
+        ),
+    ]
+    if not s.tcp_keepalive:
+        return [*opts, _opt("TCP_KEEPALIVE", 0, "off, as the policy says")]
+    return [
+        *opts,
+        _opt("TCP_KEEPALIVE", 1, f"the kernel finds a {peer} that vanished without a FIN"),
+        _opt("TCP_KEEPALIVE_IDLE", s.tcp_keepalive_idle_s, "idle seconds before the first probe"),
+        _opt("TCP_KEEPALIVE_INTVL", s.tcp_keepalive_interval_s, "seconds between probes"),
+        _opt("TCP_KEEPALIVE_CNT", s.tcp_keepalive_count, "unanswered probes before the drop"),
+    ]
+
+
+def _key_pair(path: str, need_secret: bool = False) -> tuple[bytes, bytes | None]:
+    # Keys are read when a socket is built: the Policy holds paths, as it is printed and diffed.
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as e:
+        raise SocketSetupError(f"{path}: {e}") from e
+    if need_secret and secret is None:
+        raise SocketSetupError(f"{path}: the certificate holds no secret-key")
+    return public, secret
+
+
+def frontend_options(p: Policy) -> list[SocketOption]:
+    f = p.frontend
+    opts = _queues(f, "client")
+    opts += [
+        _opt("LINGER", f.linger_ms, "replies still queued to clients at close are dropped (ms)"),
+        _opt(
+            "HANDSHAKE_IVL",
+            f.handshake_timeout_ms,
+            "peers that stall the ZMTP handshake are dropped (ms)",
+        ),
+    ]
+    opts += _liveness(f, "client")
+    opts += [
+        _opt("BACKLOG", f.backlog, "bounds the kernel's queue of connections not yet accepted"),
+        _opt("ROUTER_MANDATORY", 1, "an unroutable reply is an error to count, not a silent drop"),
+        _opt(
+            "ROUTER_HANDOVER", 0, "a second peer cannot take over a connected client's routing id"
+        ),
+    ]
+    if f.curve is not None:
+        _, secret = _key_pair(f.curve.secret_key_file, need_secret=True)
+        opts += [
+            _opt(
+                "CURVE_SERVER", 1, "clients must pass a CURVE handshake: encrypted, authenticated"
+            ),
+            _opt("CURVE_SECRETKEY", secret, "the gatekeeper's server key", f.curve.secret_key_file),
+        ]
+    # Always on: besides the access rules, ZAP is how a draining gatekeeper turns new
+    # clients away without cutting the ones still waiting for replies.
+    opts.append(
+        _opt(
+            "ZAP_DOMAIN",
+            ZAP_DOMAIN,
+            "every handshake passes the ZAP handler: addresses, client keys, connection limits",
+        )
+    )
+    return opts
+
+
+def backend_options(p: Policy) -> list[SocketOption]:
+    b = p.backend
+    opts = _queues(b, "broker")
+    opts.append(
+        _opt("LINGER", b.linger_ms, "messages in flight get this long to leave at close (ms)")
+    )
+    opts += _liveness(b, "broker")
+    opts.append(
+        _opt(
+            "IMMEDIATE",
+            int(b.immediate),
+            "queue only on completed connections, not for a broker that is not there"
+            if b.immediate
+            else "off: messages queue for connections not yet complete",
+        )
+    )
+    if b.curve is not None:
+        server_public, _ = _key_pair(b.curve.server_public_key_file)
+        public, secret = _key_pair(b.curve.secret_key_file, need_secret=True)
+        key_file = b.curve.secret_key_file
+        opts += [
+            _opt(
+                "CURVE_SERVERKEY",
+                server_public,
+                "only a broker holding this key completes the handshake",
+                b.curve.server_public_key_file,
+            ),
+            _opt(
+                "CURVE_PUBLICKEY", public, "the gatekeeper's key, as the broker sees it", key_file
+            ),
+            _opt("CURVE_SECRETKEY", secret, "the gatekeeper's client secret key", key_file),
+        ]
+    return opts
+
+
+def _apply(sock: zmq.Socket, options: list[SocketOption]) -> None:
+    for o in options:
+        try:
+            sock.setsockopt(o.option, o.value)
+        except zmq.ZMQError as e:
+            raise SocketSetupError(f"ZMQ_{o.name} = {o.shown}: {zmq.strerror(e.errno)}") from e
+
+
+def _attach(sock: zmq.Socket, method: str, endpoints: list[str]) -> None:
+    for endpoint in endpoints:
+        try:
+            getattr(sock, method)(endpoint)
+        except zmq.ZMQError as e:
+            raise SocketSetupError(f"{endpoint}: {zmq.strerror(e.errno)}") from e
+
+
+def _make(
+    ctx: zmq.Context, kind: int, options: list[SocketOption], method: str, endpoints: list[str]
+) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    try:
+        _apply(sock, options)
+        _attach(sock, method, endpoints)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def make_frontend(ctx: zmq.Context, p: Policy) -> zmq.Socket:
+    """The client-facing ROUTER, options set, bound to every frontend endpoint."""
+    return _make(ctx, zmq.ROUTER, frontend_options(p), "bind", p.frontend.bind)
+
+
+def make_backend(ctx: zmq.Context, p: Policy) -> zmq.Socket:
+    """The broker-facing DEALER, options set, connected (or bound) to every endpoint."""
+    b = p.backend
+    method, endpoints = ("connect", b.connect) if b.connect else ("bind", b.bind)
+    return _make(ctx, zmq.DEALER, backend_options(p), method, endpoints)
+
+
+def check_libzmq(version: tuple[int, ...] | None = None) -> None:
+    """Refuses a libzmq older than MIN_LIBZMQ; `version` defaults to the loaded one."""
+    found = tuple(version) if version is not None else zmq.zmq_version_info()
+    if found < MIN_LIBZMQ:
+        raise SocketSetupError(
+            f"libzmq {'.'.join(map(str, found))} is older than 4.3.3, which fixes "
+            "CVE-2019-6250, CVE-2019-13132 and CVE-2020-15166; install a newer pyzmq"
+        )
+
+
+def format_check(loaded: LoadedPolicy) -> str:
+    """What `gatekeeper check` prints: the effective policy, then each side's socket options."""
+    p = loaded.policy
+    b = p.backend
+    backend_verb = "connect" if b.connect else "bind"
+    sides = [
+        (f"frontend ROUTER, bind {', '.join(p.frontend.bind)}", frontend_options(p)),
+        (f"backend DEALER, {backend_verb} {', '.join(b.connect or b.bind)}", backend_options(p)),
+    ]
+    rows = [o for _, opts in sides for o in opts]
+    name_width = max(len("option"), *(len(o.name) for o in rows))
+    value_width = max(len("value"), *(len(o.shown) for o in rows))
+    out = [
+        f"# policy {loaded.path}",
+        f"# sha256 {loaded.sha256}",
+        f"# libzmq {zmq.zmq_version()}",
+        "",
+        format_policy(p),
+    ]
+    for title, opts in sides:
+        out.append(f"socket options: {title}")
+        out.append(f"  {'option':<{name_width}}  {'value':<{value_width}}  reason")
+        out += [f"  {o.name:<{name_width}}  {o.shown:<{value_width}}  {o.reason}" for o in opts]
+        out.append("")
+    return "\n".join(out)
