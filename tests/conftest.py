@@ -89,3 +89,11 @@ def gatekeeper_factory(tmp_path, echo_broker_factory):
     yield make
     for gk in procs:
         gk.stop()
+
+
+def pytest_configure(config):
+    # CI runs the suite against the installed wheel; it must not pick up the source tree.
+    if os.environ.get("GATEKEEPER_EXPECT_INSTALLED"):
+        import gatekeeper
+
+        assert "site-packages" in gatekeeper.__file__, gatekeeper.__file__
