@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import zmq
 
 import loadgen
@@ -230,15 +231,31 @@ def run_one(kind: str, args: argparse.Namespace, ctx: zmq.Context) -> dict:
                 raise StartFailure(
                     f"it runs the {implementation} implementation, expected "
                     f"{GATEKEEPER_KINDS[kind]} (is the extension built?)")
+        proxy = psutil.Process(servers[-1].proc.pid) if kind != "direct" else None
+        cpu_before = _cpu_seconds(proxy)
         load = loadgen.throughput(
             ctx, target, connections=args.connections, depth=args.depth, size=args.size,
             warmup_s=args.warmup, seconds=args.seconds)
+        # CPU per message of the proxy process (all its threads, libzmq's I/O thread too):
+        # unlike msgs/s it does not depend on how the two cores are shared out.
+        if proxy is not None and load["received_total"]:
+            load["cpu_us_per_msg"] = (
+                1e6 * (_cpu_seconds(proxy) - cpu_before) / load["received_total"])
+        else:
+            load["cpu_us_per_msg"] = None
         single = loadgen.latency(ctx, target, requests=args.latency_requests, size=args.size)
         for s in servers:  # numbers from a run during which a server died mean nothing
             if (rc := s.exited()) is not None:
                 raise RuntimeError(f"{s.role} died during the run (code {rc}):\n{s.tail()}")
         return {"kind": kind, "load": load, "single": single,
                 "implementation": implementation}
+
+
+def _cpu_seconds(process: psutil.Process | None) -> float:
+    if process is None:
+        return 0.0
+    times = process.cpu_times()
+    return times.user + times.system
 
 
 def free_ports(n: int) -> list[int]:
@@ -269,6 +286,7 @@ def summarize(runs: list[dict]) -> dict:
         "load_p99_us": median("load", "p99_us"),
         "single_p50_us": median("single", "p50_us"),
         "single_p99_us": median("single", "p99_us"),
+        "cpu_us_per_msg": median("load", "cpu_us_per_msg"),
         "lost": sum(r[p]["lost"] for r in runs for p in ("load", "single")),
         "refused": sum(r[p]["bad"] for r in runs for p in ("load", "single")),
     }
@@ -284,6 +302,8 @@ def ratios(summary: dict) -> dict:
         "gatekeeper/proxy msgs_per_s": ratio("gatekeeper", "proxy", "msgs_per_s"),
         "gatekeeper/python msgs_per_s": ratio("gatekeeper", "python", "msgs_per_s"),
         "gatekeeper/proxy single_p50": ratio("gatekeeper", "proxy", "single_p50_us"),
+        "python/gatekeeper cpu_per_msg": ratio("python", "gatekeeper", "cpu_us_per_msg"),
+        "gatekeeper/proxy cpu_per_msg": ratio("gatekeeper", "proxy", "cpu_us_per_msg"),
     }
 
 
@@ -293,13 +313,15 @@ def print_report(summary: dict, ratio_values: dict, skipped: dict) -> None:
 
     print()
     print(f"{'kind':<11}{'msgs/s':>11}{'spread':>8}{'p50 load':>11}{'p99 load':>11}"
-          f"{'p50 1-flight':>14}{'p99 1-flight':>14}{'lost':>7}{'refused':>9}")
+          f"{'p50 1-flight':>14}{'p99 1-flight':>14}{'cpu/msg':>9}{'lost':>7}{'refused':>9}")
     for kind, s in summary.items():
         spread = "-" if s["spread"] is None else f"{100 * s['spread']:.0f}%"
         print(f"{kind:<11}{s['msgs_per_s']:>11,.0f}{spread:>8}{us(s['load_p50_us']):>11}"
               f"{us(s['load_p99_us']):>11}{us(s['single_p50_us']):>14}"
-              f"{us(s['single_p99_us']):>14}{s['lost']:>7}{s['refused']:>9}")
-    print("latencies in microseconds; msgs/s and latencies are medians over rounds;"
+              f"{us(s['single_p99_us']):>14}{us(s['cpu_us_per_msg']):>9}"
+              f"{s['lost']:>7}{s['refused']:>9}")
+    print("latencies and cpu/msg (the proxy process's CPU time per message) in microseconds;"
+          "\nmsgs/s, latencies and cpu/msg are medians over rounds;"
           " spread = (max - min) / median of msgs/s")
     for kind, reason in skipped.items():
         print(f"{kind}: skipped ({reason.splitlines()[0]})")
