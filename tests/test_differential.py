@@ -44,6 +44,7 @@ rules = st.builds(
     dry_run=st.booleans(),
     backend_full_reject=st.booleans(),
     log_per_second=st.integers(0, 3),
+    require_identity_is_key=st.booleans(),
 )
 step = st.tuples(
     st.floats(0.0, 3.0, allow_nan=False),  # time advance
@@ -51,6 +52,7 @@ step = st.tuples(
     st.lists(frame, min_size=1, max_size=6),
     st.booleans(),  # backend ready
     st.sampled_from([None, None, None, "ban", "unban", "samples"]),
+    st.one_of(st.none(), ident, st.just("same")),  # User-Id metadata; "same": = identity
 )
 
 
@@ -62,7 +64,7 @@ def replay(module, policy, steps, reload_to=None):
     engine = module.PolicyEngine(policy)
     engine.set_rules(policy, now=0.0)  # start every bucket at t=0 in both
     now, trace = 0.0, []
-    for i, (dt, identity, frames, ready, op) in enumerate(steps):
+    for i, (dt, identity, frames, ready, op, user_id) in enumerate(steps):
         now += dt
         if op == "ban":
             trace.append(("ban", engine.ban(identity)))
@@ -72,7 +74,11 @@ def replay(module, policy, steps, reload_to=None):
             trace.append(("samples", engine.take_samples()))
         if reload_to is not None and i == len(steps) // 2:
             engine.set_rules(reload_to, now=now)
-        trace.append(engine.decide(now, identity, identity[:MAX_KEY_BYTES], frames, ready))
+        if user_id == "same":
+            user_id = identity
+        trace.append(
+            engine.decide(now, identity, identity[:MAX_KEY_BYTES], frames, ready, user_id)
+        )
     return trace, observe(engine), engine.take_samples()
 
 
@@ -130,3 +136,24 @@ def test_bans_are_bounded(module):
         assert engine.ban(b"%d" % i)
     assert not engine.ban(b"one too many")
     assert engine.unban(b"7") and engine.ban(b"one too many")
+
+
+@pytest.mark.parametrize("module", [_fast, _fast_py], ids=["c", "py"])
+def test_identity_not_key_comes_before_banned(module):
+    from gatekeeper.rules import IDENTITY_NOT_KEY, REASONS
+
+    engine = module.PolicyEngine(Rules(require_identity_is_key=True,
+                                       deny_identities=frozenset({b"K"})))
+    engine.ban(b"B")
+    assert REASONS[IDENTITY_NOT_KEY - 1] == "identity_not_key"
+    # no User-Id at all, another one, a prefix of it: all refused, before `banned`
+    assert engine.decide(0.0, b"B", b"B", [b"x"]) == IDENTITY_NOT_KEY
+    assert engine.decide(0.0, b"B", b"B", [b"x"], user_id=b"A") == IDENTITY_NOT_KEY
+    assert engine.decide(0.0, b"AB", b"AB", [b"x"], user_id=b"A") == IDENTITY_NOT_KEY
+    # matching: the usual rules apply
+    assert engine.decide(0.0, b"B", b"B", [b"x"], user_id=b"B") == 1  # banned
+    assert engine.decide(0.0, b"K", b"K", [b"x"], user_id=b"K") == 2  # identity_denied
+    assert engine.decide(0.0, b"A", b"A", [b"x"], user_id=b"A") == 0
+    assert engine.violations()[IDENTITY_NOT_KEY - 1] == 3
+    engine.set_rules(Rules())
+    assert engine.decide(0.0, b"A", b"A", [b"x"], user_id=b"B") == 0  # off: not checked

@@ -63,7 +63,7 @@ cdef enum:
     C_RUN_INTERRUPTED = 2
     C_RUN_ERROR = 3
     BATCH_ = 256
-    NREASONS = 10
+    NREASONS = 11
     KEY_STRIDE = 256  # one length byte, then up to 255 key bytes
     MAX_SERVICES = 8
     # reason codes, as in rules.py
@@ -77,6 +77,7 @@ cdef enum:
     R_COMMAND_NOT_ALLOWED = 8
     R_RATE_LIMITED = 9
     R_BACKEND_UNAVAILABLE = 10
+    R_IDENTITY_NOT_KEY = 11
     KEY_IDENTITY_ = 0
     KEY_PEER_ADDRESS_ = 1
     RECLAIM_SCAN_ = 16
@@ -383,6 +384,7 @@ cdef class PolicyEngine:
     cdef Limits limits
     cdef Bucket overflow
     cdef bint rate_on, allow_active, require_delimiter, dry_run, backend_full_reject, reject
+    cdef bint require_identity_is_key
     cdef uint32_t hand
     cdef uint8_t *prefixes          # nprefixes * KEY_STRIDE
     cdef int nprefixes
@@ -440,6 +442,7 @@ cdef class PolicyEngine:
         self.backend_full_reject = rules.backend_full_reject
         self.rate_key = rules.rate_key
         self.allow_active = rules.allow_list_active
+        self.require_identity_is_key = rules.require_identity_is_key
         ki_fill(&self.deny, rules.deny_identities)
         ki_fill(&self.allow, rules.allow_identities)
         ki_fill(&self.commands, rules.allowed_commands)
@@ -543,12 +546,20 @@ cdef class PolicyEngine:
     cdef int check(self, double now, const uint8_t *identity, size_t identity_len,
                    const uint8_t *key, size_t key_len, size_t nframes, size_t largest,
                    size_t total, size_t first_len, const uint8_t *command,
-                   size_t command_len) noexcept nogil:
-        """SPEC order; see PolicyEngine.check in the twin. `command` NULL = missing."""
+                   size_t command_len, const uint8_t *user_id,
+                   size_t user_id_len) noexcept nogil:
+        """SPEC order; see PolicyEngine.check in the twin. `command` NULL = missing,
+        `user_id` NULL = the message has no User-Id."""
         cdef int i
         cdef const uint8_t *p
         cdef const Limits *limits
         cdef Bucket *b
+        # Before `banned`, as in the twin (which says why).
+        if self.require_identity_is_key and (
+            user_id == NULL or user_id_len != identity_len
+            or memcmp(user_id, identity, identity_len) != 0
+        ):
+            return R_IDENTITY_NOT_KEY
         if self.bans.count and ki_find(&self.bans, identity, identity_len) >= 0:
             return R_BANNED
         if self.deny.count and ki_find(&self.deny, identity, identity_len) >= 0:
@@ -628,7 +639,8 @@ cdef class PolicyEngine:
         else:
             self.suppressed[reason - 1] += 1
 
-    def check_message(self, double now, bytes identity, bytes key, list frames):
+    def check_message(self, double now, bytes identity, bytes key, list frames,
+                      bytes user_id=None):
         """`check` from Python, for tests; frames are the body frames."""
         cdef size_t largest = 0, total = 0
         cdef bytes f, command = None
@@ -644,14 +656,17 @@ cdef class PolicyEngine:
             len(frames[0]),
             <const uint8_t *>PyBytes_AS_STRING(command) if command is not None else NULL,
             len(command) if command is not None else 0,
+            <const uint8_t *>PyBytes_AS_STRING(user_id) if user_id is not None else NULL,
+            len(user_id) if user_id is not None else 0,
         )
 
-    def decide(self, double now, bytes identity, bytes key, frames, bint backend_ready=True):
+    def decide(self, double now, bytes identity, bytes key, frames, bint backend_ready=True,
+               bytes user_id=None):
         """The relay's whole decision for one message, without sockets; see the twin."""
         frames = list(frames)
         cdef size_t total = sum(len(f) for f in frames)
         cdef const uint8_t *k = <const uint8_t *>PyBytes_AS_STRING(key)
-        cdef int reason = self.check_message(now, identity, key, frames)
+        cdef int reason = self.check_message(now, identity, key, frames, user_id)
         cdef bint forward = reason == 0 or self.dry_run
         if reason:
             self.record(reason, k, len(key), len(frames), total)
@@ -845,6 +860,7 @@ cdef class Relay:
         cdef size_t command_len = 0
         cdef const char *prop
         cdef const char *prop_name
+        cdef const char *user_id = NULL
         cdef int max_frames = self.engine.max_frames
         # Multipart messages arrive whole, so the rest is already here: take it all, so
         # that nothing of a refused message is ever left in the socket.
@@ -879,9 +895,13 @@ cdef class Relay:
         if 0 <= self.engine.command_frame < held:
             command = <const uint8_t *>Z.msg_data(&self.msgs[1 + self.engine.command_frame])
             command_len = Z.msg_size(&self.msgs[1 + self.engine.command_frame])
+        if self.engine.require_identity_is_key:
+            user_id = Z.msg_gets(&self.msgs[1], "User-Id")
         self.engine.taken = NULL
         reason = self.engine.check(now, identity, identity_len, key, key_len, nframes, largest,
-                              total, Z.msg_size(&self.msgs[1]), command, command_len)
+                                   total, Z.msg_size(&self.msgs[1]), command, command_len,
+                                   <const uint8_t *>user_id,
+                                   strlen(user_id) if user_id != NULL else 0)
         if reason:
             self.engine.record(reason, key, key_len, nframes, total)
         if reason == 0 or self.engine.dry_run:

@@ -20,6 +20,7 @@ from .rules import (
     FRAME_TOO_LARGE,
     IDENTITY_DENIED,
     IDENTITY_NOT_ALLOWED,
+    IDENTITY_NOT_KEY,
     KEY_IDENTITY,
     KEY_PROPERTIES,
     MALFORMED_ENVELOPE,
@@ -213,10 +214,17 @@ class PolicyEngine:
         total: int,
         first: bytes,
         command: bytes | None,
+        user_id: bytes | None = None,
     ) -> int:
         """SPEC order; the first failing rule is the reason. On FORWARD with a rate limit
-        the tokens are taken, and `give_back` returns them if the send then fails."""
+        the tokens are taken, and `give_back` returns them if the send then fails.
+        `user_id` is the message's User-Id metadata, None when it has none."""
         r = self.rules
+        # Before `banned`: a spoofed routing id must not be judged as the identity it
+        # claims. Decided here, not in ZAP: libzmq's ZAP request carries the routing id of
+        # the local socket, not the peer's.
+        if r.require_identity_is_key and identity != user_id:
+            return IDENTITY_NOT_KEY
         if identity in self._bans:
             return BANNED
         if identity in r.deny_identities:
@@ -265,9 +273,11 @@ class PolicyEngine:
         key: bytes,
         frames: Sequence[bytes],
         backend_ready: bool = True,
+        user_id: bytes | None = None,
     ) -> int:
         """The relay's whole decision for one message, without sockets: returns the reason
-        recorded (0 when forwarded cleanly). `backend_ready=False` plays a full backend."""
+        recorded (0 when forwarded cleanly). `backend_ready=False` plays a full backend;
+        `user_id` plays the User-Id metadata (None: the message has none)."""
         r = self.rules
         held = frames[: r.max_frames]
         command = None
@@ -283,6 +293,7 @@ class PolicyEngine:
             sum(len(f) for f in frames),
             frames[0],
             command,
+            user_id,
         )
         forward = reason == FORWARD or r.dry_run
         if reason:
@@ -333,6 +344,17 @@ class PolicyEngine:
         suppressed = {REASONS[i]: n for i, n in enumerate(self._suppressed) if n}
         self._reset_samples()
         return samples, suppressed
+
+
+def _property(frame: zmq.Frame, name: str) -> bytes | None:
+    """A metadata property as zmq_msg_gets gives it, None when absent (e.g. over inproc,
+    which carries no metadata: pyzmq raises EINVAL there)."""
+    try:
+        value = frame.get(name)
+    except (zmq.ZMQError, UnicodeDecodeError):
+        # pyzmq decodes as UTF-8; the values libzmq and our ZAP handler set are ASCII.
+        return None
+    return value.encode("utf-8", "surrogateescape")
 
 
 class Relay:
@@ -440,9 +462,10 @@ class Relay:
         command = None
         if 0 <= rules.command_frame < len(held):
             command = held[rules.command_frame].bytes
+        user_id = _property(first, "User-Id") if rules.require_identity_is_key else None
         engine._taken = None
         reason = engine.check(
-            now, identity, key, nframes, largest, total, first.bytes, command
+            now, identity, key, nframes, largest, total, first.bytes, command, user_id
         )
         if reason:
             engine.record(reason, key, nframes, total)
@@ -465,8 +488,8 @@ class Relay:
         kind = self.engine.rules.rate_key
         if kind == KEY_IDENTITY:
             return identity
-        value = frame.get(KEY_PROPERTIES[kind].decode())
-        return value.encode() if value else b""
+        value = _property(frame, KEY_PROPERTIES[kind].decode())
+        return value if value is not None else b""
 
     def _send_backend(self, message: list[zmq.Frame], nbytes: int) -> bool:
         """Try to hand the whole message to the backend without blocking. libzmq admits a

@@ -2,72 +2,455 @@
 
 Served by the data-plane thread between two calls of the relay loop, like the control
 socket (ZeroMQ sockets are not thread-safe). A refused peer never completes the handshake,
-so no message of it is ever read.
+so no message of it is ever read. libzmq's client gives up after a refusal, except when the
+server's FIN arrives with the ERROR command: it then retries, and each attempt is refused
+and counted again.
+
+Frontend handshakes (domain `gatekeeper`) are checked in this order, the first failing
+check being the reason: `address_denied`, `address_not_allowed`,
+`connection_rate_limited` (a refused handshake takes no token), `too_many_connections`,
+`key_not_allowed`. A peer without an IP address (ipc://) passes the address checks and
+limits. `max_connections_per_address` counts TCP connections, those still in their
+handshake included, so abandoned handshakes cannot dodge it; a host that opens more at
+the same instant than its cap allows may see more of them refused than the excess.
+
+The reply's User-Id, which libzmq attaches to every message of the connection
+(zmq_msg_gets "User-Id"), is the client's CURVE public key in Z85, else its IP address.
+
+Control handshakes (domain `gatekeeper-control`, only with [control.curve]) are checked
+against control.curve.allowed_clients_dir and nothing else.
 """
 
 from __future__ import annotations
 
+import glob
 import ipaddress
+import os
+import socket
+import struct
+import time
 from typing import Any
 
 import zmq
+import zmq.auth
+from zmq.utils import z85
 
 from .log import EventLog
+from .sockets import CONTROL_ZAP_DOMAIN, ZAP_DOMAIN, SocketSetupError
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_VERSION = b"1.0"
 
+# Bounded state. Connections are keyed by file descriptor, so the table cannot outgrow the
+# process's descriptors; the cap is a second fence. Handshake-rate buckets are keyed by
+# client IP: at most this many, idle (full) ones reclaimed, the rest share one bucket.
+MAX_TRACKED_CONNECTIONS = 1 << 20
+MAX_RATE_ADDRESSES = 65536
+# Monitor events drained per call, and ZAP requests answered per call, so that neither
+# can starve the data plane; the loop calls back while either socket stays readable.
+MONITOR_BATCH = 4096
+ZAP_BATCH = 256
+# libzmq sends monitor events from its I/O thread with a blocking send: a full pipe would
+# stall that thread (never lose an event, which would skew the counts). This bounds the
+# queue at ~100k events (~10 MB) and only a flood of connections can fill it.
+MONITOR_RCVHWM = 100_000
+_MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def load_client_keys(directory: str) -> frozenset[bytes]:
+    """The Z85 public keys of the ZeroMQ certificates (`*.key`) in `directory`.
+    ValueError names a file that is not a public certificate with a 32-byte key."""
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory} is not a directory of client certificates")
+    keys = set()
+    for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*.key"))):
+        try:
+            public, _ = zmq.auth.load_certificate(path)
+            valid = len(public) == 40 and len(z85.decode(public)) == 32
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a ZeroMQ public certificate: {e}") from None
+        if not valid:
+            raise ValueError(f"{path}: public-key is not a 40-character Z85 CURVE key")
+        keys.add(public)
+    return frozenset(keys)
+
+
+def curve_client_keys(client_cert: str | None, server_key: str | None,
+                      config: str | None = None) -> tuple[bytes, bytes, bytes]:
+    """(public, secret, server public) for a CURVE client of the control socket, from the
+    client's secret certificate and the server's public one; without `server_key`, the
+    public key in the policy's control.curve.secret_key_file (if this user can read it).
+    ValueError says what is missing."""
+    if client_cert is None:
+        raise ValueError("--server-key needs --client-cert FILE (a .key_secret certificate)")
+    try:
+        public, secret = zmq.auth.load_certificate(client_cert)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--client-cert {client_cert}: {e}") from None
+    if secret is None:
+        raise ValueError(f"--client-cert {client_cert}: holds no secret-key; "
+                         "expected a .key_secret certificate")
+    if server_key is None:
+        server_key = _control_server_certificate(config)
+    try:
+        server_public, _ = zmq.auth.load_certificate(server_key)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--server-key {server_key}: {e}") from None
+    return public, secret, server_public
+
+
+def _control_server_certificate(config: str | None) -> str:
+    from .policy import PolicyError, load_policy
+
+    try:
+        curve = load_policy(config).policy.control.curve if config else None
+    except PolicyError:
+        curve = None
+    if curve is None:
+        raise ValueError("--client-cert needs --server-key FILE (the control socket's public "
+                         "certificate), or --config with [control.curve]")
+    return curve.secret_key_file
+
+
+def client_ip(text: str) -> IPAddress | None:
+    """A peer address as libzmq or getpeername gives it, normalised: an IPv4-mapped IPv6
+    address (a dual-stack listener's IPv4 client) is the IPv4 address, and an IPv6 scope
+    (fe80::1%eth0) is dropped. None for peers without an IP (ipc://)."""
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _network(cidr: str) -> IPNetwork:
+    net = ipaddress.ip_network(cidr, strict=False)
+    if net.version == 6 and net.prefixlen >= 96 and net.subnet_of(_MAPPED):
+        # ::ffff:10.0.0.0/104 is 10.0.0.0/8: peers are normalised to IPv4 the same way
+        return ipaddress.ip_network(
+            (ipaddress.IPv4Address(int(net.network_address) & 0xFFFFFFFF), net.prefixlen - 96)
+        )
+    return net
+
+
+class ConnectionTable:
+    """Live frontend TCP connections per client IP, from the frontend's socket monitor.
+
+    libzmq reports EVENT_ACCEPTED and EVENT_DISCONNECTED with the connection's descriptor
+    and emits the former before the handshake can reach ZAP, so the connection being
+    authenticated is already counted. The address is read from the descriptor when the
+    event is handled: if the connection is gone by then and its descriptor reused, the
+    address is the new holder's, whose own events pair with this one by descriptor, so the
+    counts still return to the truth. Counts of 0 are removed.
+    """
+
+    def __init__(self) -> None:
+        self.by_fd: dict[int, bytes] = {}
+        self.by_ip: dict[bytes, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_fd)
+
+    def accepted(self, fd: int, ip: IPAddress | None) -> None:
+        self.closed(fd)  # a descriptor in use is one connection: drop a stale entry
+        if ip is None or len(self.by_fd) >= MAX_TRACKED_CONNECTIONS:
+            return
+        key = ip.packed
+        self.by_fd[fd] = key
+        self.by_ip[key] = self.by_ip.get(key, 0) + 1
+
+    def closed(self, fd: int) -> None:
+        key = self.by_fd.pop(fd, None)
+        if key is None:
+            return
+        n = self.by_ip[key] - 1
+        if n:
+            self.by_ip[key] = n
+        else:
+            del self.by_ip[key]
+
+    def count(self, ip: IPAddress) -> int:
+        return self.by_ip.get(ip.packed, 0)
+
+
+class HandshakeRate:
+    """A token bucket per client IP: `rate` handshakes per second, capacity one second's
+    worth (at least 1). Buckets are kept least recently used first, so idle ones, full
+    again and carrying no information, are reclaimed from the front; with the table full
+    of active ones, new addresses share one overflow bucket, so churn buys nothing."""
+
+    def __init__(self, rate: float, now: float, max_addresses: int = MAX_RATE_ADDRESSES):
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self.max_addresses = max_addresses
+        self.buckets: dict[bytes, list[float]] = {}  # key -> [tokens, last]
+        self.overflow = [self.capacity, now]
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+    def take(self, ip: IPAddress, now: float) -> bool:
+        key = ip.packed
+        bucket = self.buckets.pop(key, None)
+        if bucket is None:
+            if len(self.buckets) >= self.max_addresses:
+                self.reclaim(now)
+            if len(self.buckets) >= self.max_addresses:
+                return self._take(self.overflow, now)
+            bucket = [self.capacity, now]
+        self.buckets[key] = bucket  # most recently used last
+        return self._take(bucket, now)
+
+    def _take(self, bucket: list[float], now: float) -> bool:
+        elapsed = now - bucket[1]
+        if elapsed > 0.0:
+            bucket[0] = min(self.capacity, bucket[0] + elapsed * self.rate)
+            bucket[1] = now
+        if bucket[0] < 1.0:
+            return False
+        bucket[0] -= 1.0
+        return True
+
+    def _full(self, bucket: list[float], now: float) -> bool:
+        return bucket[0] + max(0.0, now - bucket[1]) * self.rate >= self.capacity
+
+    def reclaim(self, now: float) -> None:
+        """Drop full buckets from the least recently used end, up to the first that is not."""
+        stale = []
+        for key, bucket in self.buckets.items():
+            if not self._full(bucket, now):
+                break
+            stale.append(key)
+        for key in stale:
+            del self.buckets[key]
+
 
 class ZapHandler:
     def __init__(self, ctx: zmq.Context, policy: Any, log: EventLog) -> None:
+        self.ctx = ctx
         self.log = log
         self.closing = False  # set while draining: no new client gets in
         self.refusals: dict[str, int] = {}
+        self.control_refusals = 0
+        self.connections = ConnectionTable()
+        self.monitor: zmq.Socket | None = None
+        self.rate: HandshakeRate | None = None
+        # Key directories are read from the policy the sockets were built with: their
+        # paths need a restart; RELOAD re-reads their contents (a client key added).
+        self._frontend_dir = (policy.frontend.curve.allowed_clients_dir
+                              if policy.frontend.curve is not None else None)
+        self._control_dir = (policy.control.curve.allowed_clients_dir
+                             if policy.control.curve is not None else None)
+        self.frontend_keys: frozenset[bytes] | None = None  # None: any key
+        self.control_keys: frozenset[bytes] = frozenset()
+        self._samples: list[dict[str, Any]] = []
+        self._window: dict[str, int] = {}
+        self._suppressed: dict[str, int] = {}
         self.socket = ctx.socket(zmq.REP)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind(ZAP_ENDPOINT)
+        try:
+            self.socket.bind(ZAP_ENDPOINT)
+            self._load_keys(initial=True)
+        except BaseException as exc:
+            self.socket.close(0)
+            if isinstance(exc, (OSError, ValueError)):
+                # policy.py checked the directories; they changed since
+                raise SocketSetupError(str(exc)) from None
+            raise
         self.service_sockets = [self.socket]
-        self.set_policy(policy)
+        self._set_access(policy)
+
+    # -- configuration -------------------------------------------------------------
 
     def set_policy(self, policy: Any) -> None:
+        """A reload: the access rules apply to the next handshake; client keys re-read."""
+        self._set_access(policy)
+        self._load_keys(initial=False)
+
+    def _set_access(self, policy: Any) -> None:
         access = policy.access
-        self.allow = [ipaddress.ip_network(c, strict=False) for c in access.allow_addresses]
-        self.deny = [ipaddress.ip_network(c, strict=False) for c in access.deny_addresses]
+        self.allow = [_network(c) for c in access.allow_addresses]
+        self.deny = [_network(c) for c in access.deny_addresses]
+        self.max_connections = access.max_connections_per_address
+        rate = access.connections_per_second_per_address
+        if not rate:
+            self.rate = None
+        elif self.rate is None or self.rate.rate != rate:
+            self.rate = HandshakeRate(rate, time.monotonic())
+        self.log_per_second = policy.violations.log_per_second
+
+    def _load_keys(self, initial: bool) -> None:
+        try:
+            frontend = (load_client_keys(self._frontend_dir)
+                        if self._frontend_dir is not None else None)
+            control = (load_client_keys(self._control_dir)
+                       if self._control_dir is not None else frozenset())
+        except (OSError, ValueError) as exc:
+            if initial:
+                raise
+            self.log.error("client_keys_not_reloaded", error=str(exc))
+            return
+        self.frontend_keys, self.control_keys = frontend, control
+        for name, directory, keys in (("frontend", self._frontend_dir, frontend),
+                                      ("control", self._control_dir, control)):
+            if directory is not None and not keys:
+                self.log.warning("no_client_keys", socket=name, directory=directory,
+                                 effect="every CURVE client is refused")
 
     def watch(self, frontend: zmq.Socket) -> None:
-        """Follow the frontend's connections (for per-address connection caps)."""
+        """Follow the frontend's connections (for per-address connection caps): its socket
+        monitor becomes a service socket of the loop."""
+        endpoint = f"inproc://gatekeeper.monitor.{id(self):x}"
+        monitor = self.ctx.socket(zmq.PAIR)
+        monitor.setsockopt(zmq.LINGER, 0)
+        monitor.setsockopt(zmq.RCVHWM, MONITOR_RCVHWM)
+        try:
+            frontend.monitor(endpoint, _MONITOR_EVENTS)
+            monitor.connect(endpoint)
+        except BaseException:
+            monitor.close(0)
+            raise
+        self.monitor = monitor
+        self.service_sockets.append(monitor)
+
+    def close(self) -> None:
+        for s in self.service_sockets:
+            s.close(0)
+
+    # -- the loop's calls ----------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        """Once a second: housekeeping."""
+        """Once a second: sampled refusal logs, reclaim idle handshake buckets."""
+        for sample in self._samples:
+            self.log.warning("violation", **sample)
+        if self._suppressed:
+            self.log.warning("violations_suppressed", stage="handshake",
+                             counts=dict(self._suppressed))
+        self._samples = []
+        self._window = {}
+        self._suppressed = {}
+        if self.rate is not None:
+            self.rate.reclaim(now)
 
     def serve_ready(self) -> None:
-        while self.socket.poll(0, zmq.POLLIN):
-            request = self.socket.recv_multipart()
-            self.socket.send_multipart(self._answer(request))
+        # Monitor events first: a connection's EVENT_ACCEPTED precedes its ZAP request.
+        self._drain_monitor()
+        for _ in range(ZAP_BATCH):
+            try:
+                request = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply = self._answer(request)
+            except Exception as exc:  # a bug here must not take the proxy down
+                self.log.error("zap_error", error=repr(exc))
+                request_id = request[1] if len(request) > 1 else b""
+                reply = [ZAP_VERSION, request_id, b"500", b"internal error", b"", b""]
+            self.socket.send_multipart(reply)
+
+    def _drain_monitor(self) -> None:
+        if self.monitor is None:
+            return
+        for _ in range(MONITOR_BATCH):
+            try:
+                event = self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(event[0]) < 6:
+                continue
+            kind, fd = struct.unpack("=HI", event[0][:6])
+            if kind == zmq.EVENT_ACCEPTED:
+                self.connections.accepted(fd, _peer_ip(fd))
+            elif kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
+                self.connections.closed(fd)
+
+    # -- decisions -----------------------------------------------------------------
 
     def _answer(self, request: list[bytes]) -> list[bytes]:
         if len(request) < 6 or request[0] != ZAP_VERSION:
             return [ZAP_VERSION, request[1] if len(request) > 1 else b"", b"500",
                     b"malformed ZAP request", b"", b""]
-        _, request_id, _domain, address, _identity, _mechanism = request[:6]
-        reason = self._refusal(address.decode("ascii", "replace"))
+        _, request_id, domain, address, _identity, mechanism = request[:6]
+        credentials = request[6:]
+        if mechanism == b"CURVE" and (len(credentials) != 1 or len(credentials[0]) != 32):
+            return [ZAP_VERSION, request_id, b"500", b"malformed CURVE credentials", b"", b""]
+        key = z85.encode(credentials[0]) if mechanism == b"CURVE" else None
+        if domain == ZAP_DOMAIN:
+            reason, user_id = self._frontend(address.decode("ascii", "replace"), mechanism, key)
+        elif domain == CONTROL_ZAP_DOMAIN:
+            reason, user_id = self._control(address.decode("ascii", "replace"), key), key
+        else:
+            reason, user_id = "unknown_zap_domain", None
         if reason is not None:
             return [ZAP_VERSION, request_id, b"400", reason.encode(), b"", b""]
-        return [ZAP_VERSION, request_id, b"200", b"OK", address, b""]
+        return [ZAP_VERSION, request_id, b"200", b"OK", user_id or b"", b""]
 
-    def _refusal(self, address: str) -> str | None:
+    def _frontend(self, address: str, mechanism: bytes,
+                  key: bytes | None) -> tuple[str | None, bytes | None]:
         if self.closing:
-            return "shutting_down"
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return None  # ipc and inproc peers have no IP address
-        if any(ip in net for net in self.deny):
-            return self._refuse("address_denied", address)
-        if self.allow and not any(ip in net for net in self.allow):
-            return self._refuse("address_not_allowed", address)
-        return None
+            return "shutting_down", None
+        ip = client_ip(address)
+        if ip is not None:
+            if any(ip in net for net in self.deny):
+                return self._refuse("address_denied", ip, key), None
+            if self.allow and not any(ip in net for net in self.allow):
+                return self._refuse("address_not_allowed", ip, key), None
+            if self.rate is not None and not self.rate.take(ip, time.monotonic()):
+                return self._refuse("connection_rate_limited", ip, key), None
+            # > not >=: this connection was counted when it was accepted
+            if self.max_connections and self.connections.count(ip) > self.max_connections:
+                return self._refuse("too_many_connections", ip, key), None
+        if mechanism == b"CURVE":
+            if self.frontend_keys is not None and key not in self.frontend_keys:
+                return self._refuse("key_not_allowed", ip, key), None
+            return None, key
+        if mechanism != b"NULL":
+            return "mechanism_not_supported", None
+        return None, (str(ip) if ip is not None else address).encode()
 
-    def _refuse(self, reason: str, address: str) -> str:
+    def _control(self, address: str, key: bytes | None) -> str | None:
+        if key is not None and key in self.control_keys:
+            return None
+        self.control_refusals += 1
+        self._sample("control_key_not_allowed", address, key)
+        return "key_not_allowed"
+
+    def _refuse(self, reason: str, ip: IPAddress | None, key: bytes | None) -> str:
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
+        self._sample(reason, str(ip) if ip is not None else "", key)
         return reason
+
+    def _sample(self, reason: str, address: str, key: bytes | None) -> None:
+        """At most log_per_second lines per reason per second; `tick` writes them."""
+        seen = self._window.get(reason, 0)
+        if seen < self.log_per_second:
+            self._window[reason] = seen + 1
+            sample: dict[str, Any] = {"reason": reason, "stage": "handshake",
+                                      "address": address}
+            if key is not None:
+                sample["client_key"] = key.decode()
+            self._samples.append(sample)
+        else:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+
+
+def _peer_ip(fd: int) -> IPAddress | None:
+    """The peer IP of a libzmq connection's descriptor, without taking it over."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None  # closed already: its EVENT_DISCONNECTED follows
+    try:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        return client_ip(sock.getpeername()[0])
+    except OSError:
+        return None
+    finally:
+        sock.detach()  # the descriptor is libzmq's: never close it here

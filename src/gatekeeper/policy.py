@@ -22,7 +22,7 @@ import msgspec
 import zmq.auth
 from msgspec import Meta, Struct, field
 
-from .rules import MAX_FRAMES_LIMIT, parse_identity
+from .rules import MAX_FRAMES_LIMIT, MAX_KEY_BYTES, MAX_KEYS_LIMIT, parse_identity
 
 # Socket options and most data-plane fields are C ints; a larger value would only fail
 # after validation, when the socket is set up.
@@ -112,7 +112,7 @@ class RateLimit(_Section, kw_only=True):
     messages_per_second: Rate = 100.0
     burst: Count = 200
     bytes_per_second: NonNegative = 0
-    max_keys: Count = 100000
+    max_keys: Annotated[int, Meta(gt=0, le=MAX_KEYS_LIMIT)] = 100000
     per_key: dict[str, PerKeyLimits] = {}
 
 
@@ -219,6 +219,8 @@ def parse_policy(text: str, path: str = "<string>") -> Policy:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise PolicyError(path, "", f"TOML syntax error: {e}") from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays and tables
+        raise PolicyError(path, "", "TOML nested too deeply") from None
     try:
         try:
             policy = msgspec.convert(raw, Policy)
@@ -227,6 +229,8 @@ def parse_policy(text: str, path: str = "<string>") -> Policy:
         return _validate(policy, os.path.dirname(os.path.abspath(path)))
     except _Invalid as e:
         raise PolicyError(path, e.key_path, e.message) from None
+    except RecursionError:
+        raise PolicyError(path, "", "TOML nested too deeply") from None
 
 
 def policy_to_dict(policy: Policy) -> dict[str, Any]:
@@ -322,12 +326,19 @@ def _check_protocol(proto: Protocol, lim: Limits) -> None:
             "protocol.allowed_commands",
             "has no effect while protocol.command_frame = -1; set command_frame or remove the list",
         )
+    for i, command in enumerate(proto.allowed_commands):
+        if len(command.encode()) > MAX_KEY_BYTES:
+            raise _Invalid(
+                f"protocol.allowed_commands[{i}]",
+                f"longer than {MAX_KEY_BYTES} bytes; allowed: 0..{MAX_KEY_BYTES} bytes of UTF-8",
+            )
 
 
 def _resolve_rate_limit(rl: RateLimit, lim: Limits) -> RateLimit:
     """Checks the byte budgets and fills each per-key exception from the section."""
     per_key = {}
     for name, pk in rl.per_key.items():
+        _check_identity(_join("rate_limit.per_key", name), name)
         per_key[name] = PerKeyLimits(
             messages_per_second=(
                 rl.messages_per_second if pk.messages_per_second is None else pk.messages_per_second
@@ -357,13 +368,7 @@ def _check_access(p: Policy) -> None:
     a = p.access
     for name in ("allow_identities", "allow_identity_prefixes", "deny_identities"):
         for i, ident in enumerate(getattr(a, name)):
-            try:
-                parse_identity(ident)
-            except ValueError:
-                raise _Invalid(
-                    f"access.{name}[{i}]",
-                    f"{ident!r} is not valid hex; allowed: text, or hex: and pairs of hex digits",
-                ) from None
+            _check_identity(f"access.{name}[{i}]", ident)
     for name in ("allow_addresses", "deny_addresses"):
         for i, cidr in enumerate(getattr(a, name)):
             try:
@@ -374,6 +379,20 @@ def _check_access(p: Policy) -> None:
         raise _Invalid(
             "access.require_identity_is_key",
             "needs [frontend.curve]: without CURVE a client has no key to match its identity",
+        )
+
+
+def _check_identity(key: str, ident: str) -> None:
+    """An identity as `parse_identity` reads it, no longer than a key slot of the data plane."""
+    try:
+        value = parse_identity(ident)
+    except ValueError:
+        raise _Invalid(
+            key, f"{ident!r} is not valid hex; allowed: text, or hex: and pairs of hex digits"
+        ) from None
+    if len(value) > MAX_KEY_BYTES:
+        raise _Invalid(
+            key, f"{len(value)} bytes long; allowed: an identity of 0..{MAX_KEY_BYTES} bytes"
         )
 
 
@@ -404,7 +423,14 @@ def _check_endpoints(p: Policy) -> None:
         )
 
 
+def _is_port(port: str) -> bool:
+    # isdigit() alone admits "²" (int() refuses it) and "٣" (libzmq refuses that).
+    return port.isascii() and port.isdigit() and int(port) <= 65535
+
+
 def _check_endpoint(key: str, ep: str, is_bind: bool) -> None:
+    if "\x00" in ep:  # libzmq would read the C string only up to it
+        raise _Invalid(key, f"{ep!r} contains a NUL character")
     scheme, sep, address = ep.partition("://")
     if not sep:
         raise _Invalid(key, f"{ep!r} is not an endpoint; expected transport://address, {_ALLOWED}")
@@ -418,7 +444,7 @@ def _check_endpoint(key: str, ep: str, is_bind: bool) -> None:
         # A connect may name a source address first: tcp://source;host:port.
         host, colon, port = address.rpartition(";")[2].rpartition(":")
         wildcard = is_bind and port == "*"
-        if not (host and colon and (wildcard or (port.isdigit() and int(port) <= 65535))):
+        if not (host and colon and (wildcard or _is_port(port))):
             raise _Invalid(
                 key, f"{ep!r}: expected tcp://host:port with a port 0..65535 (or * to bind)"
             )
@@ -444,8 +470,10 @@ def _is_loopback(host: str) -> bool:
 def _check_metrics(listen: str) -> None:
     if not listen:
         return
+    if "\x00" in listen:
+        raise _Invalid("metrics.listen", f"{listen!r} contains a NUL character")
     host, colon, port = listen.rpartition(":")
-    if not (host and colon and port.isdigit() and int(port) <= 65535):
+    if not (host and colon and _is_port(port)):
         raise _Invalid(
             "metrics.listen",
             f"{listen!r}: expected host:port with a port 0..65535 ([::1]:9105 for IPv6), "
@@ -470,6 +498,14 @@ def _resolve_curve(section: Any, key: str, base_dir: str) -> Any:
                 raise _Invalid(
                     sub_key, f"{path} is not a readable directory of client certificates"
                 )
+            # The ZAP handler loads every *.key in it: one that does not parse would
+            # otherwise only fail at startup, or silently keep a client out.
+            from .auth import load_client_keys  # auth -> sockets -> policy: import late
+
+            try:
+                load_client_keys(path)
+            except (OSError, ValueError) as e:
+                raise _Invalid(sub_key, str(e)) from None
         else:
             _check_key_file(sub_key, path, secret=f.name == "secret_key_file")
         resolved[f.name] = path
@@ -481,6 +517,8 @@ def _check_key_file(key: str, path: str, secret: bool) -> None:
         st = os.stat(path)
     except OSError as e:
         raise _Invalid(key, f"cannot read key file {path}: {e.strerror}") from None
+    except ValueError:  # os.stat refuses a NUL in the path
+        raise _Invalid(key, f"{path!r} contains a NUL character") from None
     if not stat.S_ISREG(st.st_mode):
         raise _Invalid(key, f"{path} is not a regular file")
     if secret and st.st_mode & 0o004:

@@ -22,21 +22,27 @@ REASONS: tuple[str, ...] = (
     "command_not_allowed",
     "rate_limited",
     "backend_unavailable",
+    # Not a SPEC step: with access.require_identity_is_key the data plane checks this one
+    # first (before `banned`). It is appended so that the ten codes above keep SPEC order.
+    "identity_not_key",
 )
 FORWARD = 0
 REASON_CODES: Mapping[str, int] = MappingProxyType({r: i + 1 for i, r in enumerate(REASONS)})
 BANNED, IDENTITY_DENIED, IDENTITY_NOT_ALLOWED, TOO_MANY_FRAMES, FRAME_TOO_LARGE = 1, 2, 3, 4, 5
 MESSAGE_TOO_LARGE, MALFORMED_ENVELOPE, COMMAND_NOT_ALLOWED, RATE_LIMITED = 6, 7, 8, 9
-BACKEND_UNAVAILABLE = 10
+BACKEND_UNAVAILABLE, IDENTITY_NOT_KEY = 10, 11
 
 # Refusals decided in the ZAP handler, before any message exists.
+# SPEC lists `identity_not_key` among these, but libzmq's ZAP request carries the routing
+# id of the *local* socket, not the peer's, so it cannot be decided at handshake time: the
+# data plane decides it per message (REASONS above), from the routing id and the User-Id
+# metadata the ZAP handler set. Every SPEC reason is in exactly one of the two tuples.
 HANDSHAKE_REASONS: tuple[str, ...] = (
     "address_denied",
     "address_not_allowed",
     "key_not_allowed",
     "too_many_connections",
     "connection_rate_limited",
-    "identity_not_key",
 )
 
 # Data-plane events that are not refusals of a client message.
@@ -62,6 +68,9 @@ TOP_OFFENDERS = 10
 RECLAIM_SCAN = 16
 # Runtime ban list size; BAN beyond it is refused.
 MAX_BANS = 65536
+# Rate-limit table size; policy.py refuses more. The compiled table sizes its index as a
+# power of two >= 2 * max_keys in 32 bits, and each key costs about 300 bytes.
+MAX_KEYS_LIMIT = 1 << 24
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,14 +105,22 @@ class Rules:
     dry_run: bool = False
     backend_full_reject: bool = False
     log_per_second: int = 10
+    # With CURVE: the routing id must equal the User-Id (the client key in Z85).
+    require_identity_is_key: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_frames <= MAX_FRAMES_LIMIT:
             raise ValueError(f"max_frames must be in 1..{MAX_FRAMES_LIMIT}")
-        if self.max_keys < 1:
-            raise ValueError("max_keys must be >= 1")
+        if not 1 <= self.max_keys <= MAX_KEYS_LIMIT:
+            raise ValueError(f"max_keys must be in 1..{MAX_KEYS_LIMIT}")
         if self.log_per_second < 0:
             raise ValueError("log_per_second must be >= 0")
+        # The compiled twin keeps these in key slots of MAX_KEY_BYTES; longer entries are
+        # refused here, so that both twins refuse the same rules.
+        for name in ("deny_identities", "allow_identities", "allow_identity_prefixes",
+                     "allowed_commands", "per_key"):
+            if any(len(k) > MAX_KEY_BYTES for k in getattr(self, name)):
+                raise ValueError(f"{name}: an entry is longer than {MAX_KEY_BYTES} bytes")
 
     @property
     def allow_list_active(self) -> bool:
@@ -146,6 +163,7 @@ def rules_from_policy(policy) -> Rules:
         dry_run=policy.violations.dry_run,
         backend_full_reject=policy.backpressure.on_backend_full == "reject",
         log_per_second=policy.violations.log_per_second,
+        require_identity_is_key=access.require_identity_is_key,
     )
 
 

@@ -4,7 +4,11 @@
 what runs.
 """
 
+import ctypes
+import os
+import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 import zmq.auth
@@ -13,11 +17,14 @@ from .policy import Backend, Frontend, LoadedPolicy, Policy, format_policy
 
 __all__ = [
     "MIN_LIBZMQ",
+    "CONTROL_ZAP_DOMAIN",
     "ZAP_DOMAIN",
     "SocketOption",
     "SocketSetupError",
+    "apply_options",
     "backend_options",
     "check_libzmq",
+    "control_options",
     "format_check",
     "frontend_options",
     "make_backend",
@@ -27,6 +34,9 @@ __all__ = [
 # 4.3.3 fixes CVE-2019-6250, CVE-2019-13132 and CVE-2020-15166 (and the related bugs).
 MIN_LIBZMQ = (4, 3, 3)
 ZAP_DOMAIN = b"gatekeeper"
+# The control socket's handshakes go to the same ZAP handler under a domain of their own,
+# checked against control.curve.allowed_clients_dir and nothing else.
+CONTROL_ZAP_DOMAIN = b"gatekeeper-control"
 
 
 class SocketSetupError(Exception):
@@ -85,6 +95,18 @@ def _liveness(s: Frontend | Backend, peer: str) -> list[SocketOption]:
     ]
 
 
+def _ipv6(endpoints: list[str], peer: str) -> list[SocketOption]:
+    """IPV6 = 1 when an endpoint names an IPv6 literal: libzmq refuses one otherwise.
+    Host names and `*` keep libzmq's IPv4 default, so that a name such as localhost never
+    starts resolving to ::1 where the other side listens on 127.0.0.1 only."""
+    for ep in endpoints:
+        scheme, _, address = ep.partition("://")
+        # a connect may name a source address first: tcp://source;host:port
+        if scheme == "tcp" and any(part.startswith("[") for part in address.split(";")):
+            return [_opt("IPV6", 1, f"an endpoint is an IPv6 address: {peer}s may use IPv6")]
+    return []
+
+
 def _key_pair(path: str, need_secret: bool = False) -> tuple[bytes, bytes | None]:
     # Keys are read when a socket is built: the Policy holds paths, as it is printed and diffed.
     try:
@@ -108,6 +130,7 @@ def frontend_options(p: Policy) -> list[SocketOption]:
         ),
     ]
     opts += _liveness(f, "client")
+    opts += _ipv6(f.bind, "client")
     opts += [
         _opt("BACKLOG", f.backlog, "bounds the kernel's queue of connections not yet accepted"),
         _opt("ROUTER_MANDATORY", 1, "an unroutable reply is an error to count, not a silent drop"),
@@ -142,6 +165,7 @@ def backend_options(p: Policy) -> list[SocketOption]:
         _opt("LINGER", b.linger_ms, "messages in flight get this long to leave at close (ms)")
     )
     opts += _liveness(b, "broker")
+    opts += _ipv6(b.connect or b.bind, "broker")
     opts.append(
         _opt(
             "IMMEDIATE",
@@ -168,6 +192,28 @@ def backend_options(p: Policy) -> list[SocketOption]:
             _opt("CURVE_SECRETKEY", secret, "the gatekeeper's client secret key", key_file),
         ]
     return opts
+
+
+def control_options(control: Any) -> list[SocketOption]:
+    """What the control socket needs before it binds: with [control.curve], a CURVE server
+    whose handshakes the ZAP handler checks against control.curve.allowed_clients_dir."""
+    opts = _ipv6([control.bind], "control client")
+    if control.curve is None:
+        return opts
+    _, secret = _key_pair(control.curve.secret_key_file, need_secret=True)
+    return [
+        *opts,
+        _opt("CURVE_SERVER", 1, "control clients must pass a CURVE handshake"),
+        _opt("CURVE_SECRETKEY", secret, "the control socket's server key",
+             control.curve.secret_key_file),
+        _opt("ZAP_DOMAIN", CONTROL_ZAP_DOMAIN,
+             "ZAP admits only the keys in control.curve.allowed_clients_dir"),
+    ]
+
+
+def apply_options(sock: zmq.Socket, options: list[SocketOption]) -> None:
+    """Set `options` on `sock` (before it binds); SocketSetupError names a failing one."""
+    _apply(sock, options)
 
 
 def _apply(sock: zmq.Socket, options: list[SocketOption]) -> None:
@@ -201,7 +247,27 @@ def _make(
 
 def make_frontend(ctx: zmq.Context, p: Policy) -> zmq.Socket:
     """The client-facing ROUTER, options set, bound to every frontend endpoint."""
+    _seed_routing_ids()
     return _make(ctx, zmq.ROUTER, frontend_options(p), "bind", p.frontend.bind)
+
+
+def _seed_routing_ids() -> None:
+    """Seed libc's rand() before the ROUTER draws the first id it gives anonymous peers.
+
+    libzmq 4.3.5 numbers anonymous peers from rand(), which nothing seeds: every
+    gatekeeper would hand out 00e43c9869, 00e43c986a, ... And router_t::identify_peer
+    does not check such an id against those peers chose themselves, so a peer that claims
+    the next one before an anonymous client arrives makes add_out_pipe fail an assertion:
+    libzmq aborts the process. A random seed makes the ids unguessable to a peer that has
+    not seen one; only a libzmq fix closes the hole. (libzmq calls the libc rand(), so
+    seeding it here reaches libzmq; on Windows its CRT may differ: skipped.)
+    """
+    if sys.platform == "win32":
+        return
+    try:
+        ctypes.CDLL(None).srand(ctypes.c_uint(int.from_bytes(os.urandom(4), "little")))
+    except (OSError, AttributeError):
+        pass
 
 
 def make_backend(ctx: zmq.Context, p: Policy) -> zmq.Socket:
