@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     ctl.add_argument("--config", help="policy.toml (for control.bind)")
     ctl.add_argument("--control", help="control endpoint, overriding the file")
     ctl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+    ctl.add_argument("--client-cert", metavar="FILE",
+                     help="CURVE: this client's secret certificate (for [control.curve])")
+    ctl.add_argument("--server-key", metavar="FILE",
+                     help="CURVE: the control socket's public certificate (default: the "
+                     "public key in --config's control.curve.secret_key_file, if readable)")
     ctl.add_argument("cmd", help="STATS, STATISTICS, PAUSE, RESUME, RELOAD, BAN, UNBAN, TERMINATE")
     ctl.add_argument("arg", nargs="?", help="the identity for BAN / UNBAN")
     demo = sub.add_parser("demo", help="a self-contained demonstration with live stats")
@@ -97,33 +102,75 @@ def _ctl(args: argparse.Namespace) -> int:
         if args.config is None:
             return _fail("ctl needs --config or --control", 2)
         try:
-            endpoint = load_policy(args.config).policy.control.bind
+            endpoint = _control_endpoint(args.config)
         except PolicyError as exc:
             return _fail(str(exc), 2)
     request = args.cmd if args.arg is None else f"{args.cmd} {args.arg}"
+    curve = None
+    if args.client_cert is not None or args.server_key is not None:
+        from .auth import curve_client_keys
+
+        try:
+            curve = curve_client_keys(args.client_cert, args.server_key, args.config)
+        except ValueError as exc:
+            return _fail(str(exc), 2)
     try:
-        reply = control_request(endpoint, request, args.timeout)
+        reply = control_request(endpoint, request, args.timeout, curve)
     except TimeoutError:
         return _fail(f"no reply from {endpoint} within {args.timeout} s", 1)
-    if args.cmd.upper() == "STATISTICS" and all(len(f) == 8 for f in reply) and len(reply) == 8:
+    except zmq.ZMQError as exc:
+        return _fail(f"control endpoint {endpoint}: {exc}", 2)
+    if args.cmd.upper() == "STATISTICS" and len(reply) == 8 and all(len(f) == 8 for f in reply):
         print(json.dumps([struct.unpack("=Q", f)[0] for f in reply]))
         return 0
     text = reply[0].decode("utf-8", "replace")
     print(text)
     try:
-        return 0 if json.loads(text).get("ok") else 1
+        return 0 if json.loads(text).get("ok") is True else 1
     except (ValueError, AttributeError):
         return 1
 
 
-def control_request(endpoint: str, request: str, timeout: float = 5.0) -> list[bytes]:
-    """One request on a fresh REQ socket; TimeoutError if nothing comes back in time."""
+def _control_endpoint(path: str) -> str:
+    """control.bind of the policy file. A file that fails validation still names it, so
+    that `ctl RELOAD` can show a running proxy's verdict on a bad edit."""
+    import tomllib
+
+    from .policy import Control
+
+    try:
+        return load_policy(path).policy.control.bind
+    except PolicyError as exc:
+        try:
+            with open(path, "rb") as f:
+                bind = tomllib.load(f).get("control", {}).get("bind", Control().bind)
+        except (OSError, ValueError, AttributeError):
+            raise exc from None
+        if not isinstance(bind, str):
+            raise exc from None
+        return bind
+
+
+def control_request(endpoint: str, request: str, timeout: float = 5.0,
+                    curve: tuple[bytes, bytes, bytes] | None = None) -> list[bytes]:
+    """One request on a fresh REQ socket; TimeoutError if nothing comes back in time.
+    `curve` = (public, secret, server public) makes it a CURVE client."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     try:
+        if "://[" in endpoint:
+            sock.setsockopt(zmq.IPV6, 1)
+        if curve is not None:
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = curve
+        # A client the server refused (ZAP) loses its connection for good, and a REQ with
+        # none blocks in send: bound it like the wait for the reply.
+        sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
         sock.connect(endpoint)
-        sock.send_string(request)
+        try:
+            sock.send_string(request)
+        except zmq.Again:
+            raise TimeoutError(endpoint) from None
         if not sock.poll(int(timeout * 1000)):
             raise TimeoutError(endpoint)
         return sock.recv_multipart()
@@ -138,12 +185,35 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
     import zmq.auth
 
-    os.makedirs(args.dir, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(args.dir, args.name)
-    os.chmod(secret, 0o600)
-    print(f"public key: {public}\nsecret key: {secret} (mode 0600)")
+    stem = os.path.join(args.dir, args.name)
+    files = [(stem + ".key_secret", 0o600), (stem + ".key", 0o644)]
+    try:
+        os.makedirs(args.dir, exist_ok=True)
+        for path, _ in files:
+            if os.path.lexists(path):
+                return _fail(f"{path} exists; refusing to overwrite a key "
+                             "(choose another DIR or --name)", 1)
+        # pyzmq writes with the umask's mode and chmod would come after: the secret would
+        # be world-readable for a moment. Generate in a private directory, then write each
+        # file with its mode from the start and O_EXCL, so nothing is ever overwritten.
+        with tempfile.TemporaryDirectory(dir=args.dir) as private:
+            public_tmp, secret_tmp = zmq.auth.create_certificates(private, "cert")
+            texts = [Path(secret_tmp).read_bytes(), Path(public_tmp).read_bytes()]
+        for (path, mode), text in zip(files, texts):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+            try:
+                os.fchmod(fd, mode)  # exactly this mode, whatever the umask
+                os.write(fd, text)
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        return _fail(f"keygen {args.dir}: {exc.strerror or exc}", 1)
+    print(f"public key: {files[1][0]}\nsecret key: {files[0][0]} (mode 0600)")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The control socket: a REP socket answering one-line commands with one JSON frame.
+"""The control socket: REQ clients send one-line commands and get one JSON frame back.
 
 Served by the data-plane thread between two calls of the relay loop. Nothing a client
 sends here can take the proxy down: every failure becomes an `ok: false` reply.
@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 
 from .rules import MAX_KEY_BYTES, parse_identity
+from .sockets import SocketSetupError, apply_options, control_options
 
 if TYPE_CHECKING:
     from .proxy import Gatekeeper
 
 MAX_REQUEST_BYTES = 1024
+MAX_REQUESTS_PER_CALL = 64
 
 
 class ControlError(Exception):
@@ -28,13 +31,28 @@ class ControlError(Exception):
 class ControlServer:
     def __init__(self, ctx: zmq.Context, control: Any, gatekeeper: "Gatekeeper") -> None:
         self.gatekeeper = gatekeeper
-        self.socket = ctx.socket(zmq.REP)
+        # A ROUTER serving REQ clients, not a REP: REP discards a request without the empty
+        # delimiter through router_t::rollback, which leaves the socket mid-reply when that
+        # peer has already gone (libzmq 4.3.5 resets _more_out only with a live pipe), and
+        # the reply to the next, valid request is then lost. Raw bytes on a tcp control
+        # port, read as a ZMTP 1.0 peer, were enough.
+        self.socket = ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         # A control request is one short line; libzmq cuts a peer that sends more.
         self.socket.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_REQUEST_BYTES)
         self.socket.setsockopt(zmq.RCVHWM, 16)
+        self.socket.setsockopt(zmq.SNDHWM, 16)
         self.endpoint = control.bind
-        self._bind(control.bind)
+        try:
+            # With [control.curve]: a CURVE server whose clients the ZAP handler, bound
+            # before this socket, checks against control.curve.allowed_clients_dir.
+            apply_options(self.socket, control_options(control))
+            self._bind(control.bind)
+        except BaseException as exc:
+            self.socket.close(0)  # not yet the Gatekeeper's to close; ctx.term would hang
+            if isinstance(exc, (zmq.ZMQError, OSError)):
+                raise SocketSetupError(f"control.bind {control.bind}: {exc}") from None
+            raise
         self.commands: dict[str, Callable[[str | None], dict[str, Any] | list[bytes]]] = {
             "STATS": self._stats,
             "STATISTICS": self._statistics,
@@ -50,21 +68,41 @@ class ControlServer:
         if not endpoint.startswith("ipc://"):
             self.socket.bind(endpoint)
             return
+        path = endpoint[len("ipc://"):]
+        if path.startswith("@"):
+            raise SocketSetupError(f"control.bind {endpoint}: an abstract ipc socket has no "
+                                   "file mode, so any local user could control the proxy")
+        if _listening(path):
+            # libzmq unlinks an existing socket file before binding: a second instance
+            # would silently take the control socket of a running one.
+            raise SocketSetupError(f"control.bind {endpoint}: in use by a running process")
         # The socket file is created by bind: make it owner-only from its first instant.
         old = os.umask(0o177)
         try:
             self.socket.bind(endpoint)
         finally:
             os.umask(old)
-        os.chmod(endpoint[len("ipc://"):], 0o600)
+        os.chmod(self.socket.last_endpoint.decode()[len("ipc://"):], 0o600)
 
     def serve_ready(self) -> None:
-        while self.socket.poll(0, zmq.POLLIN):
-            request = self.socket.recv_multipart()
-            self.socket.send_multipart(self.dispatch(request))
+        # Bounded, so that a flood of control requests cannot starve the data plane.
+        for _ in range(MAX_REQUESTS_PER_CALL):
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            envelope, request = _split_envelope(frames)
+            try:
+                # A ROUTER drops what it cannot route or queue: this never blocks.
+                self.socket.send_multipart(envelope + self.dispatch(request), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the requester is gone or not reading
 
-    def dispatch(self, request: list[bytes]) -> list[bytes]:
+    def dispatch(self, request: list[bytes] | None) -> list[bytes]:
         try:
+            if request is None:
+                raise ControlError("no empty delimiter frame: send from a REQ socket, or a "
+                                   "DEALER with an empty first frame")
             word, arg = parse_request(request)
             handler = self.commands.get(word)
             if handler is None:
@@ -123,6 +161,15 @@ class ControlServer:
         return {"ok": True, "terminating": True}
 
 
+def _split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes] | None]:
+    """(envelope, request): as REP reads it, the envelope runs from the routing id to the
+    first empty frame; a message without one is answered on its routing id alone."""
+    for i in range(1, len(frames)):
+        if not frames[i]:
+            return frames[: i + 1], frames[i + 1:]
+    return frames[:1], None
+
+
 def parse_request(request: list[bytes]) -> tuple[str, str | None]:
     """One UTF-8 frame: a command word and at most one argument, space-separated."""
     if len(request) != 1:
@@ -157,3 +204,13 @@ def _identity_argument(word: str, arg: str | None) -> bytes:
     if not identity or len(identity) > MAX_KEY_BYTES:
         raise ControlError(f"identity must be 1 to {MAX_KEY_BYTES} bytes")
     return identity
+
+
+def _listening(path: str) -> bool:
+    """Whether a process accepts connections on the unix socket at `path`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False  # absent, or a stale file left by a process that died
+    return True

@@ -7,10 +7,12 @@ and calls back in. Signal handlers only record the signal; the loop acts on it.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from typing import Any
 
+import msgspec
 import zmq
 
 from . import sockets
@@ -19,7 +21,8 @@ from .auth import ZapHandler
 from .control import ControlServer
 from .log import EventLog, printable_key
 from .metrics import MetricsServer
-from .policy import LoadedPolicy, PolicyError, diff_policies, load_policy
+from .policy import (LoadedPolicy, Policy, PolicyError, diff_policies, load_policy,
+                     policy_to_dict)
 from .rules import EVENTS, HANDSHAKE_REASONS, REASONS, rules_from_policy
 
 TICK_MS = 100
@@ -51,6 +54,7 @@ class Gatekeeper:
             self.frontend = sockets.make_frontend(self.ctx, policy)
             self._sockets.append(self.frontend)
             self.zap.watch(self.frontend)
+            self._sockets.extend(self.zap.service_sockets[1:])  # the frontend's monitor
             self.backend = sockets.make_backend(self.ctx, policy)
             self._sockets.append(self.backend)
             self.control = ControlServer(self.ctx, policy.control, self)
@@ -147,14 +151,19 @@ class Gatekeeper:
         old = self.loaded
         try:
             new = load_policy(old.path)
-        except PolicyError as exc:
+            changed, restart_required = diff_policies(old.policy, new.policy)
+            # What needs a restart keeps its running value, so that it is not half applied
+            # (e.g. a new linger_ms used at close) and the next reload still lists it.
+            policy = _running_values(new.policy, old.policy, restart_required)
+            rules = rules_from_policy(policy)
+        except Exception as exc:  # a SIGHUP must never take the proxy down
             self.reloads["error"] += 1
-            self.log.error("reload_failed", source=source, error=str(exc))
-            return {"ok": False, "error": str(exc)}
-        changed, restart_required = diff_policies(old.policy, new.policy)
-        self.engine.set_rules(rules_from_policy(new.policy))
-        self.zap.set_policy(new.policy)
-        self.loaded = new
+            error = str(exc) if isinstance(exc, PolicyError) else f"internal error: {exc!r}"
+            self.log.error("reload_failed", source=source, error=error)
+            return {"ok": False, "error": error}
+        self.engine.set_rules(rules)
+        self.zap.set_policy(policy)
+        self.loaded = dataclasses.replace(new, policy=policy)
         self.reloads["ok"] += 1
         self.log.info("reloaded", source=source, sha256=new.sha256, changed=changed,
                       restart_required=restart_required)
@@ -217,3 +226,20 @@ class Gatekeeper:
                              frames=nframes, bytes=nbytes, dry_run=dry_run)
         if suppressed:
             self.log.warning("violations_suppressed", counts=suppressed)
+
+
+def _running_values(new: Policy, running: Policy, keys: list[str]) -> Policy:
+    """`new` with each of `keys` (dotted paths from `diff_policies`) as in `running`."""
+    if not keys:
+        return new
+    data, old = policy_to_dict(new), policy_to_dict(running)
+    for key in keys:
+        *parents, leaf = key.split(".")
+        src, dst = old, data
+        for part in parents:
+            src, dst = src[part], dst[part]
+        if leaf in src:
+            dst[leaf] = src[leaf]
+        else:
+            dst.pop(leaf, None)
+    return msgspec.convert(data, Policy)
