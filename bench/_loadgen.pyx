@@ -20,32 +20,14 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 import zmq.backend.cython._zmq as _pyzmq_backend
 
 
-cdef extern from "_zmq_abi.h" nogil:
-    ctypedef struct gk_zmq_msg_t:
-        pass
-
-    ctypedef struct gk_zmq_pollitem_t:
-        void *socket
-        int fd
-        short events
-        short revents
-
-    ctypedef struct gk_zmq_api:
-        int (*msg_init)(gk_zmq_msg_t *) noexcept nogil
-        int (*msg_close)(gk_zmq_msg_t *) noexcept nogil
-        int (*msg_recv)(gk_zmq_msg_t *, void *, int) noexcept nogil
-        int (*msg_more)(const gk_zmq_msg_t *) noexcept nogil
-        size_t (*msg_size)(const gk_zmq_msg_t *) noexcept nogil
-        void *(*msg_data)(gk_zmq_msg_t *) noexcept nogil
-        int (*send)(void *, const void *, size_t, int) noexcept nogil
-        int (*poll)(gk_zmq_pollitem_t *, int, long) noexcept nogil
-        int (*errno_)() noexcept nogil
-
-    enum:
-        GK_ZMQ_POLLIN
-        GK_ZMQ_DONTWAIT
-
-    const char *gk_zmq_resolve(const char *path, gk_zmq_api *api)
+from gatekeeper._zmq_abi cimport (
+    GK_ZMQ_DONTWAIT,
+    GK_ZMQ_POLLIN,
+    gk_zmq_api,
+    gk_zmq_msg_t,
+    gk_zmq_pollitem_t,
+    gk_zmq_resolve,
+)
 
 
 cdef gk_zmq_api api

@@ -38,8 +38,8 @@ def _build_key() -> str:
     import Cython
 
     h = hashlib.sha256()
-    for part in (PYX.read_bytes(), (ABI_DIR / "_zmq_abi.h").read_bytes()):
-        h.update(part)
+    for path in (PYX, ABI_DIR / "_zmq_abi.h", ABI_DIR / "_zmq_abi.pxd"):
+        h.update(path.read_bytes())
     h.update(f"{Cython.__version__} {sys.version} {sysconfig.get_platform()}".encode())
     return h.hexdigest()[:16]
 
@@ -60,7 +60,8 @@ def _compile(out_dir: Path) -> None:
         extra_compile_args=["-O2"],
     )
     dist = Distribution({"name": "gatekeeper-bench-loadgen", "ext_modules": cythonize(
-        [ext], compiler_directives={"language_level": "3"}, quiet=True)})
+        [ext], compiler_directives={"language_level": "3"}, include_path=[str(ABI_DIR.parent)],
+        quiet=True)})
     cmd = dist.get_command_obj("build_ext")
     cmd.build_lib = str(out_dir)
     cmd.build_temp = str(out_dir / "obj")

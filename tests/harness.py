@@ -30,9 +30,13 @@ class EchoBroker:
         self.ctx = zmq.Context()
         self.socket = self.ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.configure(self.socket)
         (self.socket.bind if bind else self.socket.connect)(endpoint)
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
+
+    def configure(self, socket: zmq.Socket) -> None:
+        """Options to set before the broker binds or connects (for subclasses)."""
 
     def _serve(self) -> None:
         try:

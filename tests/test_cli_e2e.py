@@ -26,15 +26,20 @@ def test_forwards_and_rejects_end_to_end(gatekeeper_factory, ctx, twin):
     assert stats["violations"]["too_many_frames"] == 1 and stats["forwarded"] == 1
 
 
-def test_sigterm_with_request_in_flight_delivers_reply(gatekeeper_factory, ctx):
-    gk = gatekeeper_factory(broker=False)
+def _request_in_flight(ctx, gk, body):
+    """A broker of the test's own that holds one REQ request: (broker, req, request)."""
     broker = ctx.socket(zmq.ROUTER)
     broker.setsockopt(zmq.LINGER, 0)
     broker.bind(gk.backend)
     req = client(ctx, gk.frontend, zmq.REQ)
-    req.send(b"slow question")
+    req.send(body)
     assert broker.poll(5000)
-    request = broker.recv_multipart()
+    return broker, req, broker.recv_multipart()
+
+
+def test_sigterm_with_request_in_flight_delivers_reply(gatekeeper_factory, ctx):
+    gk = gatekeeper_factory(broker=False)
+    broker, req, request = _request_in_flight(ctx, gk, b"slow question")
     gk.signal(signal.SIGTERM)
     time.sleep(0.3)  # the gatekeeper is draining now
     assert gk.proc.poll() is None
@@ -48,12 +53,7 @@ def test_sigterm_with_request_in_flight_delivers_reply(gatekeeper_factory, ctx):
 
 def test_drain_gives_up_after_timeout(gatekeeper_factory, ctx):
     gk = gatekeeper_factory("[shutdown]\ndrain_timeout_ms = 300\n", broker=False)
-    broker = ctx.socket(zmq.ROUTER)
-    broker.setsockopt(zmq.LINGER, 0)
-    broker.bind(gk.backend)
-    req = client(ctx, gk.frontend, zmq.REQ)
-    req.send(b"never answered")
-    assert broker.poll(5000)
+    broker, _, _ = _request_in_flight(ctx, gk, b"never answered")
     started = time.monotonic()
     gk.signal(signal.SIGTERM)
     assert gk.wait(10) == 0

@@ -20,7 +20,7 @@ from gatekeeper.log import EventLog
 from gatekeeper.policy import PolicyError, parse_policy
 from gatekeeper.sockets import apply_options, control_options
 from handshake import FAILED_AUTH, SUCCEEDED, Peers
-from harness import free_port
+from harness import EchoBroker, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -171,35 +171,24 @@ def test_require_identity_is_key(gatekeeper_factory, peers, keys, twin):
 # -- backend ---------------------------------------------------------------------------
 
 
-class CurveBroker:
+class CurveBroker(EchoBroker):
     """An echo ROUTER that is a CURVE server and lets in only the keys in `allowed`."""
 
     def __init__(self, endpoint: str, secret: bytes, allowed) -> None:
-        self.ctx = zmq.Context()
+        self.secret, self.allowed = secret, allowed
+        super().__init__(endpoint)
+
+    def configure(self, socket: zmq.Socket) -> None:
         self.auth = ThreadAuthenticator(self.ctx)
         self.auth.start()
-        self.auth.configure_curve(domain="*", location=str(allowed))
-        self.socket = self.ctx.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.curve_secretkey = secret
-        self.socket.curve_publickey = zmq.curve_public(secret)
-        self.socket.curve_server = True
-        self.socket.bind(endpoint)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        try:
-            zmq.proxy(self.socket, self.socket)
-        except zmq.ContextTerminated:
-            pass
-        finally:
-            self.socket.close(0)
+        self.auth.configure_curve(domain="*", location=str(self.allowed))
+        socket.curve_secretkey = self.secret
+        socket.curve_publickey = zmq.curve_public(self.secret)
+        socket.curve_server = True
 
     def close(self) -> None:
         self.auth.stop()
-        self.ctx.term()
-        self.thread.join(5)
+        super().close()
 
 
 @pytest.fixture

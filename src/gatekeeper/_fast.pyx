@@ -18,34 +18,18 @@ from libc.string cimport memcmp, memcpy, strlen
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from .rules import KEY_IDENTITY, KEY_PEER_ADDRESS, MAX_BANS, MAX_FRAMES_LIMIT, MAX_KEY_BYTES, OFFENDER_SLOTS
-from .rules import REASONS, RECLAIM_SCAN, TOP_OFFENDERS
+from .rules import COUNTER_NAMES, REASONS, RECLAIM_SCAN, TOP_OFFENDERS
 
-cdef extern from "_zmq_abi.h" nogil:
-    ctypedef struct gk_zmq_msg_t:
-        pass
-    ctypedef struct gk_zmq_pollitem_t:
-        void *socket
-        int fd
-        short events
-        short revents
-    ctypedef struct gk_zmq_api:
-        int (*msg_init)(gk_zmq_msg_t *) noexcept nogil
-        int (*msg_close)(gk_zmq_msg_t *) noexcept nogil
-        int (*msg_recv)(gk_zmq_msg_t *, void *, int) noexcept nogil
-        int (*msg_send)(gk_zmq_msg_t *, void *, int) noexcept nogil
-        int (*msg_more)(const gk_zmq_msg_t *) noexcept nogil
-        size_t (*msg_size)(const gk_zmq_msg_t *) noexcept nogil
-        void *(*msg_data)(gk_zmq_msg_t *) noexcept nogil
-        const char *(*msg_gets)(const gk_zmq_msg_t *, const char *) noexcept nogil
-        int (*send)(void *, const void *, size_t, int) noexcept nogil
-        int (*poll)(gk_zmq_pollitem_t *, int, long) noexcept nogil
-        int (*errno_ "errno_")() noexcept nogil
-    const char *gk_zmq_resolve(const char *path, gk_zmq_api *api)
-    enum:
-        GK_ZMQ_POLLIN
-        GK_ZMQ_POLLOUT
-        GK_ZMQ_DONTWAIT
-        GK_ZMQ_SNDMORE
+from gatekeeper._zmq_abi cimport (
+    GK_ZMQ_DONTWAIT,
+    GK_ZMQ_POLLIN,
+    GK_ZMQ_POLLOUT,
+    GK_ZMQ_SNDMORE,
+    gk_zmq_api,
+    gk_zmq_msg_t,
+    gk_zmq_pollitem_t,
+    gk_zmq_resolve,
+)
 
 IMPLEMENTATION = "cython"
 
@@ -95,27 +79,12 @@ for _i, _text in enumerate(_REASON_BYTES):
     REASON_TEXT[_i] = PyBytes_AS_STRING(_text)
     REASON_LEN[_i] = PyBytes_GET_SIZE(_text)
 
-COUNTER_NAMES = (
-    "frontend_messages_in",
-    "frontend_bytes_in",
-    "frontend_messages_out",
-    "frontend_bytes_out",
-    "backend_messages_in",
-    "backend_bytes_in",
-    "backend_messages_out",
-    "backend_bytes_out",
-    "forwarded",
-    "replied",
-    "rejects_sent",
-    "reject_dropped",
-    "unroutable",
-    "reply_dropped",
-)
 cdef enum:
     FE_MSGS_IN, FE_BYTES_IN, FE_MSGS_OUT, FE_BYTES_OUT
     BE_MSGS_IN, BE_BYTES_IN, BE_MSGS_OUT, BE_BYTES_OUT
     FORWARDED, REPLIED, REJECTS_SENT, REJECT_DROPPED, UNROUTABLE, REPLY_DROPPED
     NCOUNTERS
+assert NCOUNTERS == len(COUNTER_NAMES) and COUNTER_NAMES[REPLY_DROPPED] == "reply_dropped"
 
 
 cdef inline double monotonic() noexcept nogil:

@@ -13,6 +13,7 @@ from typing import Sequence
 import zmq
 
 from .rules import (
+    COUNTER_NAMES,
     BACKEND_UNAVAILABLE,
     BANNED,
     COMMAND_NOT_ALLOWED,
@@ -46,22 +47,6 @@ BATCH = 256
 
 REJECT_MARKER = b"GATEKEEPER"
 _REASON_BYTES = tuple(r.encode() for r in REASONS)
-COUNTER_NAMES = (
-    "frontend_messages_in",
-    "frontend_bytes_in",
-    "frontend_messages_out",
-    "frontend_bytes_out",
-    "backend_messages_in",
-    "backend_bytes_in",
-    "backend_messages_out",
-    "backend_bytes_out",
-    "forwarded",
-    "replied",
-    "rejects_sent",
-    "reject_dropped",
-    "unroutable",
-    "reply_dropped",
-)
 
 
 class _Bucket:

@@ -32,8 +32,6 @@ LOG_PUMP_S = 1.0
 class Gatekeeper:
     def __init__(self, loaded: LoadedPolicy, log: EventLog | None = None) -> None:
         self.loaded = loaded
-        # Socket settings take a restart to change; RELOAD leaves these in force.
-        self.boot_policy = loaded.policy
         self.log = log or EventLog()
         self.started = time.time()
         self.reloads = {"ok": 0, "error": 0}
@@ -76,7 +74,7 @@ class Gatekeeper:
         """Run until shut down; returns the process exit code."""
         previous = {s: signal.signal(s, self._on_signal)
                     for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
-        self.log.info("started", frontend=list(self.boot_policy.frontend.bind),
+        self.log.info("started", frontend=list(self.loaded.policy.frontend.bind),
                       implementation=IMPLEMENTATION, libzmq=zmq.zmq_version(),
                       policy=self.loaded.path)
         next_pump = time.monotonic() + LOG_PUMP_S
@@ -135,7 +133,7 @@ class Gatekeeper:
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close()
-        policy = self.boot_policy
+        policy = self.loaded.policy
         lingers = {}
         if hasattr(self, "frontend"):
             lingers[self.frontend] = policy.frontend.linger_ms

@@ -48,6 +48,24 @@ HANDSHAKE_REASONS: tuple[str, ...] = (
 # Data-plane events that are not refusals of a client message.
 EVENTS: tuple[str, ...] = ("reject_dropped", "unroutable", "reply_dropped")
 
+# The relay's traffic counters, in the order the compiled data plane keeps them.
+COUNTER_NAMES = (
+    "frontend_messages_in",
+    "frontend_bytes_in",
+    "frontend_messages_out",
+    "frontend_bytes_out",
+    "backend_messages_in",
+    "backend_bytes_in",
+    "backend_messages_out",
+    "backend_bytes_out",
+    "forwarded",
+    "replied",
+    "rejects_sent",
+    "reject_dropped",
+    "unroutable",
+    "reply_dropped",
+)
+
 KEY_IDENTITY, KEY_PEER_ADDRESS, KEY_USER_ID = 0, 1, 2
 KEY_KINDS: Mapping[str, int] = MappingProxyType(
     {"identity": KEY_IDENTITY, "peer_address": KEY_PEER_ADDRESS, "user_id": KEY_USER_ID}
