@@ -61,8 +61,7 @@ def observe(engine):
 
 
 def replay(module, policy, steps, reload_to=None):
-    engine = module.PolicyEngine(policy)
-    engine.set_rules(policy, now=0.0)  # start every bucket at t=0 in both
+    engine = module.PolicyEngine(policy, now=0.0)  # every bucket starts at t=0 in both
     now, trace = 0.0, []
     for i, (dt, identity, frames, ready, op, user_id) in enumerate(steps):
         now += dt
@@ -91,8 +90,7 @@ def test_engines_agree(policy, steps, reload_to):
 
 @pytest.mark.parametrize("module", [_fast, _fast_py], ids=["c", "py"])
 def test_key_churn_stays_within_max_keys(module):
-    engine = module.PolicyEngine(Rules(rate_limit=Limits(1.0, 2.0), max_keys=1000))
-    engine.set_rules(engine.rules, now=0.0)
+    engine = module.PolicyEngine(Rules(rate_limit=Limits(1.0, 2.0), max_keys=1000), now=0.0)
     refused = 0
     for i in range(20000):
         refused += engine.decide(i * 1e-6, b"", b"churn-%d" % i, [b"x"]) != 0
@@ -104,8 +102,7 @@ def test_key_churn_stays_within_max_keys(module):
 
 @pytest.mark.parametrize("module", [_fast, _fast_py], ids=["c", "py"])
 def test_idle_buckets_are_reclaimed(module):
-    engine = module.PolicyEngine(Rules(rate_limit=Limits(10.0, 1.0), max_keys=2))
-    engine.set_rules(engine.rules, now=0.0)
+    engine = module.PolicyEngine(Rules(rate_limit=Limits(10.0, 1.0), max_keys=2), now=0.0)
     assert [engine.decide(0.0, b"", k, [b"x"]) for k in (b"a", b"b", b"c")] == [0, 0, 0]
     assert engine.decide(0.0, b"", b"d", [b"x"]) == 9  # c and d share the overflow bucket
     # a second later a and b are full again: d gets a bucket of its own

@@ -122,9 +122,11 @@ cdef inline uint64_t hash_key(const uint8_t *k, size_t n) noexcept nogil:
 
 
 cdef int ki_init(KeyIndex *ki, uint32_t max_entries, size_t payload_size) except -1:
-    cdef uint32_t cap = 8
-    while cap < 2 * max_entries:
+    cdef uint64_t cap = 8
+    while cap < 2 * <uint64_t>max_entries:
         cap <<= 1
+    if cap > (<uint64_t>1 << 31):
+        raise ValueError(f"a key table of {max_entries} entries is too large")
     ki.index = <uint32_t *>calloc(cap, sizeof(uint32_t))
     ki.mask = cap - 1
     ki.hashes = NULL
@@ -372,9 +374,9 @@ cdef class PolicyEngine:
     def __cinit__(self):
         ki_init(&self.bans, MAX_BANS, 0)
 
-    def __init__(self, rules):
+    def __init__(self, rules, now=None):
         self.rules = None
-        self.set_rules(rules)
+        self.set_rules(rules, now)
 
     def __dealloc__(self):
         ki_free(&self.bans)
@@ -437,6 +439,7 @@ cdef class PolicyEngine:
 
     cdef _reset_rate(self, rules, double now):
         cdef uint32_t slot
+        cdef int added
         ki_free(&self.overrides)
         ki_free(&self.table)
         free(self.override_limits)
@@ -457,7 +460,10 @@ cdef class PolicyEngine:
         if self.override_limits == NULL:
             raise MemoryError()
         for key, lim in per_key:
-            slot = ki_add(&self.overrides, <const uint8_t *>PyBytes_AS_STRING(key), len(key))
+            added = ki_add(&self.overrides, <const uint8_t *>PyBytes_AS_STRING(key), len(key))
+            if added < 0:
+                raise MemoryError()
+            slot = added
             self.override_limits[slot] = make_limits(lim)
             bucket_reset(<Bucket *>self.overrides.payload + slot, &self.override_limits[slot], now)
 

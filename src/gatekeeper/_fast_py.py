@@ -141,14 +141,14 @@ class PolicyEngine:
     """Per-message decisions and the state behind them: bans, buckets, violation counts,
     top offenders and log samples. Knows nothing of sockets."""
 
-    def __init__(self, rules: Rules) -> None:
+    def __init__(self, rules: Rules, now: float | None = None) -> None:
         self._bans: set[bytes] = set()
         self._violations = [0] * len(REASONS)
         self._offenders: list[list] = []  # [key, count], space-saving over OFFENDER_SLOTS
         self._table: _RateTable | None = None
         self._taken: tuple[_Bucket, int] | None = None
         self.rules = rules
-        self.set_rules(rules)
+        self.set_rules(rules, now)
         self._reset_samples()
 
     # -- configuration -------------------------------------------------------------
