@@ -1,6 +1,7 @@
 """The real CLI in a subprocess, real clients over TCP."""
 
 import signal
+import threading
 import time
 
 import pytest
@@ -78,3 +79,69 @@ def test_invalid_policy_exits_2_before_binding(gatekeeper_factory):
     gk.start(wait=False)
     assert gk.wait(15) == 2
     assert "limits.max_frames" in gk.stderr()
+
+
+class QueueBroker:
+    """A broker that is itself a ROUTER/DEALER queue (zmq.proxy) with REP workers behind
+    it; each worker records the frames it receives and answers b"re:" + the request."""
+
+    def __init__(self, frontend: str, workers: int = 2) -> None:
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.bind(frontend)
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.bind("inproc://workers")
+        self.seen: list[list[bytes]] = []
+        self.threads = [threading.Thread(target=self._queue, daemon=True)]
+        self.threads += [threading.Thread(target=self._work, daemon=True) for _ in range(workers)]
+        for t in self.threads:
+            t.start()
+
+    def _queue(self) -> None:
+        try:
+            zmq.proxy(self.router, self.dealer)
+        except zmq.ContextTerminated:
+            self.router.close(0)
+            self.dealer.close(0)
+
+    def _work(self) -> None:
+        rep = self.ctx.socket(zmq.REP)
+        rep.connect("inproc://workers")
+        try:
+            while True:
+                frames = rep.recv_multipart()
+                self.seen.append(frames)
+                rep.send_multipart([b"re:" + f for f in frames])
+        except zmq.ContextTerminated:
+            rep.close(0)
+
+    def close(self) -> None:
+        self.ctx.term()
+
+
+@pytest.mark.parametrize("twin", [False, True], ids=["c", "py"])
+def test_req_rep_transparent_through_a_queue_broker(gatekeeper_factory, ctx, twin):
+    gk = gatekeeper_factory(broker=False, python_twin=twin)
+    broker = QueueBroker(gk.backend)
+    try:
+        req = client(ctx, gk.frontend, zmq.REQ)
+        for body in ([b"one"], [b"two", b"parts"], [b"", b"empty first"]):
+            req.send_multipart(body)
+            assert req.recv_multipart() == [b"re:" + f for f in body]
+            # the REP worker sees exactly what the REQ client sent, as without us
+            assert broker.seen[-1] == body
+    finally:
+        broker.close()
+
+
+def test_second_sigint_forces_exit(gatekeeper_factory, ctx):
+    gk = gatekeeper_factory("[shutdown]\ndrain_timeout_ms = 60000\n", broker=False)
+    broker, _, _ = _request_in_flight(ctx, gk, b"never answered")
+    gk.signal(signal.SIGINT)
+    time.sleep(0.3)
+    assert gk.proc.poll() is None  # draining, for up to a minute
+    started = time.monotonic()
+    gk.signal(signal.SIGINT)
+    assert gk.wait(10) == 1
+    assert time.monotonic() - started < 5
+    broker.close(0)

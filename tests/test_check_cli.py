@@ -1,0 +1,77 @@
+"""`gatekeeper check`: output and exit codes through the real CLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gatekeeper.policy import load_policy
+from gatekeeper.sockets import backend_options, frontend_options
+from harness import merge_sections
+
+pytestmark = pytest.mark.timeout(60)
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "policy.toml"
+MINIMAL = '[frontend]\nbind = ["tcp://127.0.0.1:5555"]\n[backend]\nconnect = ["tcp://127.0.0.1:6000"]\n'
+
+
+def check(path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gatekeeper", "check", "--config", str(path)],
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.skipif(not EXAMPLE.exists(), reason="examples/ is not shipped with the wheel")
+def test_example_policy_is_valid_and_every_option_is_explained():
+    out = check(EXAMPLE)
+    assert out.returncode == 0, out.stderr
+    policy = load_policy(EXAMPLE).policy
+    front, back = out.stdout.split("socket options: backend")
+    for text, options in ((front, frontend_options(policy)), (back, backend_options(policy))):
+        for option in options:
+            line = next(l for l in text.splitlines() if l.strip().startswith(option.name + " "))
+            assert option.reason in line and option.shown in line
+    assert "[rate_limit]" in out.stdout and "ROUTER_MANDATORY" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "extra,key_path",
+    [
+        ("[limits]\nmax_frames = \"eight\"\n", "limits.max_frames"),          # type
+        ("[rate_limit]\nburst = 0\n", "rate_limit.burst"),                     # constraint
+        ("[limits]\nmax_frame_bytes = 10\nmax_message_bytes = 5\n", "limits.max_frame_bytes"),
+        ("[frontend]\nsndhmw = 5\n", "frontend.sndhmw"),                       # unknown key
+        ("[limitz]\nmax_frames = 1\n", "limitz"),                              # unknown section
+        ("[violations]\naction = \"ignore\"\n", "violations.action"),          # enum
+        ("[access]\ndeny_addresses = [\"10.0.0.300/8\"]\n", "access.deny_addresses"),
+    ],
+)
+def test_invalid_policy_exits_2_naming_file_and_key(tmp_path, extra, key_path):
+    path = tmp_path / "policy.toml"
+    path.write_text(merge_sections(MINIMAL + extra))
+    out = check(path)
+    assert out.returncode == 2
+    assert str(path) in out.stderr and key_path in out.stderr
+    assert out.stdout == ""
+
+
+def test_bad_endpoint_scheme_is_refused(tmp_path):
+    path = tmp_path / "policy.toml"
+    path.write_text(MINIMAL.replace("tcp://127.0.0.1:5555", "udp://127.0.0.1:5555"))
+    out = check(path)
+    assert out.returncode == 2 and "frontend.bind" in out.stderr and "udp" in out.stderr
+
+
+def test_missing_file_and_bad_toml_exit_2(tmp_path):
+    missing = check(tmp_path / "nope.toml")
+    assert missing.returncode == 2 and "nope.toml" in missing.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[frontend\nbind = 1\n")
+    out = check(bad)
+    assert out.returncode == 2 and "TOML" in out.stderr
+
+
+def test_usage_error_exits_2():
+    out = subprocess.run([sys.executable, "-m", "gatekeeper", "check"], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 2 and "--config" in out.stderr
