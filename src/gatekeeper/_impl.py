@@ -31,7 +31,6 @@ else:
 IMPLEMENTATION: str = impl.IMPLEMENTATION
 PolicyEngine = impl.PolicyEngine
 Relay = impl.Relay
-COUNTER_NAMES = impl.COUNTER_NAMES
 RUN_TICK, RUN_SERVICE, RUN_INTERRUPTED = impl.RUN_TICK, impl.RUN_SERVICE, impl.RUN_INTERRUPTED
 
-__all__ = ["IMPLEMENTATION", "PolicyEngine", "Relay", "COUNTER_NAMES", "NO_EXTENSIONS"]
+__all__ = ["IMPLEMENTATION", "PolicyEngine", "Relay", "RUN_TICK", "RUN_SERVICE", "RUN_INTERRUPTED"]
