@@ -144,16 +144,18 @@ def test_concurrent_connections_per_address(gatekeeper_factory, peers):
     # one leaves: a newcomer gets its place (once the gatekeeper has seen it go)
     first.sock.close(0)
 
-    def newcomer_served():
-        peer = peers.connect(here)
-        if peer.verdict() == SUCCEEDED and peer.request(REPLY) == REPLY:
-            return True
-        peer.close()
-        return False
-
-    assert wait_for(newcomer_served, timeout=10, interval=0.1)
+    assert wait_for(lambda: _served(peers, here), timeout=10, interval=0.1)
     fourth = peers.connect(here)  # two again: full
     assert fourth.verdict() == FAILED_AUTH
+
+
+def _served(peers, address) -> bool:
+    """A fresh connection from `address` completes its handshake and gets a reply."""
+    peer = peers.connect(address)
+    if peer.verdict() == SUCCEEDED and peer.request(REPLY) == REPLY:
+        return True
+    peer.close()
+    return False
 
 
 def test_refused_and_abandoned_handshakes_free_their_place(gatekeeper_factory, peers):
@@ -171,14 +173,7 @@ def test_refused_and_abandoned_handshakes_free_their_place(gatekeeper_factory, p
             s.close()
 
     # ...and give it back when they go, as do refused ones: the count returns to zero
-    def served():
-        peer = peers.connect(here)
-        if peer.verdict() == SUCCEEDED and peer.request(REPLY) == REPLY:
-            return True
-        peer.close()
-        return False
-
-    assert wait_for(served, timeout=10, interval=0.1)
+    assert wait_for(lambda: _served(peers, here), timeout=10, interval=0.1)
 
 
 def test_new_connections_per_second_per_address(gatekeeper_factory, peers):
