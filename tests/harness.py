@@ -109,7 +109,7 @@ class GatekeeperProcess:
         raise RuntimeError(f"gatekeeper not ready: {self.stderr()}")
 
     def ctl_raw(self, request: str, timeout: float = 5.0) -> list[bytes]:
-        from gatekeeper.cli import control_request
+        from gatekeeper.control import control_request
 
         return control_request(self.control, request, timeout)
 

@@ -15,7 +15,8 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from gatekeeper import cli
-from gatekeeper.auth import ZapHandler, load_client_keys
+from gatekeeper.auth import ZapHandler
+from gatekeeper.keys import load_client_keys
 from gatekeeper.log import EventLog
 from gatekeeper.policy import PolicyError, parse_policy
 from gatekeeper.sockets import apply_options, control_options
@@ -301,7 +302,7 @@ def test_control_options_and_default_server_key(keys, tmp_path):
         SOCKETS
         + '[control]\nbind = "tcp://[::1]:7000"\n').control)[0].name == "IPV6"
     # ctl finds the server key in the policy file when it may read it
-    from gatekeeper.auth import curve_client_keys
+    from gatekeeper.control import curve_client_keys
 
     path = tmp_path / "p.toml"
     path.write_text(

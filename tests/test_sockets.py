@@ -8,9 +8,9 @@ import zmq
 import zmq.auth
 from zmq.backend.cython import _zmq
 
+from gatekeeper.keys import ZAP_DOMAIN
 from gatekeeper.policy import load_policy, parse_policy
 from gatekeeper.sockets import (
-    ZAP_DOMAIN,
     SocketSetupError,
     backend_options,
     check_libzmq,

@@ -23,20 +23,18 @@ against control.curve.allowed_clients_dir and nothing else.
 
 from __future__ import annotations
 
-import glob
 import ipaddress
-import os
 import socket
 import struct
 import time
 from typing import Any
 
 import zmq
-import zmq.auth
 from zmq.utils import z85
 
+from .keys import CONTROL_ZAP_DOMAIN, ZAP_DOMAIN, load_client_keys
 from .log import EventLog
-from .sockets import CONTROL_ZAP_DOMAIN, ZAP_DOMAIN, SocketSetupError
+from .sockets import SocketSetupError
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_VERSION = b"1.0"
@@ -59,61 +57,6 @@ _MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _MAPPED = ipaddress.ip_network("::ffff:0:0/96")
-
-
-def load_client_keys(directory: str) -> frozenset[bytes]:
-    """The Z85 public keys of the ZeroMQ certificates (`*.key`) in `directory`.
-    ValueError names a file that is not a public certificate with a 32-byte key."""
-    if not os.path.isdir(directory):
-        raise ValueError(f"{directory} is not a directory of client certificates")
-    keys = set()
-    for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*.key"))):
-        try:
-            public, _ = zmq.auth.load_certificate(path)
-            valid = len(public) == 40 and len(z85.decode(public)) == 32
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a ZeroMQ public certificate: {e}") from None
-        if not valid:
-            raise ValueError(f"{path}: public-key is not a 40-character Z85 CURVE key")
-        keys.add(public)
-    return frozenset(keys)
-
-
-def curve_client_keys(client_cert: str | None, server_key: str | None,
-                      config: str | None = None) -> tuple[bytes, bytes, bytes]:
-    """(public, secret, server public) for a CURVE client of the control socket, from the
-    client's secret certificate and the server's public one; without `server_key`, the
-    public key in the policy's control.curve.secret_key_file (if this user can read it).
-    ValueError says what is missing."""
-    if client_cert is None:
-        raise ValueError("--server-key needs --client-cert FILE (a .key_secret certificate)")
-    try:
-        public, secret = zmq.auth.load_certificate(client_cert)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--client-cert {client_cert}: {e}") from None
-    if secret is None:
-        raise ValueError(f"--client-cert {client_cert}: holds no secret-key; "
-                         "expected a .key_secret certificate")
-    if server_key is None:
-        server_key = _control_server_certificate(config)
-    try:
-        server_public, _ = zmq.auth.load_certificate(server_key)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--server-key {server_key}: {e}") from None
-    return public, secret, server_public
-
-
-def _control_server_certificate(config: str | None) -> str:
-    from .policy import PolicyError, load_policy
-
-    try:
-        curve = load_policy(config).policy.control.curve if config else None
-    except PolicyError:
-        curve = None
-    if curve is None:
-        raise ValueError("--client-cert needs --server-key FILE (the control socket's public "
-                         "certificate), or --config with [control.curve]")
-    return curve.secret_key_file
 
 
 def client_ip(text: str) -> IPAddress | None:

@@ -13,6 +13,7 @@ import sys
 
 import zmq
 
+from .control import control_request, curve_client_keys
 from .log import EventLog
 from .policy import PolicyError, load_policy
 
@@ -108,8 +109,6 @@ def _ctl(args: argparse.Namespace) -> int:
     request = args.cmd if args.arg is None else f"{args.cmd} {args.arg}"
     curve = None
     if args.client_cert is not None or args.server_key is not None:
-        from .auth import curve_client_keys
-
         try:
             curve = curve_client_keys(args.client_cert, args.server_key, args.config)
         except ValueError as exc:
@@ -149,33 +148,6 @@ def _control_endpoint(path: str) -> str:
         if not isinstance(bind, str):
             raise exc from None
         return bind
-
-
-def control_request(endpoint: str, request: str, timeout: float = 5.0,
-                    curve: tuple[bytes, bytes, bytes] | None = None) -> list[bytes]:
-    """One request on a fresh REQ socket; TimeoutError if nothing comes back in time.
-    `curve` = (public, secret, server public) makes it a CURVE client."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        if "://[" in endpoint:
-            sock.setsockopt(zmq.IPV6, 1)
-        if curve is not None:
-            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = curve
-        # A client the server refused (ZAP) loses its connection for good, and a REQ with
-        # none blocks in send: bound it like the wait for the reply.
-        sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
-        sock.connect(endpoint)
-        try:
-            sock.send_string(request)
-        except zmq.Again:
-            raise TimeoutError(endpoint) from None
-        if not sock.poll(int(timeout * 1000)):
-            raise TimeoutError(endpoint)
-        return sock.recv_multipart()
-    finally:
-        sock.close(0)
 
 
 def _demo(args: argparse.Namespace) -> int:

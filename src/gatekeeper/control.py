@@ -1,7 +1,8 @@
-"""The control socket: REQ clients send one-line commands and get one JSON frame back.
+"""The control protocol: REQ clients send one-line commands and get one JSON frame back.
 
-Served by the data-plane thread between two calls of the relay loop. Nothing a client
-sends here can take the proxy down: every failure becomes an `ok: false` reply.
+The server side is served by the data-plane thread between two calls of the relay loop.
+Nothing a client sends there can take the proxy down: every failure becomes an `ok: false`
+reply. The client side (`control_request`) is what `gatekeeper ctl`, `top` and the demo use.
 """
 
 from __future__ import annotations
@@ -10,15 +11,15 @@ import json
 import os
 import socket
 import struct
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import zmq
 
+from .keys import load_key_pair
+from .log import EventLog
+from .policy import PolicyError, load_policy
 from .rules import MAX_KEY_BYTES, parse_identity
 from .sockets import SocketSetupError, apply_options, control_options
-
-if TYPE_CHECKING:
-    from .proxy import Gatekeeper
 
 MAX_REQUEST_BYTES = 1024
 MAX_REQUESTS_PER_CALL = 64
@@ -28,8 +29,27 @@ class ControlError(Exception):
     """A request that cannot be served; its text goes back as the error."""
 
 
+class BanList(Protocol):
+    def ban(self, identity: bytes) -> bool: ...
+    def unban(self, identity: bytes) -> bool: ...
+
+
+class Operated(Protocol):
+    """What the control socket operates: the running gatekeeper."""
+
+    log: EventLog
+    engine: BanList
+
+    def stats(self) -> dict[str, Any]: ...
+    def statistics(self) -> list[int]: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def reload(self, source: str) -> dict[str, Any]: ...
+    def shutdown(self, source: str) -> None: ...
+
+
 class ControlServer:
-    def __init__(self, ctx: zmq.Context, control: Any, gatekeeper: "Gatekeeper") -> None:
+    def __init__(self, ctx: zmq.Context, control: Any, gatekeeper: Operated) -> None:
         self.gatekeeper = gatekeeper
         # A ROUTER serving REQ clients, not a REP: REP discards a request without the empty
         # delimiter through router_t::rollback, which leaves the socket mid-reply when that
@@ -214,3 +234,67 @@ def _listening(path: str) -> bool:
         except OSError:
             return False  # absent, or a stale file left by a process that died
     return True
+
+
+# -- the client side ---------------------------------------------------------------
+
+def control_request(endpoint: str, request: str, timeout: float = 5.0,
+                    curve: tuple[bytes, bytes, bytes] | None = None) -> list[bytes]:
+    """One request on a fresh REQ socket; TimeoutError if nothing comes back in time.
+    `curve` = (public, secret, server public) makes it a CURVE client."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        if "://[" in endpoint:
+            sock.setsockopt(zmq.IPV6, 1)
+        if curve is not None:
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = curve
+        # A client the server refused (ZAP) loses its connection for good, and a REQ with
+        # none blocks in send: bound it like the wait for the reply.
+        sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
+        sock.connect(endpoint)
+        try:
+            sock.send_string(request)
+        except zmq.Again:
+            raise TimeoutError(endpoint) from None
+        if not sock.poll(int(timeout * 1000)):
+            raise TimeoutError(endpoint)
+        return sock.recv_multipart()
+    finally:
+        sock.close(0)
+
+
+def curve_client_keys(client_cert: str | None, server_key: str | None,
+                      config: str | None = None) -> tuple[bytes, bytes, bytes]:
+    """(public, secret, server public) for a CURVE client of the control socket, from the
+    client's secret certificate and the server's public one; without `server_key`, the
+    public key in the policy's control.curve.secret_key_file (if this user can read it).
+    ValueError says what is missing."""
+    if client_cert is None:
+        raise ValueError("--server-key needs --client-cert FILE (a .key_secret certificate)")
+    try:
+        public, secret = load_key_pair(client_cert)
+    except ValueError as e:
+        raise ValueError(f"--client-cert {e}") from None
+    if secret is None:
+        raise ValueError(f"--client-cert {client_cert}: holds no secret-key; "
+                         "expected a .key_secret certificate")
+    if server_key is None:
+        server_key = _control_server_certificate(config)
+    try:
+        server_public, _ = load_key_pair(server_key)
+    except ValueError as e:
+        raise ValueError(f"--server-key {e}") from None
+    return public, secret, server_public
+
+
+def _control_server_certificate(config: str | None) -> str:
+    try:
+        curve = load_policy(config).policy.control.curve if config else None
+    except PolicyError:
+        curve = None
+    if curve is None:
+        raise ValueError("--client-cert needs --server-key FILE (the control socket's public "
+                         "certificate), or --config with [control.curve]")
+    return curve.secret_key_file

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import zmq
 
-from .cli import control_request
+from .control import control_request
 
 SAMPLE_POLICY = """\
 [frontend]

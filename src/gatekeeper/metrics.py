@@ -5,7 +5,7 @@ Nothing is counted per message in Python; a scrape copies a few C integers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Protocol
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -13,12 +13,30 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from .rules import EVENTS
 from .sockets import SocketSetupError
 
-if TYPE_CHECKING:
-    from .proxy import Gatekeeper
+
+class _Relay(Protocol):
+    paused: bool
+
+    def counters(self) -> dict[str, int]: ...
+
+
+class _Engine(Protocol):
+    @property
+    def tracked_keys(self) -> int: ...
+
+
+class Observed(Protocol):
+    """What the collector reads: the running gatekeeper."""
+
+    relay: _Relay
+    engine: _Engine
+    reloads: dict[str, int]
+
+    def violations(self) -> dict[str, int]: ...
 
 
 class GatekeeperCollector:
-    def __init__(self, gatekeeper: "Gatekeeper") -> None:
+    def __init__(self, gatekeeper: Observed) -> None:
         self.gatekeeper = gatekeeper
 
     def collect(self) -> Iterator[Metric]:
@@ -61,7 +79,7 @@ class GatekeeperCollector:
 class MetricsServer:
     """The HTTP endpoint, in prometheus_client's own thread; `listen = ""` disables it."""
 
-    def __init__(self, gatekeeper: "Gatekeeper", listen: str) -> None:
+    def __init__(self, gatekeeper: Observed, listen: str) -> None:
         self.server = None
         if not listen:
             return

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgspec
-import zmq.auth
 from msgspec import Meta, Struct, field
 
+from .keys import load_client_keys, load_key_pair
 from .rules import MAX_FRAMES_LIMIT, MAX_KEY_BYTES, MAX_KEYS_LIMIT, parse_identity
 
 # Socket options and most data-plane fields are C ints; a larger value would only fail
@@ -500,8 +500,6 @@ def _resolve_curve(section: Any, key: str, base_dir: str) -> Any:
                 )
             # The ZAP handler loads every *.key in it: one that does not parse would
             # otherwise only fail at startup, or silently keep a client out.
-            from .auth import load_client_keys  # auth -> sockets -> policy: import late
-
             try:
                 load_client_keys(path)
             except (OSError, ValueError) as e:
@@ -524,9 +522,9 @@ def _check_key_file(key: str, path: str, secret: bool) -> None:
     if secret and st.st_mode & 0o004:
         raise _Invalid(key, f"{path} is world-readable; a secret key file must not be (chmod o-r)")
     try:
-        _, secret_key = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as e:
-        raise _Invalid(key, f"cannot load ZeroMQ certificate {path}: {e}") from None
+        _, secret_key = load_key_pair(path)
+    except ValueError as e:
+        raise _Invalid(key, f"cannot load ZeroMQ certificate {e}") from None
     if secret and secret_key is None:
         raise _Invalid(key, f"{path} holds no secret-key; expected a .key_secret certificate")
 

@@ -11,14 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
-import zmq.auth
 
+from .keys import CONTROL_ZAP_DOMAIN, ZAP_DOMAIN, load_key_pair
 from .policy import Backend, Frontend, LoadedPolicy, Policy, format_policy
 
 __all__ = [
     "MIN_LIBZMQ",
-    "CONTROL_ZAP_DOMAIN",
-    "ZAP_DOMAIN",
     "SocketOption",
     "SocketSetupError",
     "apply_options",
@@ -33,10 +31,6 @@ __all__ = [
 
 # 4.3.3 fixes CVE-2019-6250, CVE-2019-13132 and CVE-2020-15166 (and the related bugs).
 MIN_LIBZMQ = (4, 3, 3)
-ZAP_DOMAIN = b"gatekeeper"
-# The control socket's handshakes go to the same ZAP handler under a domain of their own,
-# checked against control.curve.allowed_clients_dir and nothing else.
-CONTROL_ZAP_DOMAIN = b"gatekeeper-control"
 
 
 class SocketSetupError(Exception):
@@ -110,12 +104,9 @@ def _ipv6(endpoints: list[str], peer: str) -> list[SocketOption]:
 def _key_pair(path: str, need_secret: bool = False) -> tuple[bytes, bytes | None]:
     # Keys are read when a socket is built: the Policy holds paths, as it is printed and diffed.
     try:
-        public, secret = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as e:
-        raise SocketSetupError(f"{path}: {e}") from e
-    if need_secret and secret is None:
-        raise SocketSetupError(f"{path}: the certificate holds no secret-key")
-    return public, secret
+        return load_key_pair(path, need_secret)
+    except ValueError as e:
+        raise SocketSetupError(str(e)) from None
 
 
 def frontend_options(p: Policy) -> list[SocketOption]:
