@@ -242,3 +242,45 @@ def test_service_socket_wakes_the_loop(impl, ctx, endpoint_factory):
         assert relay.run(2000) == impl.RUN_SERVICE
     finally:
         rig.close()
+
+
+def _dry_run_cases():
+    cases = [(reason, dataclasses.replace(rules, dry_run=True), body)
+             for reason, rules, body in _refusal_cases()]
+    cases += [
+        ("too_many_frames", Rules(max_frames=2, dry_run=True), [b"", b"a", b"b", b"c"]),
+        # more frames than the data plane ever holds for checking
+        ("too_many_frames", Rules(max_frames=2, dry_run=True), [b"f%d" % i for i in range(3000)]),
+        ("rate_limited", Rules(rate_limit=Limits(0.001, 1.0), dry_run=True), [b"", b"x"]),
+        ("identity_not_key", Rules(require_identity_is_key=True, dry_run=True), [b"", b"x"]),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("reason,rules,body", _dry_run_cases())
+def test_dry_run_forwards_every_refusal_whole(rig_factory, reason, rules, body):
+    """What would be refused is counted, and the broker still sees exactly what the
+    client sent, and the client exactly what the broker answered."""
+    rig = rig_factory(rules)
+    client = rig.client(b"bob")
+    if reason == "rate_limited":  # the first message takes the only token
+        rig.wait_connected(client, b"bob")
+    before = rig.relay.counters()
+    client.send_multipart(body)
+    got = rig.recv(rig.broker)
+    assert got[1:] == [b"bob", *body]
+    rig.broker.send_multipart(got)
+    assert rig.recv(client) == body
+    c = rig.relay.counters()
+    assert c["forwarded"] - before["forwarded"] == 1
+    assert c["backend_bytes_out"] - before["backend_bytes_out"] == len(b"bob") + sum(map(len, body))
+    assert rig.violations() == {reason: 1}
+
+
+def test_dry_run_forwards_long_then_short_messages_whole(rig_factory):
+    rig = rig_factory(Rules(max_frames=2, dry_run=True))
+    client = rig.client(b"bob")
+    for n in (5000, 3, 2000):
+        body = [b"%d" % i for i in range(n)]
+        client.send_multipart(body)
+        assert rig.recv(rig.broker)[2:] == body

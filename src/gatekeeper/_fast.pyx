@@ -66,9 +66,11 @@ cdef enum:
     KEY_PEER_ADDRESS_ = 1
     RECLAIM_SCAN_ = 16
     MAX_KEY = 255
+    FRAME_SLOTS = 1025  # the routing id and MAX_FRAMES_LIMIT body frames
 
 BATCH = BATCH_
 assert NREASONS == len(REASONS) and KEY_STRIDE == MAX_KEY_BYTES + 1
+assert FRAME_SLOTS == MAX_FRAMES_LIMIT + 1
 assert OFFENDER_SLOTS == 32 and RECLAIM_SCAN == RECLAIM_SCAN_ and KEY_IDENTITY == KEY_IDENTITY_
 
 REJECT_MARKER = b"GATEKEEPER"
@@ -709,7 +711,8 @@ cdef class Relay:
     cdef void *be
     cdef gk_zmq_pollitem_t items[2 + MAX_SERVICES]
     cdef int nservices
-    cdef gk_zmq_msg_t *msgs         # routing id, then up to MAX_FRAMES_LIMIT body frames
+    cdef gk_zmq_msg_t *msgs         # routing id, then the body frames held (see hold_frame)
+    cdef int nmsgs                  # slots in msgs: FRAME_SLOTS, more only in dry run
     cdef gk_zmq_msg_t scratch       # frames past max_frames, and replies
     cdef int npending               # frames of a message waiting for backend room
     cdef size_t pending_bytes
@@ -719,10 +722,11 @@ cdef class Relay:
     cdef int error
 
     def __cinit__(self):
-        self.msgs = <gk_zmq_msg_t *>malloc((MAX_FRAMES_LIMIT + 1) * sizeof(gk_zmq_msg_t))
+        self.msgs = <gk_zmq_msg_t *>malloc(FRAME_SLOTS * sizeof(gk_zmq_msg_t))
         if self.msgs == NULL:
             raise MemoryError()
-        for i in range(MAX_FRAMES_LIMIT + 1):
+        self.nmsgs = FRAME_SLOTS
+        for i in range(self.nmsgs):
             Z.msg_init(&self.msgs[i])
         Z.msg_init(&self.scratch)
 
@@ -744,7 +748,7 @@ cdef class Relay:
 
     def __dealloc__(self):
         if self.msgs != NULL:
-            for i in range(MAX_FRAMES_LIMIT + 1):
+            for i in range(self.nmsgs):
                 Z.msg_close(&self.msgs[i])
             free(self.msgs)
         Z.msg_close(&self.scratch)
@@ -836,14 +840,17 @@ cdef class Relay:
         cdef const char *prop
         cdef const char *prop_name
         cdef const char *user_id = NULL
-        cdef int max_frames = self.engine.max_frames
+        cdef bint dry_run = self.engine.dry_run
+        cdef bint whole = True
         # Multipart messages arrive whole, so the rest is already here: take it all, so
-        # that nothing of a refused message is ever left in the socket.
+        # that nothing of a refused message is ever left in the socket. A dry run holds
+        # every frame, as it forwards the message unchanged whatever the verdict.
         while more:
-            if held < max_frames:
+            if held < self.engine.max_frames or (dry_run and self.hold_frame(held + 1)):
                 held += 1
                 m = &self.msgs[held]
             else:
+                whole = whole and not dry_run
                 m = &self.scratch
             if Z.msg_recv(m, self.fe, 0) < 0:
                 return self.fail()
@@ -867,7 +874,7 @@ cdef class Relay:
                 key, key_len = identity, 0
             else:
                 key, key_len = <const uint8_t *>prop, strlen(prop)
-        if 0 <= self.engine.command_frame < held:
+        if 0 <= self.engine.command_frame < min(held, self.engine.max_frames):
             command = <const uint8_t *>Z.msg_data(&self.msgs[1 + self.engine.command_frame])
             command_len = Z.msg_size(&self.msgs[1 + self.engine.command_frame])
         if self.engine.require_identity_is_key:
@@ -879,7 +886,7 @@ cdef class Relay:
                                    strlen(user_id) if user_id != NULL else 0)
         if reason:
             self.engine.record(reason, key, key_len, nframes, total)
-        if reason == 0 or self.engine.dry_run:
+        if reason == 0 or (dry_run and whole):
             i = self.send_backend(1 + held, identity_len + total)
             if i != 0:
                 return i  # forwarded, or an error
@@ -895,7 +902,41 @@ cdef class Relay:
             self.send_reject(held, reason)
         for i in range(1 + held):
             release(&self.msgs[i])
+        self.trim_frames()
         return 0
+
+    cdef bint hold_frame(self, int slot) noexcept nogil:
+        """Room for msgs[slot], growing the array (dry run only). What it holds is what
+        libzmq had already buffered for the whole message, moved out of its pipe; it is
+        given back by trim_frames once the message has left."""
+        cdef int grown = self.nmsgs, i
+        cdef void *p
+        if slot < self.nmsgs:
+            return True
+        while grown <= slot:
+            grown *= 2
+        # A zmq_msg_t holds no pointer to itself (libzmq's msg_t keeps small data inline
+        # and computes data() on each call), so the array may move.
+        p = realloc(self.msgs, <size_t>grown * sizeof(gk_zmq_msg_t))
+        if p == NULL:
+            return False  # the message is then dropped, not forwarded cut
+        self.msgs = <gk_zmq_msg_t *>p
+        for i in range(self.nmsgs, grown):
+            Z.msg_init(&self.msgs[i])
+        self.nmsgs = grown
+        return True
+
+    cdef void trim_frames(self) noexcept nogil:
+        cdef int i
+        cdef void *p
+        if self.nmsgs == FRAME_SLOTS:
+            return
+        for i in range(FRAME_SLOTS, self.nmsgs):
+            Z.msg_close(&self.msgs[i])  # empty: sent or released
+        p = realloc(self.msgs, FRAME_SLOTS * sizeof(gk_zmq_msg_t))
+        if p != NULL:
+            self.msgs = <gk_zmq_msg_t *>p
+        self.nmsgs = FRAME_SLOTS
 
     cdef int send_backend(self, int nparts, size_t nbytes) noexcept nogil:
         """1 sent, 0 no room (nothing sent), -1 error. libzmq admits a multipart message
@@ -909,6 +950,7 @@ cdef class Relay:
             if Z.msg_send(&self.msgs[i], self.be, GK_ZMQ_SNDMORE if i < nparts - 1 else 0) < 0:
                 return self.fail()
         self.npending = 0
+        self.trim_frames()
         self.counts[BE_MSGS_OUT] += 1
         self.counts[BE_BYTES_OUT] += nbytes
         self.counts[FORWARDED] += 1

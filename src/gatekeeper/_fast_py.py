@@ -415,8 +415,8 @@ class Relay:
                 return
             self._handle_request(now, first)
 
-    def _receive_rest(self, first: zmq.Frame, limit: int) -> tuple[list[zmq.Frame], int, int, int]:
-        """Receive the whole message; hold at most `limit` frames, close the rest."""
+    def _receive_rest(self, first: zmq.Frame, limit: int | None) -> tuple[list[zmq.Frame], int, int, int]:
+        """Receive the whole message; hold at most `limit` frames (None: all), close the rest."""
         held = [first]
         count, largest, total = 1, len(first), len(first)
         more = first.more
@@ -427,7 +427,7 @@ class Relay:
             size = len(frame)
             largest = max(largest, size)
             total += size
-            if len(held) < limit:
+            if limit is None or len(held) < limit:
                 held.append(frame)
         return held, count, largest, total
 
@@ -440,12 +440,14 @@ class Relay:
             c["frontend_bytes_in"] += len(identity)
             return
         first = self.frontend.recv(copy=False)
-        held, nframes, largest, total = self._receive_rest(first, rules.max_frames)
+        # A dry run holds every frame: it forwards the message unchanged whatever the verdict.
+        limit = None if rules.dry_run else rules.max_frames
+        held, nframes, largest, total = self._receive_rest(first, limit)
         c["frontend_messages_in"] += 1
         c["frontend_bytes_in"] += len(identity) + total
         key = self._key(identity, first)
         command = None
-        if 0 <= rules.command_frame < len(held):
+        if 0 <= rules.command_frame < min(len(held), rules.max_frames):
             command = held[rules.command_frame].bytes
         user_id = _property(first, "User-Id") if rules.require_identity_is_key else None
         engine._taken = None
