@@ -22,6 +22,9 @@ from .rules import MAX_KEY_BYTES, parse_identity
 from .sockets import SocketSetupError, apply_options, control_options
 
 MAX_REQUEST_BYTES = 1024
+# Requests up to this size are read, so that an over-long one gets an answer; libzmq cuts a
+# peer that sends more (ZMQ_MAXMSGSIZE), which its REQ socket only sees as a timeout.
+MAX_READ_BYTES = 64 * 1024
 MAX_REQUESTS_PER_CALL = 64
 
 
@@ -58,8 +61,7 @@ class ControlServer:
         # port, read as a ZMTP 1.0 peer, were enough.
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        # A control request is one short line; libzmq cuts a peer that sends more.
-        self.socket.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_REQUEST_BYTES)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_READ_BYTES)
         self.socket.setsockopt(zmq.RCVHWM, 16)
         self.socket.setsockopt(zmq.SNDHWM, 16)
         self.endpoint = control.bind
@@ -196,7 +198,7 @@ def parse_request(request: list[bytes]) -> tuple[str, str | None]:
         raise ControlError(f"expected one frame, got {len(request)}")
     raw = request[0]
     if len(raw) > MAX_REQUEST_BYTES:
-        raise ControlError(f"request longer than {MAX_REQUEST_BYTES} bytes")
+        raise ControlError(f"request too long (at most {MAX_REQUEST_BYTES} bytes)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
