@@ -75,3 +75,17 @@ def test_usage_error_exits_2():
     out = subprocess.run([sys.executable, "-m", "gatekeeper", "check"], capture_output=True,
                          text=True, timeout=30)
     assert out.returncode == 2 and "--config" in out.stderr
+
+
+def test_check_names_every_error_in_one_run(tmp_path):
+    path = tmp_path / "policy.toml"
+    path.write_text(merge_sections(
+        MINIMAL.replace("tcp://127.0.0.1:5555", "udp://127.0.0.1:5555")
+        + "[frontend]\nsndhmw = 5\n[limits]\nmax_frame_bytes = -1\n"
+    ))
+    out = check(path)
+    assert out.returncode == 2 and out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert [line.split(": ")[2] for line in lines] == [
+        "frontend.sndhmw", "limits.max_frame_bytes", "frontend.bind[0]"]
+    assert all(line.startswith(f"gatekeeper: {path}: ") for line in lines)

@@ -421,3 +421,37 @@ listen = ""
     assert diff_policies(a, b) == (['rate_limit.per_key."x.y".burst'], [])
     by_user = parse_policy(make(extra='[rate_limit]\nkey = "user_id"'))
     assert diff_policies(old, by_user) == (["rate_limit"], [])
+
+
+def test_every_error_in_the_file_is_reported_at_once():
+    text = make(
+        frontend="sndhmw = 5",
+        backend='connect = ["udp://127.0.0.1:6000"]',
+        extra="[limits]\nmax_frames = -3\n[access]\ndeny_addresses = [\"10.0.0.300/8\", \"x\"]",
+    )
+    e = error(text, "/etc/gk/policy.toml")
+    assert [k for k, _ in e.errors] == [
+        "frontend.sndhmw",
+        "limits.max_frames",
+        "access.deny_addresses[0]",
+        "access.deny_addresses[1]",
+        "backend.connect[0]",
+    ]
+    assert (e.key_path, e.message) == e.errors[0]
+    lines = str(e).splitlines()
+    assert len(lines) == 5 and all(line.startswith("/etc/gk/policy.toml: ") for line in lines)
+    assert "unknown key" in lines[0] and ">= 1" in lines[1] and "memory-safety" in lines[4]
+
+
+def test_a_refused_value_is_not_judged_again_by_the_rules_that_read_it():
+    # with max_frame_bytes refused, its default (65536) must not be reported as over
+    # max_message_bytes: that error would be about a value the file does not hold
+    e = error(make(extra="[limits]\nmax_frame_bytes = -1\nmax_message_bytes = 1024"))
+    assert [k for k, _ in e.errors] == ["limits.max_frame_bytes"]
+    e = error(make(extra="[rate_limit]\nbytes_per_second = 1000\nburst = 0"))
+    assert [k for k, _ in e.errors] == ["rate_limit.burst"]
+
+
+def test_a_missing_required_key_is_reported_with_the_other_schema_errors():
+    e = error(f"[frontend]\nbind = {BIND}\nsndhwm = 0\n")
+    assert sorted(k for k, _ in e.errors) == ["backend", "frontend.sndhwm"]

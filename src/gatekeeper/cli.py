@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"gatekeeper: {message}", file=sys.stderr)
+    for line in message.splitlines():  # a PolicyError has one line per error in the file
+        print(f"gatekeeper: {line}", file=sys.stderr)
     return code
 
 

@@ -1,8 +1,9 @@
 """policy.toml: one typed schema (msgspec Structs), validated once at load.
 
-Type and range errors come from msgspec; the rules that span keys or touch the file system
-are checked after conversion. Every error is a `PolicyError` naming the file and the key
-path, e.g. `policy.toml: rate_limit.burst: Expected `int` >= 1, got 0`.
+Type and range errors come from msgspec, key by key; the rules that span keys or touch the
+file system are checked after conversion. Every error in the file is reported at once, in
+one `PolicyError`, each naming the file and the key path, e.g.
+`policy.toml: rate_limit.burst: Expected `int` >= 1, got 0`.
 """
 
 import hashlib
@@ -171,14 +172,19 @@ class Policy(_Section, kw_only=True):
 
 
 class PolicyError(Exception):
-    """An invalid policy file. `key_path` is "" when the file cannot be read or parsed."""
+    """An invalid policy file: every error found in it, one line each. `key_path` and
+    `message` are the first error's; `key_path` is "" when the file cannot be read or
+    parsed. `errors` holds (key_path, message) for all of them."""
 
-    def __init__(self, path: str, key_path: str, message: str) -> None:
+    def __init__(self, path: str, key_path: str, message: str,
+                 more: tuple[tuple[str, str], ...] = ()) -> None:
         self.path = path
         self.key_path = key_path
         self.message = message
-        where = f"{path}: {key_path}" if key_path else path
-        super().__init__(f"{where}: {message}")
+        self.errors = ((key_path, message), *more)
+        super().__init__("\n".join(
+            f"{path}: {key}: {text}" if key else f"{path}: {text}" for key, text in self.errors
+        ))
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +202,37 @@ class _Invalid(Exception):
         super().__init__(message)
         self.key_path = key_path
         self.message = message
+
+
+class _Errors:
+    """Every error found in one file. A rule that reads a value the schema refused is not
+    checked: its verdict would be about the default that stood in for it."""
+
+    def __init__(self) -> None:
+        self.found: list[_Invalid] = []
+        self.refused: list[str] = []  # key paths the schema refused
+
+    def refuse(self, error: _Invalid) -> None:
+        self.found.append(error)
+        self.refused.append(error.key_path)
+
+    def sound(self, *reads: str) -> bool:
+        """No key path under or above any of `reads` was refused."""
+        return not any(_related(r, k) for r in reads for k in self.refused)
+
+    def check(self, reads: tuple[str, ...], rule: Any, *args: Any) -> Any:
+        """`rule(*args)` if what it reads is sound; its _Invalid is recorded, not raised."""
+        if not self.sound(*reads):
+            return None
+        try:
+            return rule(*args)
+        except _Invalid as e:
+            self.found.append(e)
+            return None
+
+
+def _related(a: str, b: str) -> bool:
+    return a == b or a.startswith((b + ".", b + "[")) or b.startswith((a + ".", a + "["))
 
 
 def load_policy(path: str | os.PathLike[str]) -> LoadedPolicy:
@@ -221,16 +258,23 @@ def parse_policy(text: str, path: str = "<string>") -> Policy:
         raise PolicyError(path, "", f"TOML syntax error: {e}") from None
     except RecursionError:  # tomllib recurses once per level of nested arrays and tables
         raise PolicyError(path, "", "TOML nested too deeply") from None
+    errors = _Errors()
     try:
+        sound = _check_schema(raw, Policy, "", errors)
         try:
-            policy = msgspec.convert(raw, Policy)
-        except msgspec.ValidationError as e:
-            raise _schema_error(str(e), raw) from None
-        return _validate(policy, os.path.dirname(os.path.abspath(path)))
-    except _Invalid as e:
-        raise PolicyError(path, e.key_path, e.message) from None
+            policy = msgspec.convert(sound, Policy)
+        except msgspec.ValidationError:
+            policy = None  # a required key is missing: the cross-key rules have no policy
+        if policy is not None:
+            policy = _validate(policy, os.path.dirname(os.path.abspath(path)), errors)
     except RecursionError:
         raise PolicyError(path, "", "TOML nested too deeply") from None
+    if errors.found:
+        first, *more = errors.found
+        raise PolicyError(path, first.key_path, first.message,
+                          tuple((e.key_path, e.message) for e in more))
+    assert policy is not None
+    return policy
 
 
 def policy_to_dict(policy: Policy) -> dict[str, Any]:
@@ -279,66 +323,81 @@ _ALLOWED = "allowed: tcp://, ipc://, inproc://"
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path less the terminating NUL (Linux)
 
 
-def _validate(p: Policy, base_dir: str) -> Policy:
-    lim = p.limits
+def _validate(p: Policy, base_dir: str, errors: _Errors) -> Policy:
+    """The rules that span keys or touch the file system; every broken one is recorded."""
+    errors.check(("limits.max_frame_bytes", "limits.max_message_bytes"), _check_frame_bytes,
+                 p.limits)
+    errors.check(("frontend.max_message_size", "limits.max_frame_bytes"),
+                 _check_max_message_size, p)
+    if errors.sound("protocol", "limits.max_frames"):
+        _check_protocol(p.protocol, p.limits, errors)
+    rate_limit = p.rate_limit
+    if rate_limit is not None and errors.sound("rate_limit", "limits.max_message_bytes"):
+        rate_limit = _resolve_rate_limit(rate_limit, p.limits, errors)
+    if errors.sound("access", "frontend.curve"):
+        _check_access(p, errors)
+    if errors.sound("frontend.bind", "backend", "control"):
+        _check_endpoints(p, errors)
+    errors.check(("metrics.listen",), _check_metrics, p.metrics.listen)
+    return msgspec.structs.replace(
+        p,
+        rate_limit=rate_limit,
+        frontend=_resolve_curve(p.frontend, "frontend.curve", base_dir, errors),
+        backend=_resolve_curve(p.backend, "backend.curve", base_dir, errors),
+        control=_resolve_curve(p.control, "control.curve", base_dir, errors),
+    )
+
+
+def _check_frame_bytes(lim: Limits) -> None:
     if lim.max_frame_bytes > lim.max_message_bytes:
         raise _Invalid(
             "limits.max_frame_bytes",
             f"{lim.max_frame_bytes} exceeds limits.max_message_bytes ({lim.max_message_bytes}); "
             "allowed: <= max_message_bytes",
         )
-    if p.frontend.max_message_size < lim.max_frame_bytes:
+
+
+def _check_max_message_size(p: Policy) -> None:
+    if p.frontend.max_message_size < p.limits.max_frame_bytes:
         raise _Invalid(
             "frontend.max_message_size",
             f"{p.frontend.max_message_size} is below limits.max_frame_bytes "
-            f"({lim.max_frame_bytes}), so libzmq would cut peers before the frame check refuses "
-            "them; allowed: >= max_frame_bytes",
+            f"({p.limits.max_frame_bytes}), so libzmq would cut peers before the frame check "
+            "refuses them; allowed: >= max_frame_bytes",
         )
-    _check_protocol(p.protocol, lim)
-    rate_limit = _resolve_rate_limit(p.rate_limit, lim) if p.rate_limit is not None else None
-    _check_access(p)
-    _check_endpoints(p)
-    _check_metrics(p.metrics.listen)
-    return msgspec.structs.replace(
-        p,
-        rate_limit=rate_limit,
-        frontend=_resolve_curve(p.frontend, "frontend.curve", base_dir),
-        backend=_resolve_curve(p.backend, "backend.curve", base_dir),
-        control=_resolve_curve(p.control, "control.curve", base_dir),
-    )
 
 
-def _check_protocol(proto: Protocol, lim: Limits) -> None:
+def _check_protocol(proto: Protocol, lim: Limits, errors: _Errors) -> None:
     if proto.command_frame > lim.max_frames - 1:
-        raise _Invalid(
+        errors.found.append(_Invalid(
             "protocol.command_frame",
             f"{proto.command_frame} is past the last frame limits.max_frames allows; "
             f"allowed: -1..{lim.max_frames - 1}",
-        )
+        ))
     if proto.command_frame >= 0 and not proto.allowed_commands:
-        raise _Invalid(
+        errors.found.append(_Invalid(
             "protocol.allowed_commands",
             "empty while protocol.command_frame is set, which would refuse every message; "
             "list the allowed commands",
-        )
+        ))
     if proto.command_frame < 0 and proto.allowed_commands:
-        raise _Invalid(
+        errors.found.append(_Invalid(
             "protocol.allowed_commands",
             "has no effect while protocol.command_frame = -1; set command_frame or remove the list",
-        )
+        ))
     for i, command in enumerate(proto.allowed_commands):
         if len(command.encode()) > MAX_KEY_BYTES:
-            raise _Invalid(
+            errors.found.append(_Invalid(
                 f"protocol.allowed_commands[{i}]",
                 f"longer than {MAX_KEY_BYTES} bytes; allowed: 0..{MAX_KEY_BYTES} bytes of UTF-8",
-            )
+            ))
 
 
-def _resolve_rate_limit(rl: RateLimit, lim: Limits) -> RateLimit:
+def _resolve_rate_limit(rl: RateLimit, lim: Limits, errors: _Errors) -> RateLimit:
     """Checks the byte budgets and fills each per-key exception from the section."""
     per_key = {}
     for name, pk in rl.per_key.items():
-        _check_identity(_join("rate_limit.per_key", name), name)
+        errors.check((), _check_identity, _join("rate_limit.per_key", name), name)
         per_key[name] = PerKeyLimits(
             messages_per_second=(
                 rl.messages_per_second if pk.messages_per_second is None else pk.messages_per_second
@@ -355,31 +414,35 @@ def _resolve_rate_limit(rl: RateLimit, lim: Limits) -> RateLimit:
     for key, bps in budgets:
         # The byte bucket holds 2 s worth: a smaller one refuses every maximal message forever.
         if bps and 2 * bps < lim.max_message_bytes:
-            raise _Invalid(
+            errors.found.append(_Invalid(
                 key,
                 f"{bps} is too small: the byte bucket (2 s worth, {2 * bps}) could never hold a "
                 f"message of limits.max_message_bytes ({lim.max_message_bytes}); "
                 f"allowed: 0 (no byte budget) or >= {(lim.max_message_bytes + 1) // 2}",
-            )
+            ))
     return msgspec.structs.replace(rl, per_key=per_key)
 
 
-def _check_access(p: Policy) -> None:
+def _check_access(p: Policy, errors: _Errors) -> None:
     a = p.access
     for name in ("allow_identities", "allow_identity_prefixes", "deny_identities"):
         for i, ident in enumerate(getattr(a, name)):
-            _check_identity(f"access.{name}[{i}]", ident)
+            errors.check((), _check_identity, f"access.{name}[{i}]", ident)
     for name in ("allow_addresses", "deny_addresses"):
         for i, cidr in enumerate(getattr(a, name)):
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError as e:
-                raise _Invalid(f"access.{name}[{i}]", f"not an IPv4 or IPv6 CIDR: {e}") from None
+            errors.check((), _check_cidr, f"access.{name}[{i}]", cidr)
     if a.require_identity_is_key and p.frontend.curve is None:
-        raise _Invalid(
+        errors.found.append(_Invalid(
             "access.require_identity_is_key",
             "needs [frontend.curve]: without CURVE a client has no key to match its identity",
-        )
+        ))
+
+
+def _check_cidr(key: str, cidr: str) -> None:
+    try:
+        ipaddress.ip_network(cidr, strict=False)
+    except ValueError as e:
+        raise _Invalid(key, f"not an IPv4 or IPv6 CIDR: {e}") from None
 
 
 def _check_identity(key: str, ident: str) -> None:
@@ -396,31 +459,31 @@ def _check_identity(key: str, ident: str) -> None:
         )
 
 
-def _check_endpoints(p: Policy) -> None:
+def _check_endpoints(p: Policy, errors: _Errors) -> None:
     endpoints = [(f"frontend.bind[{i}]", ep, True) for i, ep in enumerate(p.frontend.bind)]
     b = p.backend
     if bool(b.connect) == bool(b.bind):
-        raise _Invalid(
+        errors.found.append(_Invalid(
             "backend.bind" if b.connect else "backend",
             "set exactly one of backend.connect and backend.bind (a non-empty list of endpoints)",
-        )
+        ))
     endpoints += [(f"backend.connect[{i}]", ep, False) for i, ep in enumerate(b.connect)]
     endpoints += [(f"backend.bind[{i}]", ep, True) for i, ep in enumerate(b.bind)]
     endpoints.append(("control.bind", p.control.bind, True))
     seen: dict[str, str] = {}
     for key, ep, is_bind in endpoints:
-        _check_endpoint(key, ep, is_bind)
+        errors.check((), _check_endpoint, key, ep, is_bind)
         # Each bind to an ephemeral port gets a port of its own.
         if ep in seen and not ep.endswith((":*", ":0")):
-            raise _Invalid(key, f"{ep} is also {seen[ep]}; every endpoint must differ")
+            errors.found.append(_Invalid(key, f"{ep} is also {seen[ep]}; every endpoint must differ"))
         seen[ep] = key
     scheme, _, address = p.control.bind.partition("://")
     if scheme == "tcp" and not _is_loopback(address.rpartition(":")[0]) and p.control.curve is None:
-        raise _Invalid(
+        errors.found.append(_Invalid(
             "control.bind",
             f"{p.control.bind} is reachable beyond this host; bind tcp:// control only on "
             "loopback (127.0.0.1, [::1], localhost) or add [control.curve]",
-        )
+        ))
 
 
 def _is_port(port: str) -> bool:
@@ -481,7 +544,7 @@ def _check_metrics(listen: str) -> None:
         )
 
 
-def _resolve_curve(section: Any, key: str, base_dir: str) -> Any:
+def _resolve_curve(section: Any, key: str, base_dir: str, errors: _Errors) -> Any:
     """Checks the section's key files and makes their paths absolute."""
     curve = section.curve
     if curve is None:
@@ -494,20 +557,22 @@ def _resolve_curve(section: Any, key: str, base_dir: str) -> Any:
         path = os.path.join(base_dir, value)
         sub_key = f"{key}.{f.name}"
         if f.name == "allowed_clients_dir":
-            if not os.path.isdir(path) or not os.access(path, os.R_OK | os.X_OK):
-                raise _Invalid(
-                    sub_key, f"{path} is not a readable directory of client certificates"
-                )
-            # The ZAP handler loads every *.key in it: one that does not parse would
-            # otherwise only fail at startup, or silently keep a client out.
-            try:
-                load_client_keys(path)
-            except (OSError, ValueError) as e:
-                raise _Invalid(sub_key, str(e)) from None
+            errors.check((sub_key,), _check_key_dir, sub_key, path)
         else:
-            _check_key_file(sub_key, path, secret=f.name == "secret_key_file")
+            errors.check((sub_key,), _check_key_file, sub_key, path, f.name == "secret_key_file")
         resolved[f.name] = path
     return msgspec.structs.replace(section, curve=msgspec.structs.replace(curve, **resolved))
+
+
+def _check_key_dir(key: str, path: str) -> None:
+    if not os.path.isdir(path) or not os.access(path, os.R_OK | os.X_OK):
+        raise _Invalid(key, f"{path} is not a readable directory of client certificates")
+    # The ZAP handler loads every *.key in it: one that does not parse would otherwise only
+    # fail at startup, or silently keep a client out.
+    try:
+        load_client_keys(path)
+    except (OSError, ValueError) as e:
+        raise _Invalid(key, str(e)) from None
 
 
 def _check_key_file(key: str, path: str, secret: bool) -> None:
@@ -536,14 +601,54 @@ _PATH_PART = re.compile(r"\.(\w+)|\[(\d+)\]|\[(\.\.\.)\]")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def _schema_error(text: str, raw: dict[str, Any]) -> _Invalid:
-    """msgspec's `... - at `$.a.b[0]`` as a key path and a message saying what is allowed."""
+def _check_schema(raw: Any, tp: Any, key: str, errors: _Errors) -> Any:
+    """`raw` less every part that does not fit the schema type `tp`, each part left out
+    recorded in `errors` (its default then stands in, so that the rest can be checked)."""
+    struct, table = _struct_of(tp), False
+    if struct is None and typing.get_origin(_unwrap(tp)) is dict:
+        struct, table = _struct_of(typing.get_args(_unwrap(tp))[1]), True
+    if struct is None or not isinstance(raw, dict):
+        try:
+            msgspec.convert(raw, tp)
+        except msgspec.ValidationError as e:
+            errors.refuse(_schema_error(str(e), raw, tp, key))
+            return _REFUSED
+        return raw
+    if table:  # [rate_limit.per_key."name"]: a table of sections
+        checked = {name: _check_schema(v, struct, _join(key, name), errors)
+                   for name, v in raw.items()}
+        return {name: v for name, v in checked.items() if v is not _REFUSED}
+    fields = {f.name: f for f in msgspec.structs.fields(struct)}
+    where = f"in [{key}]" if key else "at the top level"
+    out = {}
+    for name, value in raw.items():
+        f = fields.get(name)
+        if f is None:
+            errors.refuse(_Invalid(_join(key, name), f"unknown key; allowed {where}: "
+                                   + ", ".join(fields)))
+        elif (checked := _check_schema(value, f.type, _join(key, name), errors)) is not _REFUSED:
+            out[name] = checked
+    for name, f in fields.items():
+        if f.required and name not in raw:
+            errors.refuse(_Invalid(_join(key, name), "required but missing"))
+    return out
+
+
+_REFUSED = object()
+
+
+def _struct_of(tp: Any) -> Any:
+    tp = _unwrap(tp)
+    return tp if isinstance(tp, type) and issubclass(tp, Struct) else None
+
+
+def _schema_error(text: str, raw: Any, tp: Any, key: str) -> _Invalid:
+    """msgspec's `... - at `$[0]`` for `raw` (at `key`, of type `tp`) as a key path and a
+    message saying what is allowed."""
     m = _MSGSPEC_ERROR.fullmatch(text)
     assert m is not None
     message, at = m.group(1), m.group(2) or ""
-    tp: Any = Policy
     value: Any = raw
-    key = ""
     for name, index, unnamed in _PATH_PART.findall(at):
         part: str | int = int(index) if index else name
         if unnamed:
@@ -552,15 +657,6 @@ def _schema_error(text: str, raw: dict[str, Any]) -> _Invalid:
         key = _join(key, part)
         tp = _field_type(tp, part)
         value = value[part]
-    field_error = re.fullmatch(r"Object (contains unknown|missing required) field `(\w+)`", message)
-    if field_error:
-        kind, name = field_error.groups()
-        where = f"in [{key}]" if key else "at the top level"
-        key = _join(key, name)
-        if kind == "missing required":
-            return _Invalid(key, "required but missing")
-        allowed = ", ".join(f.name for f in msgspec.structs.fields(_unwrap(tp)))
-        return _Invalid(key, f"unknown key; allowed {where}: {allowed}")
     choices = _unwrap(tp)
     if typing.get_origin(choices) is Literal:
         allowed = " | ".join(_toml(c) for c in typing.get_args(choices))
