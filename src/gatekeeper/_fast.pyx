@@ -104,6 +104,7 @@ cdef inline double monotonic() noexcept nogil:
 cdef struct KeyIndex:
     uint32_t *index       # hash -> slot + 1; 0 = empty; linear probing
     uint32_t mask
+    uint64_t k0, k1       # the table's SipHash key
     uint64_t *hashes      # per slot
     uint8_t *keys         # per slot, KEY_STRIDE bytes
     uint8_t *payload      # per slot, payload_size bytes
@@ -113,24 +114,71 @@ cdef struct KeyIndex:
     uint32_t max_entries
 
 
-cdef inline uint64_t hash_key(const uint8_t *k, size_t n) noexcept nogil:
-    # FNV-1a: keys are short, and the table is bounded, so flooding one chain costs the
-    # attacker only its own keys' probe length.
-    cdef uint64_t h = 1469598103934665603ULL
-    cdef size_t i
-    for i in range(n):
-        h = (h ^ k[i]) * 1099511628211ULL
-    return h ^ (h >> 29)
+cdef inline uint64_t rotl(uint64_t x, int b) noexcept nogil:
+    return (x << b) | (x >> (64 - b))
+
+
+cdef inline uint64_t load_le64(const uint8_t *p) noexcept nogil:
+    return (<uint64_t>p[0] | <uint64_t>p[1] << 8 | <uint64_t>p[2] << 16 | <uint64_t>p[3] << 24
+            | <uint64_t>p[4] << 32 | <uint64_t>p[5] << 40 | <uint64_t>p[6] << 48
+            | <uint64_t>p[7] << 56)
+
+
+cdef inline void sip_round(uint64_t *v) noexcept nogil:
+    v[0] += v[1]; v[1] = rotl(v[1], 13); v[1] ^= v[0]; v[0] = rotl(v[0], 32)
+    v[2] += v[3]; v[3] = rotl(v[3], 16); v[3] ^= v[2]
+    v[0] += v[3]; v[3] = rotl(v[3], 21); v[3] ^= v[0]
+    v[2] += v[1]; v[1] = rotl(v[1], 17); v[1] ^= v[2]; v[2] = rotl(v[2], 32)
+
+
+cdef uint64_t siphash13(uint64_t k0, uint64_t k1, const uint8_t *k, size_t n) noexcept nogil:
+    """SipHash-1-3, as CPython hashes str and bytes: keys are peer-chosen (routing ids,
+    addresses, CURVE keys), and a hash they cannot compute keeps them from building one
+    long probe run that every lookup would then walk."""
+    cdef uint64_t v[4]
+    cdef uint64_t m, tail = (<uint64_t>n) << 56
+    cdef size_t i, end = n - n % 8
+    v[0] = k0 ^ 0x736f6d6570736575ULL
+    v[1] = k1 ^ 0x646f72616e646f6dULL
+    v[2] = k0 ^ 0x6c7967656e657261ULL
+    v[3] = k1 ^ 0x7465646279746573ULL
+    for i in range(0, end, 8):
+        m = load_le64(k + i)
+        v[3] ^= m
+        sip_round(v)
+        v[0] ^= m
+    for i in range(end, n):
+        tail |= (<uint64_t>k[i]) << (8 * (i - end))
+    v[3] ^= tail
+    sip_round(v)
+    v[0] ^= tail
+    v[2] ^= 0xff
+    sip_round(v)
+    sip_round(v)
+    sip_round(v)
+    return v[0] ^ v[1] ^ v[2] ^ v[3]
+
+
+def _siphash13(uint64_t k0, uint64_t k1, bytes data):
+    """The tables' hash, for tests against a reference."""
+    return siphash13(k0, k1, <const uint8_t *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+
+
+cdef inline uint64_t hash_key(const KeyIndex *ki, const uint8_t *k, size_t n) noexcept nogil:
+    return siphash13(ki.k0, ki.k1, k, n)
 
 
 cdef int ki_init(KeyIndex *ki, uint32_t max_entries, size_t payload_size) except -1:
     cdef uint64_t cap = 8
+    cdef bytes seed = os.urandom(16)  # every table its own key, drawn anew at each (re)build
     while cap < 2 * <uint64_t>max_entries:
         cap <<= 1
     if cap > (<uint64_t>1 << 31):
         raise ValueError(f"a key table of {max_entries} entries is too large")
     ki.index = <uint32_t *>calloc(cap, sizeof(uint32_t))
     ki.mask = cap - 1
+    ki.k0 = load_le64(<const uint8_t *>PyBytes_AS_STRING(seed))
+    ki.k1 = load_le64(<const uint8_t *>PyBytes_AS_STRING(seed) + 8)
     ki.hashes = NULL
     ki.keys = NULL
     ki.payload = NULL
@@ -165,7 +213,7 @@ cdef inline bint ki_slot_is(KeyIndex *ki, uint32_t slot, uint64_t h, const uint8
 cdef int ki_find(KeyIndex *ki, const uint8_t *k, size_t n) noexcept nogil:
     if ki.count == 0 or n > MAX_KEY:
         return -1
-    cdef uint64_t h = hash_key(k, n)
+    cdef uint64_t h = hash_key(ki, k, n)
     cdef uint32_t i = <uint32_t>h & ki.mask
     cdef uint32_t e
     while True:
@@ -208,7 +256,7 @@ cdef void ki_set_key(KeyIndex *ki, uint32_t slot, const uint8_t *k, size_t n) no
     cdef uint8_t *stored = ki.keys + <size_t>slot * KEY_STRIDE
     stored[0] = <uint8_t>n
     memcpy(stored + 1, k, n)
-    ki.hashes[slot] = hash_key(k, n)
+    ki.hashes[slot] = hash_key(ki, k, n)
 
 
 cdef int ki_add(KeyIndex *ki, const uint8_t *k, size_t n) noexcept nogil:
@@ -486,6 +534,17 @@ cdef class PolicyEngine:
 
     def banned(self):
         return sorted(ki_key(&self.bans, i) for i in range(self.bans.count))
+
+    def _placement(self):
+        """{key: (home, position)} in the rate-limit table's index, for tests of its hash."""
+        cdef uint32_t i, slot
+        placed = {}
+        for i in range(self.table.mask + 1):
+            if self.table.index[i]:
+                slot = self.table.index[i] - 1
+                placed[ki_key(&self.table, slot)] = (
+                    <uint32_t>self.table.hashes[slot] & self.table.mask, i)
+        return placed
 
     # -- the decision --------------------------------------------------------------
 
