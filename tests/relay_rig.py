@@ -67,9 +67,12 @@ class Rig:
         return not (sock.poll(0) & zmq.POLLIN)
 
     def wait_connected(self, client, identity):
-        """Round-trip one message so that the client's connection is up."""
+        """Round-trip one message so that the client's connection is up; learns the
+        routing id the broker knows the relay by (`broker_id`)."""
         client.send_multipart([b"", b"ping"])
         msg = self.recv(self.broker)
+        assert msg[1] == identity
+        self.broker_id = msg[0]
         self.broker.send_multipart(msg)
         assert self.recv(client) == [b"", b"ping"]
 

@@ -196,8 +196,6 @@ def test_backend_full_reject_mode_answers_promptly(rig_factory):
 
 def test_unroutable_reply_is_counted_and_survived(rig_factory):
     rig = rig_factory()
-    rig.broker.send_multipart([b"", b"gone"])  # whatever the broker's id, it reaches us
-    peer_id = None
     client = rig.client(b"alive")
     client.send_multipart([b"", b"hi"])
     got = rig.recv(rig.broker)
@@ -206,6 +204,20 @@ def test_unroutable_reply_is_counted_and_survived(rig_factory):
     rig.broker.send_multipart(got)
     assert rig.recv(client) == [b"", b"hi"]
     assert rig.relay.counters()["unroutable"] == 1
+
+
+def test_reply_of_a_routing_id_alone_is_unroutable_not_replied(rig_factory):
+    rig = rig_factory()
+    client = rig.client(b"alive")
+    rig.wait_connected(client, b"alive")
+    before = rig.relay.counters()
+    rig.broker.send_multipart([rig.broker_id, b"alive"])  # no body to deliver
+    rig.broker.send_multipart([rig.broker_id, b"alive", b"after"])
+    assert rig.recv(client) == [b"after"]
+    c = rig.relay.counters()
+    assert c["unroutable"] - before["unroutable"] == 1
+    assert c["replied"] - before["replied"] == 1
+    assert c["backend_messages_in"] - before["backend_messages_in"] == 2
 
 
 def test_pause_holds_requests_and_resume_delivers(rig_factory):

@@ -1050,8 +1050,10 @@ cdef class Relay:
                 return self.fail()
             nbytes = Z.msg_size(m)
             more = Z.msg_more(m)
-            delivered = True
-            if Z.msg_send(m, self.fe, GK_ZMQ_DONTWAIT | (GK_ZMQ_SNDMORE if more else 0)) < 0:
+            delivered = more  # a routing id alone: libzmq's ROUTER would drop it unsaid
+            if not more:
+                self.counts[UNROUTABLE] += 1
+            elif Z.msg_send(m, self.fe, GK_ZMQ_DONTWAIT | GK_ZMQ_SNDMORE) < 0:
                 delivered = False
                 if Z.errno_() == EAGAIN:
                     self.counts[REPLY_DROPPED] += 1

@@ -529,9 +529,12 @@ class Relay:
             except zmq.Again:
                 return
             nbytes = len(frame)
-            delivered = True
+            delivered = frame.more  # a routing id alone: libzmq's ROUTER would drop it unsaid
             try:
-                self.frontend.send(frame, zmq.NOBLOCK | (zmq.SNDMORE if frame.more else 0), copy=False)
+                if delivered:
+                    self.frontend.send(frame, zmq.NOBLOCK | zmq.SNDMORE, copy=False)
+                else:
+                    c["unroutable"] += 1
             except zmq.Again:
                 delivered = False
                 c["reply_dropped"] += 1

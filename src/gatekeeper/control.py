@@ -198,7 +198,7 @@ def parse_request(request: list[bytes]) -> tuple[str, str | None]:
         raise ControlError(f"expected one frame, got {len(request)}")
     raw = request[0]
     if len(raw) > MAX_REQUEST_BYTES:
-        raise ControlError(f"request too long (at most {MAX_REQUEST_BYTES} bytes)")
+        raise ControlError("request too long")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
