@@ -1,0 +1,72 @@
+# What the compiled modules share of the data plane: the policy engine's state and its
+# C-level decision calls, for the native frontend engine to make the same decisions.
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+
+from gatekeeper._tables cimport KEY_STRIDE, Bucket, KeyIndex, Limits
+
+cdef enum:
+    NREASONS = 11
+    # reason codes, as in rules.py
+    R_BANNED = 1
+    R_IDENTITY_DENIED = 2
+    R_IDENTITY_NOT_ALLOWED = 3
+    R_TOO_MANY_FRAMES = 4
+    R_FRAME_TOO_LARGE = 5
+    R_MESSAGE_TOO_LARGE = 6
+    R_MALFORMED_ENVELOPE = 7
+    R_COMMAND_NOT_ALLOWED = 8
+    R_RATE_LIMITED = 9
+    R_BACKEND_UNAVAILABLE = 10
+    R_IDENTITY_NOT_KEY = 11
+    KEY_IDENTITY_ = 0
+    KEY_PEER_ADDRESS_ = 1
+
+
+cdef struct Offender:
+    uint64_t count
+    uint8_t key[KEY_STRIDE]
+
+
+cdef struct Sample:
+    int reason
+    uint32_t nframes
+    uint64_t total
+    uint8_t key[KEY_STRIDE]
+
+
+cdef class PolicyEngine:
+    cdef readonly object rules
+    cdef KeyIndex bans, deny, allow, commands, overrides, table
+    cdef Limits *override_limits
+    cdef Limits limits
+    cdef Bucket overflow
+    cdef bint rate_on, allow_active, require_delimiter, dry_run, backend_full_reject, reject
+    cdef bint require_identity_is_key
+    cdef uint32_t hand
+    cdef uint8_t *prefixes          # nprefixes * KEY_STRIDE
+    cdef int nprefixes
+    cdef int max_frames, command_frame, rate_key, log_per_second
+    cdef size_t max_frame_bytes, max_message_bytes
+    cdef uint64_t violations_[NREASONS]
+    cdef Offender offenders[32]
+    cdef int noffenders
+    cdef Sample *samples
+    cdef int nsamples, sample_cap
+    cdef uint32_t window[NREASONS]
+    cdef uint64_t suppressed[NREASONS]
+    cdef Bucket *taken
+    cdef size_t taken_bytes
+
+    cdef _reset_rate(self, rules, double now)
+    cdef Bucket *lookup(self, const uint8_t *key, size_t n, double now,
+                        const Limits **limits) noexcept nogil
+    cdef int check(self, double now, const uint8_t *identity, size_t identity_len,
+                   const uint8_t *key, size_t key_len, size_t nframes, size_t largest,
+                   size_t total, size_t first_len, const uint8_t *command,
+                   size_t command_len, const uint8_t *user_id,
+                   size_t user_id_len) noexcept nogil
+    cdef void give_back(self) noexcept nogil
+    cdef void record(self, int reason, const uint8_t *key, size_t key_len, size_t nframes,
+                     size_t total) noexcept nogil
+    cdef void _reset_samples(self) noexcept
