@@ -4,7 +4,7 @@
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cdef enum:
@@ -86,33 +86,25 @@ cdef inline int ki_init(KeyIndex *ki, uint32_t max_entries, size_t payload_size)
         cap <<= 1
     if cap > (<uint64_t>1 << 31):
         raise ValueError(f"a key table of {max_entries} entries is too large")
+    memset(ki, 0, sizeof(KeyIndex))
     ki.index = <uint32_t *>calloc(cap, sizeof(uint32_t))
+    if ki.index == NULL:
+        raise MemoryError()
     ki.mask = cap - 1
     ki.k0 = load_le64(<const uint8_t *>PyBytes_AS_STRING(seed))
     ki.k1 = load_le64(<const uint8_t *>PyBytes_AS_STRING(seed) + 8)
-    ki.hashes = NULL
-    ki.keys = NULL
-    ki.payload = NULL
     ki.payload_size = payload_size
-    ki.count = 0
-    ki.allocated = 0
     ki.max_entries = max_entries
-    if ki.index == NULL:
-        raise MemoryError()
     return 0
 
 
 cdef inline void ki_free(KeyIndex *ki) noexcept nogil:
+    """Releases the table; it holds nothing (and admits nothing) until ki_init again."""
     free(ki.index)
     free(ki.hashes)
     free(ki.keys)
     free(ki.payload)
-    ki.index = NULL
-    ki.hashes = NULL
-    ki.keys = NULL
-    ki.payload = NULL
-    ki.count = 0
-    ki.allocated = 0
+    memset(ki, 0, sizeof(KeyIndex))
 
 
 cdef inline bint ki_slot_is(KeyIndex *ki, uint32_t slot, uint64_t h, const uint8_t *k,
