@@ -382,8 +382,16 @@ def test_each_error_code(code):
 
 
 def test_error_codes_are_all_reached():
-    # none is not an error, and no_memory needs malloc to fail
-    assert set(ERROR_INPUTS) == set(_zmtp.ERRORS) - {"none", "no_memory"}
+    # none is not an error, no_memory needs malloc to fail, closed is below
+    assert set(ERROR_INPUTS) == set(_zmtp.ERRORS) - {"none", "no_memory", "closed"}
+
+
+def test_a_closed_decoder_answers_closed():
+    d = Decoder()
+    d.feed(GREETING + wire.ready()[:20])
+    d.close()
+    assert d.feed(wire.ready()[20:]) == [("ERROR", "closed", b"")]
+    assert d.held == 0
 
 
 def test_error_state_is_sticky():

@@ -24,8 +24,18 @@ whatever must outlive the event before calling again.
 Greeting staging (as libzmq's zmtp_engine.cpp, receive_greeting_versioned): the caller
 sends zmtp_signature() at accept, before reading. On REVISION it sends
 zmtp_greeting_rest(revision, mechanism): 2 bytes for a ZMTP 2.0 peer (then
-zmtp_v2_identity()), 54 bytes for ZMTP 3. On GREETING it checks the mechanism, calls
-zmtp_decoder_set_mechanism() if it is not NULL, and sends its handshake (NULL: zmtp_ready()).
+zmtp_v2_identity()), 54 bytes for ZMTP 3. (libzmq sends the major byte as soon as the
+peer's signature is in and the rest after its revision byte; both go out on REVISION here,
+which no peer can tell apart: each waits only for our signature before its revision.)
+On GREETING the caller checks the mechanism (a slice of 20 NUL-padded bytes), calls
+zmtp_decoder_set_mechanism() if it is not NULL, and sends its handshake (NULL:
+zmtp_ready()). A ZMTP 2.0 peer's first frame is its routing id: it comes out as READY,
+with the socket type named from the greeting's number, so both versions end the handshake
+with READY. Without an ERROR command in 2.0, refusing such a peer is a plain close.
+
+Frames: a frame wholly in the input is one FRAME event (begin and end set); otherwise its
+chunks come out as the body bytes arrive (the first with begin, frame_size known from it;
+none while only the header is in). Data frames are never buffered here.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint64_t
@@ -85,6 +95,7 @@ cdef enum ZmtpError:
     ZMTP_E_BAD_IDENTITY_FRAME       # ZMTP 2.0 identity frame with MORE set
     ZMTP_E_PEER_ERROR               # the peer sent ERROR during the handshake
     ZMTP_E_NO_MEMORY                # malloc failed for a command buffer
+    ZMTP_E_CLOSED                   # zmtp_next after zmtp_decoder_free
     ZMTP_NERRORS
 
 
@@ -162,6 +173,7 @@ cdef struct ZmtpEvent:
 # Decoder
 cdef void zmtp_decoder_init(ZmtpDecoder *d, uint64_t max_frame_size, bint allow_zmtp2) noexcept nogil
 cdef ssize_t zmtp_next(ZmtpDecoder *d, const uint8_t *buf, size_t n, ZmtpEvent *ev) noexcept nogil
+# Releases the command buffer; the decoder then answers ERROR closed until init again.
 cdef void zmtp_decoder_free(ZmtpDecoder *d) noexcept nogil
 # After GREETING, before the first handshake command; NULL is the default.
 cdef void zmtp_decoder_set_mechanism(ZmtpDecoder *d, int mechanism) noexcept nogil

@@ -30,7 +30,7 @@ ERROR_NAMES[:] = [
     b"reserved_flags", b"command_with_more", b"command_in_message", b"frame_before_ready",
     b"unexpected_command", b"malformed_command", b"malformed_metadata",
     b"missing_socket_type", b"identity_too_long", b"bad_identity_frame", b"peer_error",
-    b"no_memory",
+    b"no_memory", b"closed",
 ]
 cdef const char *KIND_NAMES[<int>ZMTP_ERROR + 1]
 KIND_NAMES[:] = [b"NEED_MORE", b"REVISION", b"GREETING", b"GREETING_V2", b"READY", b"FRAME",
@@ -121,11 +121,18 @@ cdef void zmtp_decoder_init(ZmtpDecoder *d, uint64_t max_frame_size, bint allow_
     d.mechanism = ZMTP_MECH_NULL
 
 
-cdef void zmtp_decoder_free(ZmtpDecoder *d) noexcept nogil:
+cdef inline void release_command(ZmtpDecoder *d) noexcept nogil:
     free(d.cmd)
     d.cmd = NULL
     d.cmd_size = 0
     d.cmd_have = 0
+
+
+cdef void zmtp_decoder_free(ZmtpDecoder *d) noexcept nogil:
+    release_command(d)
+    # a later zmtp_next answers ERROR instead of writing into the buffer just freed
+    d.state = ZMTP_ST_FAILED
+    d.error = ZMTP_E_CLOSED
 
 
 cdef void zmtp_decoder_set_mechanism(ZmtpDecoder *d, int mechanism) noexcept nogil:
@@ -192,6 +199,7 @@ cdef size_t read_greeting(ZmtpDecoder *d, const uint8_t *p, size_t n, ZmtpEvent 
     memcpy(g + d.greeting_len, p + used, take)
     d.greeting_len += take
     if d.greeting_len == ZMTP_GREETING_SIZE:
+        # RFC 23: signature (10), major, minor, mechanism (20), as-server, filler (31)
         d.state = ZMTP_ST_HEADER
         ev.kind = ZMTP_GREETING
         ev.revision = g[10]
@@ -310,7 +318,7 @@ cdef int zmtp_parse_metadata(const uint8_t *p, size_t n, ZmtpEvent *ev) noexcept
 
 
 cdef void deliver(ZmtpDecoder *d, const uint8_t *body, size_t size, ZmtpEvent *ev) noexcept nogil:
-    """A whole command, or the 2.0 identity frame, from the input or from d.cmd."""
+    # A whole command, or the 2.0 identity frame, from the input or from d.cmd.
     cdef const char *type_name
     cdef const uint8_t *rest
     cdef size_t rest_len
@@ -448,7 +456,7 @@ cdef ssize_t zmtp_next(ZmtpDecoder *d, const uint8_t *buf, size_t n, ZmtpEvent *
     cdef size_t pos = 0
     memset(ev, 0, sizeof(ZmtpEvent))
     if d.cmd != NULL and d.state != ZMTP_ST_COMMAND:
-        zmtp_decoder_free(d)  # delivered (or abandoned by an error) at the last call
+        release_command(d)  # delivered (or abandoned by an error) at the last call
     while True:
         if d.state == ZMTP_ST_FAILED:
             ev.kind = ZMTP_ERROR
