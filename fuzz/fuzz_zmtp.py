@@ -34,13 +34,13 @@ from fuzzdata import Bytes, fuzz_main  # noqa: E402
 
 from gatekeeper import _zmtp  # noqa: E402  (compiled: nothing for atheris to instrument)
 
-GREETING = _zmtp.signature() + _zmtp.greeting_rest(3)
+GREETING = _zmtp.signature() + _zmtp.greeting_major() + _zmtp.greeting_rest(3)
 PREFIXES = [
     b"",
     GREETING,
     GREETING + _zmtp.ready(),
     _zmtp.signature() + b"\x01\x05" + _zmtp.v2_identity(),
-    _zmtp.signature() + _zmtp.greeting_rest(3, "CURVE"),
+    _zmtp.signature() + _zmtp.greeting_major() + _zmtp.greeting_rest(3, "CURVE"),
 ]
 CURVE_PREFIX = len(PREFIXES) - 1
 MAX_FRAME_SIZES = [_zmtp.NO_LIMIT, _zmtp.NO_LIMIT, 0, 1, 255, 256, _zmtp.MAX_COMMAND, 70000]

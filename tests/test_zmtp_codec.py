@@ -77,8 +77,8 @@ def messages(events: list[tuple]) -> list[list[bytes]]:
 
 class CodecServer:
     """Accepts TCP connections and speaks ZMTP with the codec only: our signature at
-    accept, the rest of our greeting on REVISION (libzmq's staging), READY (or an ERROR
-    when `refuse` is set) on GREETING, PONG to PING."""
+    accept, our major on SIGNATURE, the rest of our greeting on REVISION (libzmq's
+    staging), READY (or an ERROR when `refuse` is set) on GREETING, PONG to PING."""
 
     def __init__(self, refuse: bytes | None = None) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -121,8 +121,11 @@ class CodecServer:
         return joined(self.events)
 
     def react(self, ev: tuple) -> None:
-        if ev[0] == "REVISION":
-            self.conn.sendall(_zmtp.greeting_rest(ev[1]))
+        if ev[0] == "SIGNATURE":
+            self.conn.sendall(_zmtp.greeting_major())
+        elif ev[0] == "REVISION":
+            self.conn.sendall(_zmtp.greeting_rest(ev[1])
+                              + (_zmtp.v2_identity() if ev[1] == 1 else b""))
         elif ev[0] == "GREETING":
             self.conn.sendall(_zmtp.error(self.refuse) if self.refuse else _zmtp.ready())
         elif ev[0] == "COMMAND" and ev[1] == b"PING":
@@ -158,6 +161,7 @@ def test_dealer_handshake_and_messages_both_ways(ctx, server):
     dealer = client(ctx, server, zmq.DEALER, ROUTING_ID=b"alice")
     events = server.pump(has("READY"))
     assert events == [
+        ("SIGNATURE",),
         ("REVISION", 3),
         ("GREETING", 3, 1, NULL_MECHANISM, 0),
         ("READY", b"DEALER", b"alice",
@@ -184,7 +188,7 @@ def test_req_client_is_anonymous_and_gets_its_reply(ctx, server):
     req = client(ctx, server, zmq.REQ)
     req.send(b"question")
     events = server.pump(lambda evs: len(messages(evs)) == 1)
-    assert events[2] == ("READY", b"REQ", b"",
+    assert events[3] == ("READY", b"REQ", b"",
                          b"\x0bSocket-Type\x00\x00\x00\x03REQ\x08Identity\x00\x00\x00\x00")
     assert messages(events) == [[b"", b"question"]]
     server.send(encode_message([b"", b"answer"]))
@@ -196,7 +200,7 @@ def test_router_client_with_routing_ids(ctx, server):
     server.pump(has("READY"))
     router.send_multipart([b"gk", b"to the server"])
     events = server.pump(lambda evs: len(messages(evs)) == 1)
-    assert events[2][:3] == ("READY", b"ROUTER", b"r1")
+    assert events[3][:3] == ("READY", b"ROUTER", b"r1")
     assert messages(events) == [[b"to the server"]]
     server.send(encode_message([b"back"]))
     assert router.recv_multipart() == [b"gk", b"back"]
@@ -206,9 +210,9 @@ def test_heartbeats_both_ways(ctx, server):
     dealer = client(ctx, server, zmq.DEALER, HEARTBEAT_IVL=50, HEARTBEAT_TTL=2500)
     events = server.pump(has("COMMAND"))
     # libzmq keeps the TTL in deciseconds (2500 ms -> 25) and sends no context
-    assert events[3] == ("COMMAND", b"PING", b"\x00\x19", (25, b""))
+    assert events[4] == ("COMMAND", b"PING", b"\x00\x19", (25, b""))
     server.send(_zmtp.ping(0, b"ctx-16-bytes-max"))
-    events = server.pump(lambda evs: any(ev[1] == b"PONG" for ev in evs[3:]))
+    events = server.pump(lambda evs: any(ev[1] == b"PONG" for ev in evs[4:]))
     assert ("COMMAND", b"PONG", b"ctx-16-bytes-max", b"ctx-16-bytes-max") in events
     dealer.send(b"still here")
     assert messages(server.pump(lambda evs: messages(evs)))[0] == [b"still here"]
@@ -291,6 +295,7 @@ def test_zmtp2_peer_as_jeromq_sends_it():
     stream = (v2_greeting(5, b"jero") + b"\x01\x01a" + b"\x00\x00"
               + b"\x02" + struct.pack(">Q", 300) + b"z" * 300)
     expected = [
+        ("SIGNATURE",),
         ("REVISION", 1),
         ("GREETING_V2", 1, 5),
         ("READY", b"DEALER", b"jero", b""),
@@ -299,30 +304,63 @@ def test_zmtp2_peer_as_jeromq_sends_it():
     ]
     assert joined(feed_all(stream)) == expected
     assert joined(feed_all(stream, range(len(stream)))) == expected
-    # what we answer: major 3 and our socket type, then an empty routing id frame
-    assert _zmtp.greeting_rest(1) == b"\x03\x06"
+    # what we answer after the major: our socket type, then an empty routing id frame
+    assert _zmtp.greeting_rest(1) == b"\x06"
     assert _zmtp.v2_identity() == b"\x00\x00"
 
 
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        assert chunk, f"closed after {out!r}"
+        out += chunk
+    return out
+
+
+def test_greeting_is_staged_for_a_peer_that_waits(server):
+    """A peer following RFC 23 "Detecting ZMTP 1.0 and 2.0 Peers" sends its 10-byte
+    signature, then waits for our 11th byte before it sends its revision, and reads the
+    12th as our socket type. libzmq's staging (and ours) serves it; sending only the
+    signature would stall it, and a whole v3 greeting would feed it a wrong socket type."""
+    peer = socket.create_connection(server.endpoint[6:].split(":"), timeout=5)
+    try:
+        assert server.accept() is not None
+        peer.sendall(v2_greeting(5, b"old")[:10])
+        server.pump(has("SIGNATURE"))
+        assert read_exactly(peer, 11) == _zmtp.signature() + b"\x03"
+        peer.sendall(b"\x01\x05")
+        server.pump(has("GREETING_V2"))
+        assert read_exactly(peer, 3) == b"\x06\x00\x00"  # ROUTER, then our empty identity
+        peer.sendall(b"\x00\x03old" + b"\x00\x02hi")
+        events = server.pump(lambda evs: messages(evs))
+        assert events[3:] == [("READY", b"DEALER", b"old", b""), ("FRAME", b"hi", False)]
+        server.send(encode_message([b"yo"]))
+        assert read_exactly(peer, 4) == b"\x00\x02yo"
+    finally:
+        peer.close()
+
+
 def test_zmtp2_anonymous_peer_and_unknown_socket_type():
-    assert feed_all(v2_greeting(3))[2] == ("READY", b"REQ", b"", b"")
-    assert feed_all(v2_greeting(200))[1:] == [("GREETING_V2", 1, 200), ("READY", b"", b"", b"")]
+    assert feed_all(v2_greeting(3))[3] == ("READY", b"REQ", b"", b"")
+    assert feed_all(v2_greeting(200))[2:] == [("GREETING_V2", 1, 200), ("READY", b"", b"", b"")]
 
 
 def test_zmtp2_refused_when_not_allowed():
     assert feed_all(v2_greeting(5, b"jero"), allow_zmtp2=False) == [
-        ("ERROR", "legacy_protocol", b"")]
+        ("SIGNATURE",), ("ERROR", "legacy_protocol", b"")]
 
 
-@pytest.mark.parametrize("stream", [
-    pytest.param(b"\x06\x00alice", id="short-identity-frame"),
-    pytest.param(b"\xff" + struct.pack(">Q", 300)[:-1] + b"\x00" + b"x" * 20,
+@pytest.mark.parametrize("stream,before", [
+    pytest.param(b"\x06\x00alice", [], id="short-identity-frame"),
+    pytest.param(b"\xff" + struct.pack(">Q", 300)[:-1] + b"\x00" + b"x" * 20, [],
                  id="long-identity-frame"),
-    pytest.param(b"\xff" + b"\x00" * 8 + b"\x7f\x00" + b"\x05", id="versioned-revision-0"),
+    pytest.param(b"\xff" + b"\x00" * 8 + b"\x7f\x00" + b"\x05", [("SIGNATURE",)],
+                 id="versioned-revision-0"),
 ])
-def test_zmtp1_greetings_are_legacy(stream):
+def test_zmtp1_greetings_are_legacy(stream, before):
     events = feed_all(stream)
-    assert events == [("ERROR", "legacy_protocol", b"")]
+    assert events == before + [("ERROR", "legacy_protocol", b"")]
     assert joined(feed_all(stream, range(len(stream)))) == events
 
 
@@ -337,7 +375,7 @@ def test_zmtp1_is_detected_at_the_first_telling_byte():
 def test_revision_2_takes_the_zmtp3_path_as_libzmq_does():
     # zmtp_engine.cpp select_handshake_fun: only revisions 0 and 1 are legacy
     stream = wire.greeting(major=2) + wire.ready()
-    assert [ev[0] for ev in feed_all(stream)] == ["REVISION", "GREETING", "READY"]
+    assert [ev[0] for ev in feed_all(stream)] == ["SIGNATURE", "REVISION", "GREETING", "READY"]
     assert _zmtp.greeting_rest(2) == _zmtp.greeting_rest(3)
 
 
@@ -451,7 +489,7 @@ def test_commands_after_the_handshake():
               + wire.command(b"PING", b"\xff\xff" + bytes(range(20)))
               + wire.command(b"PONG", b"abc") + wire.command(b"ERROR", b"\x02no")
               + wire.command(b"SUBSCRIBE", b"topic") + wire.command(b"ping", b"\0\0"))
-    assert feed_all(stream)[3:] == [
+    assert feed_all(stream)[4:] == [
         ("COMMAND", b"PING", b"\x00\x0aabc", (10, b"abc")),
         # a context over 16 bytes is truncated, as libzmq does before its PONG
         ("COMMAND", b"PING", b"\xff\xff" + bytes(range(20)), (65535, bytes(range(16)))),
@@ -469,7 +507,8 @@ def test_ready_after_the_handshake_is_just_a_command():
 
 def test_curve_mode_hands_handshake_commands_up():
     d = Decoder()
-    assert [ev[0] for ev in d.feed(wire.greeting(b"CURVE"))] == ["REVISION", "GREETING"]
+    assert [ev[0] for ev in d.feed(wire.greeting(b"CURVE"))] == [
+        "SIGNATURE", "REVISION", "GREETING"]
     d.set_mechanism("CURVE")
     hello = wire.command(b"HELLO", b"\x01\x00" + b"\x00" * 194)
     assert d.feed(hello) == [("COMMAND", b"HELLO", b"\x01\x00" + b"\x00" * 194, None)]
@@ -480,7 +519,7 @@ def test_curve_mode_hands_handshake_commands_up():
     assert d.feed(wire.command(b"INITIATE", b"box"))[0][:2] == ("COMMAND", b"INITIATE")
     d.handshake_done()
     assert joined(d.feed(wire.frame(b"data"))) == [("FRAME", b"data", False)]
-    assert _zmtp.greeting_rest(3, "CURVE")[2:22] == b"CURVE".ljust(20, b"\x00")
+    assert _zmtp.greeting_rest(3, "CURVE")[1:21] == b"CURVE".ljust(20, b"\x00")
 
 
 # ---------------------------------------------------------------------------------------
@@ -490,7 +529,7 @@ def test_curve_mode_hands_handshake_commands_up():
 def test_a_whole_frame_is_one_event():
     frames = [b"", b"a", b"x" * 255, b"y" * 256, b"z" * 70000]
     stream = READY_DEALER + wire.message(frames)
-    events = feed_all(stream)[3:]
+    events = feed_all(stream)[4:]
     assert events == [("FRAME", f, len(f), True, True, i < len(frames) - 1)
                       for i, f in enumerate(frames)]
 
@@ -518,11 +557,12 @@ def valid_streams(draw):
     identity = draw(st.binary(max_size=255))
     if v2:
         data = v2_greeting(5, identity)
-        expected = [("REVISION", 1), ("GREETING_V2", 1, 5), ("READY", b"DEALER", identity, b"")]
+        expected = [("SIGNATURE",), ("REVISION", 1), ("GREETING_V2", 1, 5),
+                    ("READY", b"DEALER", identity, b"")]
     else:
         data = v3_handshake(b"DEALER", identity)
         metadata = prop(b"Socket-Type", b"DEALER") + prop(b"Identity", identity)
-        expected = [("REVISION", 3), ("GREETING", 3, 1, NULL_MECHANISM, 0),
+        expected = [("SIGNATURE",), ("REVISION", 3), ("GREETING", 3, 1, NULL_MECHANISM, 0),
                     ("READY", b"DEALER", identity, metadata)]
     for _ in range(draw(st.integers(0, 6))):
         if not v2 and draw(st.booleans()):
@@ -627,7 +667,8 @@ def test_error_releases_the_command_buffer_at_the_next_call():
 
 def test_encoder_bytes_are_libzmqs():
     assert _zmtp.signature() == b"\xff" + b"\x00" * 7 + b"\x01\x7f"
-    assert _zmtp.greeting_rest(3) == b"\x03\x01" + NULL_MECHANISM + b"\x00" * 32
+    assert _zmtp.greeting_major() == b"\x03"
+    assert _zmtp.greeting_rest(3) == b"\x01" + NULL_MECHANISM + b"\x00" * 32
     assert _zmtp.ready() == (b"\x04\x29\x05READY" + prop(b"Socket-Type", b"ROUTER")
                              + prop(b"Identity", b""))
     assert _zmtp.frame_header(255) == b"\x00\xff"
@@ -648,10 +689,11 @@ def test_encoder_refuses_what_does_not_fit():
 
 
 def test_encoder_output_decodes():
-    stream = (_zmtp.signature() + _zmtp.greeting_rest(3) + _zmtp.ready()
+    stream = (_zmtp.signature() + _zmtp.greeting_major() + _zmtp.greeting_rest(3) + _zmtp.ready()
               + _zmtp.ping(7, b"ctx") + _zmtp.pong(b"p") + _zmtp.error(b"r" * 255)
               + encode_message([b"a", b"b" * 300]))
     assert joined(feed_all(stream)) == [
+        ("SIGNATURE",),
         ("REVISION", 3),
         ("GREETING", 3, 1, NULL_MECHANISM, 0),
         ("READY", b"ROUTER", b"", _zmtp.ready()[8:]),

@@ -21,12 +21,14 @@ the decoder's command buffer (a command or ZMTP 2.0 identity that arrived split 
 calls). The command buffer is released at the next zmtp_next or zmtp_decoder_free, so copy
 whatever must outlive the event before calling again.
 
-Greeting staging (as libzmq's zmtp_engine.cpp, receive_greeting_versioned): the caller
-sends zmtp_signature() at accept, before reading. On REVISION it sends
-zmtp_greeting_rest(revision, mechanism): 2 bytes for a ZMTP 2.0 peer (then
-zmtp_v2_identity()), 54 bytes for ZMTP 3. (libzmq sends the major byte as soon as the
-peer's signature is in and the rest after its revision byte; both go out on REVISION here,
-which no peer can tell apart: each waits only for our signature before its revision.)
+Greeting staging, exactly as libzmq's zmtp_engine.cpp (plug_internal,
+receive_greeting_versioned) does it: the caller sends zmtp_signature() at accept, before
+reading; on SIGNATURE (the peer's 10 bytes are in and versioned) zmtp_greeting_major();
+on REVISION zmtp_greeting_rest(revision, mechanism): our socket type for a ZMTP 2.0 peer
+(then zmtp_v2_identity()), minor, mechanism and filler for ZMTP 3. The major byte must not
+wait for the peer's revision: a peer following RFC 23's "Detecting ZMTP 1.0 and 2.0 Peers"
+sends 10 bytes and reads 11 before it sends its revision. Nor may the rest go out before
+the revision: a ZMTP 2.0 peer reads the byte after our major as our socket type.
 On GREETING the caller checks the mechanism (a slice of 20 NUL-padded bytes), calls
 zmtp_decoder_set_mechanism() if it is not NULL, and sends its handshake (NULL:
 zmtp_ready()). A ZMTP 2.0 peer's first frame is its routing id: it comes out as READY,
@@ -46,7 +48,7 @@ cdef enum:
     ZMTP_V2_GREETING_SIZE = 12       # signature, revision, socket type (RFC 15)
     ZMTP_GREETING_SIZE = 64          # RFC 23 greeting
     ZMTP_MECHANISM_SIZE = 20         # NUL-padded mechanism name in the greeting
-    ZMTP_GREETING_REST_MAX = 54      # what zmtp_greeting_rest writes at most
+    ZMTP_GREETING_REST_MAX = 53      # what zmtp_greeting_rest writes at most
     ZMTP_FRAME_HEADER_MAX = 9        # flags + 8-byte size
     # Commands are buffered whole when they arrive split. 4096 holds every command a
     # server must take: READY with Socket-Type and a 255-byte Identity (~290 bytes) and
@@ -66,15 +68,16 @@ cdef enum:
 
 cdef enum ZmtpKind:
     ZMTP_NEED_MORE = 0    # input used up, no event
-    ZMTP_REVISION = 1     # revision: the peer's signature is versioned; send the rest
-    ZMTP_GREETING = 2     # ZMTP 3.x greeting: revision (major), minor, mechanism, as_server
-    ZMTP_GREETING_V2 = 3  # ZMTP 2.0 greeting: revision, socket_type_num
-    ZMTP_READY = 4        # handshake done: socket_type, identity (len 0: anonymous);
+    ZMTP_SIGNATURE = 1    # the peer's 10-byte signature is versioned: send our major
+    ZMTP_REVISION = 2     # revision: the peer's major (revision); send the rest
+    ZMTP_GREETING = 3     # ZMTP 3.x greeting: revision (major), minor, mechanism, as_server
+    ZMTP_GREETING_V2 = 4  # ZMTP 2.0 greeting: revision, socket_type_num
+    ZMTP_READY = 5        # handshake done: socket_type, identity (len 0: anonymous);
                           # ZMTP 3: data/len = the READY metadata
-    ZMTP_FRAME = 5        # a data frame chunk: data/len, frame_size, begin, end, more
-    ZMTP_COMMAND = 6      # a whole command: name, data/len = body after the name, command;
+    ZMTP_FRAME = 6        # a data frame chunk: data/len, frame_size, begin, end, more
+    ZMTP_COMMAND = 7      # a whole command: name, data/len = body after the name, command;
                           # PING: ping_ttl, context; PONG: context; ERROR: reason
-    ZMTP_ERROR = 7        # error (ZmtpError); peer_error: reason
+    ZMTP_ERROR = 8        # error (ZmtpError); peer_error: reason
 
 
 cdef enum ZmtpError:
@@ -189,6 +192,7 @@ cdef const char *zmtp_kind_name(int kind) noexcept nogil
 
 # Encoder: each writes into out (at least the named size) and returns the bytes written.
 cdef size_t zmtp_signature(uint8_t *out) noexcept nogil
+cdef size_t zmtp_greeting_major(uint8_t *out) noexcept nogil
 cdef size_t zmtp_greeting_rest(uint8_t *out, uint8_t revision, int mechanism) noexcept nogil
 cdef size_t zmtp_ready(uint8_t *out) noexcept nogil
 # 0 (nothing written) if reason_len > ZMTP_MAX_ERROR_REASON

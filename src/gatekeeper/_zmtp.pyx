@@ -33,7 +33,7 @@ ERROR_NAMES[:] = [
     b"no_memory", b"closed",
 ]
 cdef const char *KIND_NAMES[<int>ZMTP_ERROR + 1]
-KIND_NAMES[:] = [b"NEED_MORE", b"REVISION", b"GREETING", b"GREETING_V2", b"READY", b"FRAME",
+KIND_NAMES[:] = [b"NEED_MORE", b"SIGNATURE", b"REVISION", b"GREETING", b"GREETING_V2", b"READY", b"FRAME",
                  b"COMMAND", b"ERROR"]
 cdef enum:
     NSOCKET_TYPES = 12  # 2.0 peers of libzmq's draft socket types do not exist
@@ -167,8 +167,11 @@ cdef size_t read_greeting(ZmtpDecoder *d, const uint8_t *p, size_t n, ZmtpEvent 
         if d.greeting_len == 1 and g[0] != 0xFF:
             fail(d, ev, ZMTP_E_LEGACY_PROTOCOL)
             return used
-        if d.greeting_len == ZMTP_SIGNATURE_SIZE and not (g[9] & 0x01):
-            fail(d, ev, ZMTP_E_LEGACY_PROTOCOL)
+        if d.greeting_len == ZMTP_SIGNATURE_SIZE:
+            if not (g[9] & 0x01):
+                fail(d, ev, ZMTP_E_LEGACY_PROTOCOL)
+            else:
+                ev.kind = ZMTP_SIGNATURE
             return used
     if used == n:
         return used
@@ -488,18 +491,22 @@ cdef size_t zmtp_signature(uint8_t *out) noexcept nogil:
     return ZMTP_SIGNATURE_SIZE
 
 
-cdef size_t zmtp_greeting_rest(uint8_t *out, uint8_t revision, int mechanism) noexcept nogil:
-    # zmtp_engine.cpp receive_greeting_versioned: major 3, then for a 2.0 (or versioned
-    # 1.0) peer our socket type, otherwise minor 1, the mechanism, and 32 zero bytes:
-    # libzmq leaves as-server 0 even as a CURVE server, and so do we.
+cdef size_t zmtp_greeting_major(uint8_t *out) noexcept nogil:
     out[0] = 3
+    return 1
+
+
+cdef size_t zmtp_greeting_rest(uint8_t *out, uint8_t revision, int mechanism) noexcept nogil:
+    # zmtp_engine.cpp receive_greeting_versioned: for a 2.0 (or versioned 1.0) peer our
+    # socket type, otherwise minor 1, the mechanism, and 32 zero bytes: libzmq leaves
+    # as-server 0 even as a CURVE server, and so do we.
     if revision == REVISION_ZMTP_1_0 or revision == REVISION_ZMTP_2_0:
-        out[1] = SOCKET_ROUTER
-        return 2
+        out[0] = SOCKET_ROUTER
+        return 1
     cdef const char *name = "CURVE" if mechanism == ZMTP_MECH_CURVE else "NULL"
-    out[1] = 1
-    memset(out + 2, 0, ZMTP_GREETING_REST_MAX - 2)
-    memcpy(out + 2, name, strlen(name))
+    out[0] = 1
+    memset(out + 1, 0, ZMTP_GREETING_REST_MAX - 1)
+    memcpy(out + 1, name, strlen(name))
     return ZMTP_GREETING_REST_MAX
 
 
@@ -679,6 +686,8 @@ cdef class Decoder:
 
     cdef tuple _event(self, const ZmtpEvent *ev):
         kind = KINDS[ev.kind]
+        if ev.kind == ZMTP_SIGNATURE:
+            return (kind,)
         if ev.kind == ZMTP_REVISION:
             return (kind, ev.revision)
         if ev.kind == ZMTP_GREETING:
@@ -746,6 +755,11 @@ cdef bytes encoded(uint8_t *out, size_t n):
 def signature() -> bytes:
     cdef uint8_t out[ZMTP_SIGNATURE_SIZE]
     return encoded(out, zmtp_signature(out))
+
+
+def greeting_major() -> bytes:
+    cdef uint8_t out[1]
+    return encoded(out, zmtp_greeting_major(out))
 
 
 def greeting_rest(int revision, str mechanism="NULL") -> bytes:
