@@ -13,7 +13,9 @@ extensions = [
         # libzmq is resolved at import time from the copy pyzmq loaded (dlopen/dlsym),
         # so nothing links against libzmq here; only libdl for older glibc.
         libraries=["dl"] if os.name == "posix" and not os.uname().sysname == "Darwin" else [],
-    )
+    ),
+    # The ZMTP codec: pure C over byte buffers, no libzmq at all.
+    Extension("gatekeeper._zmtp", ["src/gatekeeper/_zmtp.pyx"]),
 ]
 
 setup(

@@ -11,6 +11,13 @@ def test_compiled_data_plane_is_loaded():
     assert _impl.IMPLEMENTATION == "cython"
 
 
+def test_zmtp_codec_is_built():
+    """The codec has no twin: a normal install must carry it."""
+    from gatekeeper import _zmtp
+
+    assert "FRAME" in _zmtp.KINDS
+
+
 def test_twin_is_forced_by_env(tmp_path):
     import subprocess
     import sys

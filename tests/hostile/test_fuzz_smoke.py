@@ -20,26 +20,33 @@ def targets():
     try:
         import fuzz_decide
         import fuzz_policy
-    except ImportError as exc:  # the compiled twin is needed for the decide target
+        import fuzz_zmtp
+    except ImportError as exc:  # the compiled twin is needed for decide, the codec for zmtp
         pytest.skip(f"fuzz targets not importable: {exc}")
     finally:
         sys.path.remove(str(FUZZ))
-    return fuzz_decide, fuzz_policy
+    return fuzz_decide, fuzz_policy, fuzz_zmtp
 
 
 N = int(os.environ.get("GATEKEEPER_FUZZ_SMOKE", 3000))
 
 
 def test_decide_target_smoke(targets):
-    fuzz_decide, _ = targets
+    fuzz_decide, _, _ = targets
     for data in fuzz_decide.random_inputs(N, seed=1):
         fuzz_decide.TestOneInput(data)
 
 
 def test_policy_target_smoke(targets):
-    _, fuzz_policy = targets
+    _, fuzz_policy, _ = targets
     for data in fuzz_policy.random_inputs(N, seed=1):
         fuzz_policy.TestOneInput(data)
+
+
+def test_zmtp_target_smoke(targets):
+    _, _, fuzz_zmtp = targets
+    for data in fuzz_zmtp.random_inputs(N, seed=1):
+        fuzz_zmtp.TestOneInput(data)
 
 
 BASE = ('[frontend]\nbind = ["tcp://127.0.0.1:5555"]\n'
@@ -68,7 +75,7 @@ FOUND = {
 def test_policy_regressions(targets, name):
     from gatekeeper.policy import PolicyError, parse_policy
 
-    _, fuzz_policy = targets
+    _, fuzz_policy, _ = targets
     fuzz_policy.check(FOUND[name])  # a Policy that works, or a PolicyError
     with pytest.raises(PolicyError):
         parse_policy(FOUND[name])
