@@ -20,6 +20,37 @@ IMPLS = [
 if os.environ.get("GATEKEEPER_NO_EXTENSIONS"):
     IMPLS = IMPLS[1:]
 
+# Frontend engines a gatekeeper process is run with: the native one wherever it is built.
+ENGINES = ["libzmq"]
+if _fast is not None and not os.environ.get("GATEKEEPER_NO_EXTENSIONS"):
+    try:
+        from gatekeeper import _native  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        ENGINES.insert(0, "native")
+
+
+def pytest_generate_tests(metafunc):
+    """Every test that runs a gatekeeper (the `engine` fixture, through
+    `gatekeeper_factory`) runs once per frontend engine, or on those its
+    `@pytest.mark.engines(...)` names."""
+    if "engine" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("engines")
+        engines = [e for e in ENGINES if marker is None or e in marker.args]
+        metafunc.parametrize("engine", engines, ids=engines)
+
+
+def pytest_collection_modifyitems(config, items):
+    # The pure-Python twin has no native engine: such a pairing would only repeat the
+    # libzmq one.
+    twin_native = [i for i in items if getattr(i, "callspec", None) is not None
+                   and i.callspec.params.get("engine") == "native"
+                   and i.callspec.params.get("twin") is True]
+    if twin_native:
+        config.hook.pytest_deselected(items=twin_native)
+        items[:] = [i for i in items if i not in twin_native]
+
 
 @pytest.fixture(params=IMPLS)
 def impl(request):
@@ -68,9 +99,16 @@ def echo_broker_factory():
 
 
 @pytest.fixture
-def gatekeeper_factory(tmp_path, echo_broker_factory):
+def engine():
+    """The frontend engine under test: `native` or `libzmq` (see pytest_generate_tests)."""
+    return ENGINES[0]
+
+
+@pytest.fixture
+def gatekeeper_factory(tmp_path, echo_broker_factory, engine):
     """`make(extra_toml, broker=True, python_twin=False, metrics=False)`: an echo broker
-    and a running gatekeeper CLI process in front of it; both stopped afterwards."""
+    and a running gatekeeper CLI process in front of it, on the `engine` under test; both
+    stopped afterwards."""
     from harness import GatekeeperProcess
 
     procs = []
@@ -78,7 +116,8 @@ def gatekeeper_factory(tmp_path, echo_broker_factory):
     def make(extra="", *, broker=True, python_twin=False, metrics=False, start=True):
         workdir = tmp_path / f"gk{len(procs)}"
         workdir.mkdir()
-        gk = GatekeeperProcess(workdir, extra, python_twin=python_twin, metrics=metrics)
+        gk = GatekeeperProcess(workdir, extra, python_twin=python_twin, metrics=metrics,
+                               engine="libzmq" if python_twin else engine)
         procs.append(gk)
         if broker:
             gk.broker = echo_broker_factory(gk.backend)

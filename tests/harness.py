@@ -55,8 +55,10 @@ class GatekeeperProcess:
     """`python -m gatekeeper --config policy.toml` with a generated policy."""
 
     def __init__(self, workdir: Path, extra: str = "", *, python_twin: bool = False,
-                 backend_port: int | None = None, metrics: bool = False) -> None:
+                 backend_port: int | None = None, metrics: bool = False,
+                 engine: str = "native") -> None:
         self.workdir = workdir
+        self.engine = engine
         self.frontend_port = free_port()
         self.backend_port = backend_port or free_port()
         self.frontend = f"tcp://127.0.0.1:{self.frontend_port}"
@@ -77,6 +79,7 @@ class GatekeeperProcess:
         text = textwrap.dedent(f"""\
             [frontend]
             bind = ["{self.frontend}"]
+            engine = "{self.engine}"
             [backend]
             connect = ["{self.backend}"]
             [control]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from gatekeeper.frontend import check_frontend
 from gatekeeper.policy import load_policy
 from gatekeeper.sockets import backend_options, frontend_options
 from harness import merge_sections
@@ -27,9 +28,12 @@ def test_example_policy_is_valid_and_every_option_is_explained():
     assert out.returncode == 0, out.stderr
     policy = load_policy(EXAMPLE).policy
     front, back = out.stdout.split("socket options: backend")
-    for text, options in ((front, frontend_options(policy)), (back, backend_options(policy))):
+    frontend, engine = check_frontend(policy)
+    assert f"# frontend engine {engine}\n" in out.stdout
+    front_rows = frontend_options(policy) if frontend is None else frontend[1]
+    for text, options in ((front, front_rows), (back, backend_options(policy))):
         for option in options:
-            line = next(l for l in text.splitlines() if l.strip().startswith(option.name + " "))
+            line = next(l for l in text.splitlines() if l.startswith(f"  {option.name} "))
             assert option.reason in line and option.shown in line
     assert "[rate_limit]" in out.stdout and "ROUTER_MANDATORY" in out.stdout
 

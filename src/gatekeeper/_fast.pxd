@@ -4,6 +4,26 @@
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 from gatekeeper._tables cimport KEY_STRIDE, Bucket, KeyIndex, Limits
+from gatekeeper._zmq_abi cimport gk_zmq_api
+
+# What a data-plane loop's run() returns to Python.
+cdef enum:
+    C_RUN_TICK = 0
+    C_RUN_SERVICE = 1
+    C_RUN_INTERRUPTED = 2
+    C_RUN_ERROR = 3
+
+# The traffic counters, in rules.COUNTER_NAMES order.
+cdef enum:
+    FE_MSGS_IN, FE_BYTES_IN, FE_MSGS_OUT, FE_BYTES_OUT
+    BE_MSGS_IN, BE_BYTES_IN, BE_MSGS_OUT, BE_BYTES_OUT
+    FORWARDED, REPLIED, REJECTS_SENT, REJECT_DROPPED, UNROUTABLE, REPLY_DROPPED
+    NCOUNTERS
+
+# pyzmq's libzmq, resolved once (by _fast's import)
+cdef const gk_zmq_api *zmq_api() noexcept
+# A refusal reason's name as ASCII (rules.REASONS), for reject replies
+cdef const char *reason_text(int reason, size_t *length) noexcept nogil
 
 cdef enum:
     NREASONS = 11

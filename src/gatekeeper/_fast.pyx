@@ -64,12 +64,8 @@ if _missing != NULL:
         f"gatekeeper._fast: cannot resolve {(<bytes>_missing).decode()} in pyzmq's libzmq"
     )
 
-RUN_TICK, RUN_SERVICE, RUN_INTERRUPTED = 0, 1, 2
+RUN_TICK, RUN_SERVICE, RUN_INTERRUPTED = C_RUN_TICK, C_RUN_SERVICE, C_RUN_INTERRUPTED
 cdef enum:
-    C_RUN_TICK = 0
-    C_RUN_SERVICE = 1
-    C_RUN_INTERRUPTED = 2
-    C_RUN_ERROR = 3
     BATCH_ = 256
     MAX_SERVICES = 8
     RECLAIM_SCAN_ = 16
@@ -88,11 +84,15 @@ for _i, _text in enumerate(_REASON_BYTES):
     REASON_TEXT[_i] = PyBytes_AS_STRING(_text)
     REASON_LEN[_i] = PyBytes_GET_SIZE(_text)
 
-cdef enum:
-    FE_MSGS_IN, FE_BYTES_IN, FE_MSGS_OUT, FE_BYTES_OUT
-    BE_MSGS_IN, BE_BYTES_IN, BE_MSGS_OUT, BE_BYTES_OUT
-    FORWARDED, REPLIED, REJECTS_SENT, REJECT_DROPPED, UNROUTABLE, REPLY_DROPPED
-    NCOUNTERS
+
+cdef const gk_zmq_api *zmq_api() noexcept:
+    return &Z
+
+
+cdef const char *reason_text(int reason, size_t *length) noexcept nogil:
+    length[0] = REASON_LEN[reason - 1]
+    return REASON_TEXT[reason - 1]
+
 assert NCOUNTERS == len(COUNTER_NAMES) and COUNTER_NAMES[REPLY_DROPPED] == "reply_dropped"
 
 
@@ -702,6 +702,8 @@ cdef class Relay:
         cdef int envelope = 0, i
         cdef size_t nbytes = Z.msg_size(&self.msgs[0])
         for i in range(1, held + 1):
+            if Z.msg_size(&self.msgs[i]) > self.engine.max_frame_bytes:
+                break  # as the native frontend, which holds no such frame of a refused message
             if Z.msg_size(&self.msgs[i]) == 0:
                 envelope = i
                 break

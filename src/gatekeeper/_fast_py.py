@@ -502,6 +502,10 @@ class Relay:
     def _send_reject(self, id_frame: zmq.Frame, held: list[zmq.Frame], reason: int) -> None:
         envelope = []
         for frame in held:
+            if len(frame) > self.engine.rules.max_frame_bytes:
+                # as the native frontend, which holds no such frame of a refused message
+                envelope = []
+                break
             envelope.append(frame)
             if len(frame) == 0:
                 break

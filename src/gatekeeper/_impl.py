@@ -33,4 +33,16 @@ PolicyEngine = impl.PolicyEngine
 Relay = impl.Relay
 RUN_TICK, RUN_SERVICE, RUN_INTERRUPTED = impl.RUN_TICK, impl.RUN_SERVICE, impl.RUN_INTERRUPTED
 
-__all__ = ["IMPLEMENTATION", "PolicyEngine", "Relay", "RUN_TICK", "RUN_SERVICE", "RUN_INTERRUPTED"]
+# The native frontend engine (Linux, compiled data plane only), or why there is none.
+NativeRelay = None
+NATIVE_UNAVAILABLE = "it needs the compiled data plane"
+if IMPLEMENTATION == "cython":
+    try:
+        from ._native import NativeRelay
+    except ImportError as exc:  # not built: not Linux, or a build without it
+        NATIVE_UNAVAILABLE = f"it is not built here ({exc})"
+    else:
+        NATIVE_UNAVAILABLE = ""
+
+__all__ = ["IMPLEMENTATION", "NATIVE_UNAVAILABLE", "NativeRelay", "PolicyEngine", "Relay",
+           "RUN_TICK", "RUN_SERVICE", "RUN_INTERRUPTED"]

@@ -30,6 +30,8 @@ typedef struct gk_zmq_pollitem_t {
 #define GK_ZMQ_POLLOUT 2
 #define GK_ZMQ_DONTWAIT 1
 #define GK_ZMQ_SNDMORE 2
+#define GK_ZMQ_FD 14
+#define GK_ZMQ_EVENTS 15
 #define GK_ZMQ_HAUSNUMERO 156384712
 #define GK_ETERM (GK_ZMQ_HAUSNUMERO + 53)
 
@@ -45,6 +47,7 @@ typedef struct gk_zmq_api {
     const char *(*msg_gets)(const gk_zmq_msg_t *, const char *);
     int (*send)(void *, const void *, size_t, int);
     int (*poll)(gk_zmq_pollitem_t *, int, long);
+    int (*getsockopt)(void *, int, void *, size_t *);
     int (*errno_)(void);
 } gk_zmq_api;
 
@@ -75,6 +78,7 @@ static const char *gk_zmq_resolve(const char *path, gk_zmq_api *api) {
     GK_RESOLVE(msg_gets, "zmq_msg_gets");
     GK_RESOLVE(send, "zmq_send");
     GK_RESOLVE(poll, "zmq_poll");
+    GK_RESOLVE(getsockopt, "zmq_getsockopt");
     GK_RESOLVE(errno_, "zmq_errno");
 #undef GK_RESOLVE
     /* The handle stays open for the life of the process, like pyzmq itself. */

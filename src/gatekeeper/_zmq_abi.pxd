@@ -11,6 +11,7 @@ cdef extern from "_zmq_abi.h" nogil:
         short revents
     ctypedef struct gk_zmq_api:
         int (*msg_init)(gk_zmq_msg_t *) noexcept nogil
+        int (*msg_init_size)(gk_zmq_msg_t *, size_t) noexcept nogil
         int (*msg_close)(gk_zmq_msg_t *) noexcept nogil
         int (*msg_recv)(gk_zmq_msg_t *, void *, int) noexcept nogil
         int (*msg_send)(gk_zmq_msg_t *, void *, int) noexcept nogil
@@ -20,6 +21,7 @@ cdef extern from "_zmq_abi.h" nogil:
         const char *(*msg_gets)(const gk_zmq_msg_t *, const char *) noexcept nogil
         int (*send)(void *, const void *, size_t, int) noexcept nogil
         int (*poll)(gk_zmq_pollitem_t *, int, long) noexcept nogil
+        int (*getsockopt)(void *, int, void *, size_t *) noexcept nogil
         int (*errno_ "errno_")() noexcept nogil
     const char *gk_zmq_resolve(const char *path, gk_zmq_api *api)
     enum:
@@ -27,3 +29,5 @@ cdef extern from "_zmq_abi.h" nogil:
         GK_ZMQ_POLLOUT
         GK_ZMQ_DONTWAIT
         GK_ZMQ_SNDMORE
+        GK_ZMQ_FD
+        GK_ZMQ_EVENTS

@@ -72,7 +72,7 @@ def client_ip(text: str) -> IPAddress | None:
     return ip
 
 
-def _network(cidr: str) -> IPNetwork:
+def network(cidr: str) -> IPNetwork:
     net = ipaddress.ip_network(cidr, strict=False)
     if net.version == 6 and net.prefixlen >= 96 and net.subnet_of(_MAPPED):
         # ::ffff:10.0.0.0/104 is 10.0.0.0/8: peers are normalised to IPv4 the same way
@@ -218,8 +218,8 @@ class ZapHandler:
 
     def _set_access(self, policy: Any) -> None:
         access = policy.access
-        self.allow = [_network(c) for c in access.allow_addresses]
-        self.deny = [_network(c) for c in access.deny_addresses]
+        self.allow = [network(c) for c in access.allow_addresses]
+        self.deny = [network(c) for c in access.deny_addresses]
         self.max_connections = access.max_connections_per_address
         rate = access.connections_per_second_per_address
         if not rate:

@@ -85,6 +85,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from .frontend import check_frontend
     from .sockets import SocketSetupError, check_libzmq, format_check
 
     try:
@@ -94,7 +95,8 @@ def _check(args: argparse.Namespace) -> int:
         return _fail(str(exc), 2)
     except SocketSetupError as exc:
         return _fail(str(exc), 1)
-    print(format_check(loaded))
+    frontend, engine = check_frontend(loaded.policy)
+    print(format_check(loaded, frontend, engine))
     return 0
 
 

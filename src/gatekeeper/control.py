@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
 from typing import Any, Callable, Protocol
 
@@ -19,7 +18,7 @@ from .keys import load_key_pair
 from .log import EventLog
 from .policy import PolicyError, load_policy
 from .rules import MAX_KEY_BYTES, parse_identity
-from .sockets import SocketSetupError, apply_options, control_options
+from .sockets import SocketSetupError, apply_options, control_options, unix_socket_in_use
 
 MAX_REQUEST_BYTES = 1024
 # Requests up to this size are read, so that an over-long one gets an answer; libzmq cuts a
@@ -94,7 +93,7 @@ class ControlServer:
         if path.startswith("@"):
             raise SocketSetupError(f"control.bind {endpoint}: an abstract ipc socket has no "
                                    "file mode, so any local user could control the proxy")
-        if _listening(path):
+        if unix_socket_in_use(path):
             # libzmq unlinks an existing socket file before binding: a second instance
             # would silently take the control socket of a running one.
             raise SocketSetupError(f"control.bind {endpoint}: in use by a running process")
@@ -226,16 +225,6 @@ def _identity_argument(word: str, arg: str | None) -> bytes:
     if not identity or len(identity) > MAX_KEY_BYTES:
         raise ControlError(f"identity must be 1 to {MAX_KEY_BYTES} bytes")
     return identity
-
-
-def _listening(path: str) -> bool:
-    """Whether a process accepts connections on the unix socket at `path`."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False  # absent, or a stale file left by a process that died
-    return True
 
 
 # -- the client side ---------------------------------------------------------------

@@ -25,6 +25,9 @@ from msgspec import Meta, Struct, field
 from .keys import load_client_keys, load_key_pair
 from .rules import MAX_FRAMES_LIMIT, MAX_KEY_BYTES, MAX_KEYS_LIMIT, parse_identity
 
+# The native engine's connection table is allocated whole (about 1 KiB a slot, touched
+# only when used); past a million, descriptors run out first anyway.
+MAX_CONNECTIONS_LIMIT = 1 << 20
 # Socket options and most data-plane fields are C ints; a larger value would only fail
 # after validation, when the socket is set up.
 _INT_MAX = 2**31 - 1
@@ -81,6 +84,12 @@ class _SocketSection(_Section, kw_only=True):
 
 class Frontend(_SocketSection, kw_only=True):
     bind: Annotated[Endpoints, Meta(min_length=1)]
+    # "native": the gatekeeper's own ZMTP engine where it can run (tcp and ipc on Linux,
+    # the compiled data plane); "libzmq": a libzmq ROUTER. See sockets.frontend_engine.
+    engine: Literal["native", "libzmq"] = "native"
+    max_connections: Annotated[int, Meta(gt=0, le=MAX_CONNECTIONS_LIMIT)] = 10000
+    max_buffered_bytes: Count = 268435456
+    legacy_zmtp2: bool = True
     handshake_timeout_ms: Count = 5000
     backlog: Count = 100
     curve: FrontendCurve | None = None
@@ -329,6 +338,8 @@ def _validate(p: Policy, base_dir: str, errors: _Errors) -> Policy:
                  p.limits)
     errors.check(("frontend.max_message_size", "limits.max_frame_bytes"),
                  _check_max_message_size, p)
+    errors.check(("frontend.max_buffered_bytes", "limits.max_message_bytes"),
+                 _check_max_buffered_bytes, p)
     if errors.sound("protocol", "limits.max_frames"):
         _check_protocol(p.protocol, p.limits, errors)
     rate_limit = p.rate_limit
@@ -364,6 +375,16 @@ def _check_max_message_size(p: Policy) -> None:
             f"{p.frontend.max_message_size} is below limits.max_frame_bytes "
             f"({p.limits.max_frame_bytes}), so libzmq would cut peers before the frame check "
             "refuses them; allowed: >= max_frame_bytes",
+        )
+
+
+def _check_max_buffered_bytes(p: Policy) -> None:
+    if p.frontend.max_buffered_bytes < p.limits.max_message_bytes:
+        raise _Invalid(
+            "frontend.max_buffered_bytes",
+            f"{p.frontend.max_buffered_bytes} is below limits.max_message_bytes "
+            f"({p.limits.max_message_bytes}): a message of the largest allowed size could "
+            "never be received whole; allowed: >= max_message_bytes",
         )
 
 

@@ -8,6 +8,7 @@ and calls back in. Signal handlers only record the signal; the loop acts on it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import time
 from typing import Any
@@ -15,8 +16,8 @@ from typing import Any
 import msgspec
 import zmq
 
-from . import sockets
-from ._impl import IMPLEMENTATION, RUN_SERVICE, PolicyEngine, Relay
+from . import frontend, sockets
+from ._impl import IMPLEMENTATION, RUN_SERVICE, NativeRelay, PolicyEngine, Relay
 from .auth import ZapHandler
 from .control import ControlServer
 from .log import EventLog, printable_key
@@ -43,28 +44,39 @@ class Gatekeeper:
         policy = loaded.policy
         sockets.check_libzmq()
         self.engine = PolicyEngine(rules_from_policy(policy))
+        self.engine_name, self.engine_fallback = frontend.engine_for(policy)
         self.ctx = zmq.Context()
         self._sockets: list[zmq.Socket] = []
+        self._listener_files: list[str] = []
         try:
             # ZAP first: no connection may complete before the handler is there.
             self.zap = ZapHandler(self.ctx, policy, self.log)
             self._sockets.append(self.zap.socket)
-            self.frontend = sockets.make_frontend(self.ctx, policy)
-            self._sockets.append(self.frontend)
-            self.zap.watch(self.frontend)
-            self._sockets.extend(self.zap.service_sockets[1:])  # the frontend's monitor
+            if self.engine_name == "libzmq":
+                self.frontend = sockets.make_frontend(self.ctx, policy)
+                self._sockets.append(self.frontend)
+                self.zap.watch(self.frontend)
+                self._sockets.extend(self.zap.service_sockets[1:])  # the frontend's monitor
+                self.endpoints = list(policy.frontend.bind)
+            else:
+                listeners = frontend.make_listeners(policy)
+                self.endpoints = frontend.bound_endpoints(listeners)
             self.backend = sockets.make_backend(self.ctx, policy)
             self._sockets.append(self.backend)
             self.control = ControlServer(self.ctx, policy.control, self)
             self._sockets.append(self.control.socket)
-            self.relay = Relay(
-                self.frontend,
-                self.backend,
-                [self.control.socket, *self.zap.service_sockets],
-                self.engine,
-            )
+            services = [self.control.socket, *self.zap.service_sockets]
+            if self.engine_name == "libzmq":
+                self.relay = Relay(self.frontend, self.backend, services, self.engine)
+            else:
+                self.relay = NativeRelay(listeners, self.backend, services, self.engine,
+                                         frontend.native_settings(policy))
+                self._listener_files = self.relay.listener_files
             self.metrics = MetricsServer(self, policy.metrics.listen)
         except BaseException:
+            if self.engine_name == "native" and not hasattr(self, "relay"):
+                for s in locals().get("listeners", []):
+                    s.close()
             self._close(linger=0)
             raise
 
@@ -74,7 +86,10 @@ class Gatekeeper:
         """Run until shut down; returns the process exit code."""
         previous = {s: signal.signal(s, self._on_signal)
                     for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
-        self.log.info("started", frontend=list(self.loaded.policy.frontend.bind),
+        if self.engine_fallback:
+            self.log.warning("engine_fallback", engine=self.engine_name,
+                             reason=self.engine_fallback)
+        self.log.info("started", frontend=self.endpoints, engine=self.engine_name,
                       implementation=IMPLEMENTATION, libzmq=zmq.zmq_version(),
                       policy=self.loaded.path)
         next_pump = time.monotonic() + LOG_PUMP_S
@@ -120,9 +135,10 @@ class Gatekeeper:
         if self.draining:
             return
         self.draining = True
+        # The native engine closes its listening sockets; libzmq's unbind would also cut
+        # the clients still waiting for replies, so a libzmq frontend stays bound and ZAP
+        # refuses new handshakes instead.
         self.relay.close_frontend()
-        # libzmq's unbind would also cut the clients still waiting for replies, so the
-        # frontend stays bound and ZAP refuses new handshakes instead.
         self.zap.closing = True
         timeout = self.loaded.policy.shutdown.drain_timeout_ms / 1000.0
         self._drain_deadline = time.monotonic() + timeout
@@ -142,6 +158,11 @@ class Gatekeeper:
         for s in self._sockets:
             s.close(linger=linger if linger is not None else lingers.get(s, 0))
         self.ctx.term()
+        for path in self._listener_files:  # a native ipc endpoint's socket file
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     # -- operations (control socket and signals) -----------------------------------
 
@@ -161,6 +182,8 @@ class Gatekeeper:
             return {"ok": False, "error": error}
         self.engine.set_rules(rules)
         self.zap.set_policy(policy)
+        if self.engine_name == "native":
+            self.relay.set_access(frontend.native_settings(policy))
         self.loaded = dataclasses.replace(new, policy=policy)
         self.reloads["ok"] += 1
         self.log.info("reloaded", source=source, sha256=new.sha256, changed=changed,
@@ -196,13 +219,25 @@ class Gatekeeper:
             "reloads": dict(self.reloads),
             "libzmq": zmq.zmq_version(),
             "implementation": IMPLEMENTATION,
+            "engine": self.engine_name,
+            "connections": self.connections(),
         }
 
     def violations(self) -> dict[str, int]:
         """Refusals per reason, message-level and handshake-level, zeros included."""
         counts = dict(zip(REASONS, self.engine.violations()))
-        counts.update({r: self.zap.refusals.get(r, 0) for r in HANDSHAKE_REASONS})
+        if self.engine_name == "native":
+            handshakes = self.relay.handshakes()
+            counts.update({r: handshakes[r] for r in HANDSHAKE_REASONS})
+        else:
+            counts.update({r: self.zap.refusals.get(r, 0) for r in HANDSHAKE_REASONS})
         return counts
+
+    def connections(self) -> int:
+        """Frontend connections now (with libzmq, the TCP ones its monitor reported)."""
+        if self.engine_name == "native":
+            return self.relay.connections
+        return len(self.zap.connections)
 
     def statistics(self) -> list[int]:
         """zmq_proxy_steerable's STATISTICS order."""
@@ -224,6 +259,12 @@ class Gatekeeper:
                              frames=nframes, bytes=nbytes, dry_run=dry_run)
         if suppressed:
             self.log.warning("violations_suppressed", counts=suppressed)
+        if self.engine_name == "native":  # with libzmq, the ZAP handler logs these
+            handshakes, left_out = self.relay.take_samples()
+            for reason, address in handshakes:
+                self.log.warning("violation", reason=reason, stage="handshake", address=address)
+            if left_out:
+                self.log.warning("violations_suppressed", stage="handshake", counts=left_out)
 
 
 def _running_values(new: Policy, running: Policy, keys: list[str]) -> Policy:

@@ -32,18 +32,26 @@ BANNED, IDENTITY_DENIED, IDENTITY_NOT_ALLOWED, TOO_MANY_FRAMES, FRAME_TOO_LARGE 
 MESSAGE_TOO_LARGE, MALFORMED_ENVELOPE, COMMAND_NOT_ALLOWED, RATE_LIMITED = 6, 7, 8, 9
 BACKEND_UNAVAILABLE, IDENTITY_NOT_KEY = 10, 11
 
-# Refusals decided in the ZAP handler, before any message exists.
-# SPEC lists `identity_not_key` among these, but libzmq's ZAP request carries the routing
-# id of the *local* socket, not the peer's, so it cannot be decided at handshake time: the
-# data plane decides it per message (REASONS above), from the routing id and the User-Id
-# metadata the ZAP handler set. Every SPEC reason is in exactly one of the two tuples.
+# Refusals before any message exists, at accept or in the handshake. The native engine
+# decides all of them; with a libzmq frontend the ZAP handler decides the first five (at
+# handshake time), and libzmq the rest as it sees fit (it counts none of them).
+# `identity_not_key` is not among them: libzmq's ZAP request carries the routing id of the
+# *local* socket, not the peer's, so the data plane decides it per message (REASONS above).
 HANDSHAKE_REASONS: tuple[str, ...] = (
     "address_denied",
     "address_not_allowed",
     "key_not_allowed",
     "too_many_connections",
     "connection_rate_limited",
+    "connection_limit",
+    "legacy_protocol",
+    "invalid_socket_type",
+    "reserved_identity",
+    "identity_in_use",
 )
+# Every handshake's outcome: accepted, refused (by reason), or it timed out or broke the
+# protocol. A peer that leaves mid-handshake is none of these.
+HANDSHAKE_RESULTS: tuple[str, ...] = ("accepted", *HANDSHAKE_REASONS, "timeout", "protocol_error")
 
 # Data-plane events that are not refusals of a client message.
 EVENTS: tuple[str, ...] = ("reject_dropped", "unroutable", "reply_dropped")

@@ -6,6 +6,7 @@ what runs.
 
 import ctypes
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ __all__ = [
     "frontend_options",
     "make_backend",
     "make_frontend",
+    "unix_socket_in_use",
 ]
 
 # 4.3.3 fixes CVE-2019-6250, CVE-2019-13132 and CVE-2020-15166 (and the related bugs).
@@ -278,14 +280,19 @@ def check_libzmq(version: tuple[int, ...] | None = None) -> None:
         )
 
 
-def format_check(loaded: LoadedPolicy) -> str:
-    """What `gatekeeper check` prints: the effective policy, then each side's socket options."""
+def format_check(loaded: LoadedPolicy, frontend: tuple[str, list[Any]] | None = None,
+                 engine: str = "libzmq") -> str:
+    """What `gatekeeper check` prints: the effective policy, then each side's settings.
+    `frontend` is (heading, rows) of the frontend when it is not a libzmq ROUTER; rows have
+    `name`, `shown` and `reason`, as SocketOption does."""
     p = loaded.policy
     b = p.backend
     backend_verb = "connect" if b.connect else "bind"
     sides = [
-        (f"frontend ROUTER, bind {', '.join(p.frontend.bind)}", frontend_options(p)),
-        (f"backend DEALER, {backend_verb} {', '.join(b.connect or b.bind)}", backend_options(p)),
+        frontend or (f"socket options: frontend ROUTER, bind {', '.join(p.frontend.bind)}",
+                     frontend_options(p)),
+        (f"socket options: backend DEALER, {backend_verb} {', '.join(b.connect or b.bind)}",
+         backend_options(p)),
     ]
     rows = [o for _, opts in sides for o in opts]
     name_width = max(len("option"), *(len(o.name) for o in rows))
@@ -294,12 +301,23 @@ def format_check(loaded: LoadedPolicy) -> str:
         f"# policy {loaded.path}",
         f"# sha256 {loaded.sha256}",
         f"# libzmq {zmq.zmq_version()}",
+        f"# frontend engine {engine}",
         "",
         format_policy(p),
     ]
-    for title, opts in sides:
-        out.append(f"socket options: {title}")
+    for heading, opts in sides:
+        out.append(heading)
         out.append(f"  {'option':<{name_width}}  {'value':<{value_width}}  reason")
         out += [f"  {o.name:<{name_width}}  {o.shown:<{value_width}}  {o.reason}" for o in opts]
         out.append("")
     return "\n".join(out)
+
+
+def unix_socket_in_use(path: str) -> bool:
+    """Whether a process accepts connections on the unix socket at `path`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False  # absent, or a stale file left by a process that died
+    return True

@@ -21,7 +21,7 @@ CUT_WITHIN_S = 5.0
 
 
 @pytest.mark.parametrize("twin", [False, True], ids=["c", "py"])
-def test_random_bytes_and_broken_greetings(gatekeeper_factory, ctx, twin):
+def test_random_bytes_and_broken_greetings(gatekeeper_factory, ctx, twin, engine):
     gk = gatekeeper_factory(FAST_HANDSHAKE, python_twin=twin)
     rng = random.Random(1234)
     for i in range(60):
@@ -29,8 +29,11 @@ def test_random_bytes_and_broken_greetings(gatekeeper_factory, ctx, twin):
         if i % 15 == 0:
             assert_serving(gk, ctx)
     stats = assert_serving(gk, ctx)
-    # nothing of it was a message: no refusal counted, nothing forwarded but the calm ones
-    assert sum(stats["violations"].values()) == 0
+    # nothing of it was a message: no message refused, nothing forwarded but the calm ones
+    refused = {r: n for r, n in stats["violations"].items() if n}
+    # the native engine counts the ZMTP 1.0 greetings it reads before the sender's reset
+    # (random bytes mostly read as such); libzmq counts none
+    assert set(refused) <= ({"legacy_protocol"} if engine == "native" and not twin else set())
     assert stats["forwarded"] == stats["frontend"]["messages_in"]
 
 
@@ -62,9 +65,10 @@ GREETINGS = {
 @pytest.mark.parametrize("name", list(GREETINGS))
 def test_malformed_handshakes_are_cut(gatekeeper_factory, ctx, raw_peers, name):
     """Each variant is cut (at once, or at handshake_timeout_ms for a stall) while a calm
-    client keeps being served."""
+    client keeps being served. (ZMTP 2.0 is refused as libzmq's ZAP refuses it; the
+    native engine serves it unless legacy_zmtp2 = false: tests/hostile/test_legacy.py.)"""
     data, at_once = GREETINGS[name]
-    gk = gatekeeper_factory(FAST_HANDSHAKE)
+    gk = gatekeeper_factory(FAST_HANDSHAKE + "legacy_zmtp2 = false\n")
     peer = raw_peers(gk.frontend_port)
     started = time.monotonic()
     peer.send(data)
@@ -135,12 +139,18 @@ def test_oversized_frame_cuts_only_that_peer(gatekeeper_factory, ctx, raw_peers)
     assert stats["violations"]["frame_too_large"] == 0  # cut by libzmq, not refused
 
 
-def test_long_routing_id_from_raw_peer(gatekeeper_factory, ctx, raw_peers):
+def test_long_routing_id_from_raw_peer(gatekeeper_factory, ctx, raw_peers, engine):
     """libzmq takes a routing id longer than ZMTP's 255 bytes from a raw READY; the data
-    plane must cope (keys are cut to 255 bytes) and the reply must route back."""
+    plane must cope (keys are cut to 255 bytes) and the reply must route back. The native
+    engine holds to RFC 23 (0*255OCTET) and cuts such a peer as a protocol error."""
     gk = gatekeeper_factory('[rate_limit]\nmessages_per_second = 1000.0\nburst = 1000\n'
                             '[access]\ndeny_identities = ["' + "L" * 255 + '"]\n')
     peer = raw_peers(gk.frontend_port)
+    if engine == "native":
+        peer.send(zmtp.greeting() + zmtp.ready(b"DEALER", b"L" * 1000))
+        assert peer.closed_within(CUT_WITHIN_S)
+        assert_serving(gk, ctx)
+        return
     peer.handshake(b"L" * 1000)
     peer.send(zmtp.message([b"", b"long"]))
     # a 1000-byte id is not the 255-byte denied one: forwarded

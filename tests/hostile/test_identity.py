@@ -120,24 +120,37 @@ def test_auto_assigned_routing_ids_are_not_predictable(gatekeeper_factory, ctx):
     assert ids[0] != ids[1], f"both gatekeepers gave the first anonymous peer {ids[0].hex()}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
+LIBZMQ_COUNTER_IDS = pytest.mark.xfail(strict=True, reason=(
     "libzmq 4.3.5 bug: router_t::identify_peer gives an anonymous peer the next counter id "
     "without checking that a peer already claimed it, and add_out_pipe then fails "
     "zmq_assert(ok) (socket_base.cpp:2113): abort. No socket option avoids it, and ZAP "
-    "does not see the peer's routing id; needs a libzmq fix"))
-def test_claiming_the_next_auto_routing_id_does_not_crash(gatekeeper_factory, ctx,
-                                                           no_core_dumps):
+    "does not see the peer's routing id; the native engine owns its ids"))
+
+
+def test_claiming_the_next_auto_routing_id_does_not_crash(gatekeeper_factory, ctx, engine,
+                                                           request, no_core_dumps):
+    if engine == "libzmq":
+        request.applymarker(LIBZMQ_COUNTER_IDS)
     gk = gatekeeper_factory(broker=False)
     broker = _broker(ctx, gk)
     known = _auto_routing_id(ctx, gk, broker)  # an attacker may learn one (e.g. from a reply)
     (n,) = struct.unpack(">I", known[1:])
-    squatter = client(ctx, gk.frontend, identity=b"\x00" + struct.pack(">I", n + 1))
+    squatter = client(ctx, gk.frontend, identity=b"\x00" + struct.pack(">I", n + 1),
+                      timeout_ms=1000)
     squatter.send(b"x")
-    broker.send_multipart(_recv(broker))
-    assert squatter.recv() == b"x"
+    if engine == "native":
+        # zero-prefixed ids are the gatekeeper's: the squatter is refused outright
+        with pytest.raises(zmq.Again):
+            squatter.recv()
+        assert gk.ctl("STATS")["violations"]["reserved_identity"] >= 1
+    else:
+        broker.send_multipart(_recv(broker))
+        assert squatter.recv() == b"x"
     victim = client(ctx, gk.frontend, zmq.REQ, timeout_ms=2000)
     victim.send(b"hello")
     try:
+        if engine == "native":  # and anonymous clients keep working
+            broker.send_multipart(_recv(broker))
         victim.recv()
     except zmq.Again:
         pass
@@ -148,6 +161,7 @@ def test_claiming_the_next_auto_routing_id_does_not_crash(gatekeeper_factory, ct
             s.close(0)
 
 
+@pytest.mark.engines("libzmq")
 def test_connection_under_a_busy_id_is_not_heard_until_it_reconnects(gatekeeper_factory,
                                                                      ctx):
     """The other side of ROUTER_HANDOVER=0, for operators. A connection that arrives under
@@ -179,3 +193,28 @@ def echo_via_id(broker, sock, body):
     sock.send(body)
     broker.send_multipart(_recv(broker))
     assert sock.recv() == body
+
+
+@pytest.mark.engines("native")
+def test_client_refused_for_a_busy_id_gets_in_once_the_holder_leaves(gatekeeper_factory, ctx):
+    """identity_in_use is a plain close: libzmq retries (every ~100 ms by default), so a
+    client that reconnects under its fixed id while its old connection is still up gets
+    in by itself as soon as that one is gone; meanwhile the holder keeps its id."""
+    gk = gatekeeper_factory(broker=False)
+    broker = _broker(ctx, gk)
+    old = client(ctx, gk.frontend, identity=b"fixed")
+    echo_via_id(broker, old, b"first life")
+    late = client(ctx, gk.frontend, identity=b"fixed")
+    late.send(b"second life")  # queued in the client while it is refused
+    assert not broker.poll(500)
+    assert gk.ctl("STATS")["violations"]["identity_in_use"] >= 1
+    echo_via_id(broker, old, b"still the holder")
+    old.close(0)
+    left = time.monotonic()
+    request = _recv(broker, timeout_ms=2000)
+    assert request[-1] == b"second life"
+    assert time.monotonic() - left < 1.0, "the refused client did not get in within a second"
+    broker.send_multipart(request)
+    assert late.recv() == b"second life"
+    late.close(0)
+    broker.close(0)

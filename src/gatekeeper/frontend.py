@@ -1,0 +1,221 @@
+"""The frontend: which engine serves the clients, and what the native engine is given.
+
+`engine = "native"` is the gatekeeper's own ZMTP engine (`_native.pyx`); it runs where it
+can: on Linux, with the compiled data plane, on tcp and ipc endpoints, without CURVE. Elsewhere a
+libzmq ROUTER (`sockets.make_frontend`) serves the clients, and the reason is logged and
+shown by `gatekeeper check`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import sys
+from dataclasses import dataclass
+
+from . import _impl
+from .auth import MAX_RATE_ADDRESSES, network
+from .policy import Policy
+from .sockets import SocketSetupError, unix_socket_in_use
+
+
+def engine_for(policy: Policy) -> tuple[str, str]:
+    """(the engine that serves this policy's clients, why it is not the one asked for)."""
+    if policy.frontend.engine == "libzmq":
+        return "libzmq", ""
+    if not sys.platform.startswith("linux"):
+        return "libzmq", "the native engine runs on Linux only"
+    if _impl.NATIVE_UNAVAILABLE:
+        return "libzmq", f"the native engine is unavailable: {_impl.NATIVE_UNAVAILABLE}"
+    inproc = [ep for ep in policy.frontend.bind if ep.startswith("inproc://")]
+    if inproc:
+        return "libzmq", f"{inproc[0]}: only a libzmq ROUTER serves inproc endpoints"
+    if policy.frontend.curve is not None:
+        return "libzmq", "[frontend.curve] is served by a libzmq ROUTER for now"
+    return "native", ""
+
+
+@dataclass(frozen=True, slots=True)
+class NativeSettings:
+    """What `_native.NativeRelay` takes from the policy; `set_access` takes it again on a
+    reload (only the access fields can change without a restart)."""
+
+    max_connections: int
+    max_buffered_bytes: int
+    max_message_size: int
+    legacy_zmtp2: bool
+    sndhwm: int
+    handshake_timeout_ms: int
+    heartbeat_interval_ms: int
+    heartbeat_timeout_ms: int
+    heartbeat_ttl_ms: int
+    tcp_keepalive: bool
+    tcp_keepalive_idle_s: int
+    tcp_keepalive_interval_s: int
+    tcp_keepalive_count: int
+    allow_addresses: tuple[tuple[int, int, bytes], ...]  # (address length, prefix, network)
+    deny_addresses: tuple[tuple[int, int, bytes], ...]
+    max_connections_per_address: int
+    connections_per_second_per_address: float
+    log_per_second: int
+    max_rate_addresses: int = MAX_RATE_ADDRESSES
+
+
+def native_settings(policy: Policy) -> NativeSettings:
+    a = policy.access
+    taken = {field: getattr(policy.frontend, field) for field in _FROM_FRONTEND}
+    return NativeSettings(
+        **taken,
+        allow_addresses=tuple(_cidr(c) for c in a.allow_addresses),
+        deny_addresses=tuple(_cidr(c) for c in a.deny_addresses),
+        max_connections_per_address=a.max_connections_per_address,
+        connections_per_second_per_address=a.connections_per_second_per_address,
+        log_per_second=policy.violations.log_per_second,
+    )
+
+
+# NativeSettings' fields that are [frontend]'s of the same name
+_FROM_FRONTEND = (
+    "max_connections", "max_buffered_bytes", "max_message_size", "legacy_zmtp2", "sndhwm",
+    "handshake_timeout_ms", "heartbeat_interval_ms", "heartbeat_timeout_ms",
+    "heartbeat_ttl_ms", "tcp_keepalive", "tcp_keepalive_idle_s", "tcp_keepalive_interval_s",
+    "tcp_keepalive_count",
+)
+
+
+def _cidr(text: str) -> tuple[int, int, bytes]:
+    net = network(text)  # IPv4-mapped networks as IPv4, as peers are
+    return (4 if net.version == 4 else 16, net.prefixlen, net.network_address.packed)
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """A row of `gatekeeper check` for the native engine, as sockets.SocketOption is."""
+
+    name: str
+    shown: str
+    reason: str
+
+
+def native_rows(policy: Policy) -> list[Setting]:
+    """What the native engine applies of [frontend], and why."""
+    f = policy.frontend
+
+    def row(name: str, reason: str) -> Setting:
+        value = getattr(f, name)
+        shown = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        return Setting(name, shown, reason)
+
+    rows = [
+        row("max_connections", "connections held at once; more are closed at accept"),
+        row("max_buffered_bytes", "all partially received messages together; past it, "
+            "their connections are not read (TCP pushes back)"),
+        row("max_message_size", "a larger frame cuts its connection (as ZMQ_MAXMSGSIZE)"),
+        row("legacy_zmtp2", "ZMTP 2.0 peers served" if f.legacy_zmtp2
+            else "ZMTP 2.0 peers refused (legacy_protocol)"),
+        row("sndhwm", "replies queued to one client; more are dropped (reply_dropped)"),
+        row("handshake_timeout_ms", "peers that do not finish the handshake are dropped"),
+        row("heartbeat_interval_ms", "ZMTP PINGs find a dead client"),
+        row("heartbeat_timeout_ms", "a client that answers nothing in time is disconnected, "
+            "and its routing id is free again"),
+        row("heartbeat_ttl_ms", "the TTL our PINGs announce"),
+        row("backlog", "bounds the kernel's queue of connections not yet accepted"),
+        row("tcp_keepalive", "the kernel finds a client that vanished without a FIN"),
+    ]
+    if f.tcp_keepalive:
+        rows += [row(name, "keepalive timing") for name in
+                 ("tcp_keepalive_idle_s", "tcp_keepalive_interval_s", "tcp_keepalive_count")]
+    rows += [
+        Setting("ROUTER_MANDATORY", "1", "as libzmq's: an unroutable reply is counted "
+                "(unroutable), not dropped unsaid"),
+        Setting("ROUTER_HANDOVER", "0", "as libzmq's: a second peer cannot take over a "
+                "connected client's routing id (identity_in_use)"),
+        Setting("rcvhwm, linger_ms", "-", "not used: each message is checked as it arrives, "
+                "and replies are written or dropped, never left to linger"),
+    ]
+    return rows
+
+
+def check_frontend(policy: Policy) -> tuple[tuple[str, list[Setting]] | None, str]:
+    """For `gatekeeper check`: the frontend's (heading, rows) when the native engine serves
+    it (None: a libzmq ROUTER, whose socket options the check prints), and the engine
+    line."""
+    engine, why = engine_for(policy)
+    if engine == "libzmq":
+        return None, f"libzmq ({why})" if why else "libzmq"
+    heading = f"native engine settings: frontend, bind {', '.join(policy.frontend.bind)}"
+    return (heading, native_rows(policy)), "native"
+
+
+def make_listeners(policy: Policy) -> list[socket.socket]:
+    """A bound, listening socket for each frontend endpoint (tcp or ipc), as libzmq would
+    bind it: SO_REUSEADDR, `*` for every IPv4 address, a bracketed IPv6 literal dual-stack."""
+    listeners: list[socket.socket] = []
+    try:
+        for endpoint in policy.frontend.bind:
+            listeners.append(_listen(endpoint, policy.frontend.backlog))
+    except BaseException:
+        for s in listeners:
+            s.close()
+        raise
+    return listeners
+
+
+def _listen(endpoint: str, backlog: int) -> socket.socket:
+    scheme, _, address = endpoint.partition("://")
+    try:
+        if scheme == "ipc":
+            return _listen_ipc(endpoint, address, backlog)
+        host, _, port = address.rpartition(":")
+        port_number = 0 if port in ("*", "0") else int(port)
+        if host.startswith("["):
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            bind_to: tuple = (host.strip("[]"), port_number)
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            bind_to = ("0.0.0.0" if host == "*" else host, port_number)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(bind_to)
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    except OSError as e:
+        raise SocketSetupError(f"{endpoint}: {e.strerror or e}") from None
+
+
+def _listen_ipc(endpoint: str, path: str, backlog: int) -> socket.socket:
+    if not path.startswith("@"):
+        try:
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                if unix_socket_in_use(path):
+                    raise SocketSetupError(f"{endpoint}: in use by a running process")
+                os.unlink(path)  # a stale file, as libzmq would replace it
+        except FileNotFoundError:
+            pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind("\0" + path[1:] if path.startswith("@") else path)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bound_endpoints(listeners: list[socket.socket]) -> list[str]:
+    """The endpoints as bound (ephemeral ports resolved), for the started log line."""
+    out = []
+    for s in listeners:
+        name = s.getsockname()
+        if s.family == socket.AF_UNIX:
+            out.append("ipc://" + (name if isinstance(name, str) else "@" + name[1:].decode()))
+        elif s.family == socket.AF_INET6:
+            out.append(f"tcp://[{name[0]}]:{name[1]}")
+        else:
+            out.append(f"tcp://{name[0]}:{name[1]}")
+    return out
