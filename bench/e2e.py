@@ -8,8 +8,11 @@ Kinds:
   direct      no proxy: the load generator straight to the echo broker; its throughput
               must be well above every proxy's, or the generator is what gets measured
   proxy       zmq.proxy(ROUTER, DEALER), libzmq's own C proxy
-  gatekeeper  python -m gatekeeper with every check on and nothing refused
-  python      the same with GATEKEEPER_NO_EXTENSIONS=1 (the pure-Python twin)
+  gatekeeper  python -m gatekeeper with every check on and nothing refused (the native
+              frontend engine)
+  libzmq      the same with frontend.engine = "libzmq" (a libzmq ROUTER in front)
+  python      the same with GATEKEEPER_NO_EXTENSIONS=1 (the pure-Python twin, libzmq
+              frontend)
 
 The kinds alternate within each round, so drift on a shared machine hits all of them.
 
@@ -45,10 +48,11 @@ import loadgen
 
 THIS = Path(__file__).resolve()
 SRC = THIS.parent.parent / "src"
-KINDS = ("direct", "proxy", "gatekeeper", "python")
-# The gatekeeper kinds and the implementation each must report in STATS: a missing
-# extension silently falling back to Python would otherwise make the A/B compare B to B.
-GATEKEEPER_KINDS = {"gatekeeper": "cython", "python": "python"}
+KINDS = ("direct", "proxy", "gatekeeper", "libzmq", "python")
+# The gatekeeper kinds and the (implementation, engine) each must report in STATS: a
+# missing extension silently falling back would otherwise make the A/B compare B to B.
+GATEKEEPER_KINDS = {"gatekeeper": ("cython", "native"), "libzmq": ("cython", "libzmq"),
+                    "python": ("python", "libzmq")}
 READY_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 PRESETS = {
@@ -65,7 +69,7 @@ class StartFailure(Exception):
 
 # -- servers -------------------------------------------------------------------------
 
-def policy_toml(frontend: str, backend: str, control: str, size: int) -> str:
+def policy_toml(frontend: str, backend: str, control: str, size: int, engine: str) -> str:
     frame = max(65536, size)
     # [protocol] stays off: require_delimiter and command_frame need an envelope, and the
     # load generator's single frame starts with a timestamp.
@@ -73,6 +77,7 @@ def policy_toml(frontend: str, backend: str, control: str, size: int) -> str:
 # Every check on, nothing refused: the benchmark measures what checking costs.
 [frontend]
 bind = ["{frontend}"]
+engine = "{engine}"
 max_message_size = {max(1048576, frame)}
 
 [backend]
@@ -153,7 +158,8 @@ def spawn(role: str, frontend: str, backend: str, workdir: Path, size: int) -> S
         argv = [sys.executable, str(THIS), "_proxy", frontend, backend]
     else:
         config = workdir / "policy.toml"
-        config.write_text(policy_toml(frontend, backend, f"ipc://{workdir}/gk.ctl", size))
+        config.write_text(policy_toml(frontend, backend, f"ipc://{workdir}/gk.ctl", size,
+                                      GATEKEEPER_KINDS[role][1]))
         argv = [sys.executable, "-m", "gatekeeper", "--config", str(config),
                 "--log-format", "text"]
         env = gatekeeper_env(role)
@@ -196,8 +202,9 @@ def wait_ready(ctx: zmq.Context, endpoint: str, servers: list[Server]) -> None:
         probe.close()
 
 
-def reported_implementation(ctx: zmq.Context, control: str) -> str | None:
-    """`implementation` from the control socket's STATS, or None if it does not answer."""
+def reported_implementation(ctx: zmq.Context, control: str) -> tuple[str, str] | None:
+    """(implementation, engine) from the control socket's STATS, or None if it does not
+    answer."""
     req = ctx.socket(zmq.REQ)
     req.linger = 0
     try:
@@ -205,7 +212,8 @@ def reported_implementation(ctx: zmq.Context, control: str) -> str | None:
         req.send(b"STATS")
         if not req.poll(2000):
             return None
-        return json.loads(req.recv()).get("implementation")
+        stats = json.loads(req.recv())
+        return stats.get("implementation"), stats.get("engine")
     except (zmq.ZMQError, ValueError, AttributeError):
         return None
     finally:
@@ -229,7 +237,7 @@ def run_one(kind: str, args: argparse.Namespace, ctx: zmq.Context) -> dict:
             implementation = reported_implementation(ctx, f"ipc://{workdir}/gk.ctl")
             if implementation not in (None, GATEKEEPER_KINDS[kind]):
                 raise StartFailure(
-                    f"it runs the {implementation} implementation, expected "
+                    f"it runs {implementation} (implementation, engine), expected "
                     f"{GATEKEEPER_KINDS[kind]} (is the extension built?)")
         proxy = psutil.Process(servers[-1].proc.pid) if kind != "direct" else None
         cpu_before = _cpu_seconds(proxy)
@@ -304,6 +312,8 @@ def ratios(summary: dict) -> dict:
         "gatekeeper/proxy single_p50": ratio("gatekeeper", "proxy", "single_p50_us"),
         "python/gatekeeper cpu_per_msg": ratio("python", "gatekeeper", "cpu_us_per_msg"),
         "gatekeeper/proxy cpu_per_msg": ratio("gatekeeper", "proxy", "cpu_us_per_msg"),
+        "gatekeeper/libzmq msgs_per_s": ratio("gatekeeper", "libzmq", "msgs_per_s"),
+        "gatekeeper/libzmq cpu_per_msg": ratio("gatekeeper", "libzmq", "cpu_us_per_msg"),
     }
 
 

@@ -421,6 +421,7 @@ cdef class NativeRelay:
     cdef public bint paused
     cdef readonly bint frontend_open
     cdef bint reading                 # the inner epoll is in the outer one
+    cdef bint backend_due, services_due   # their ZMQ_EVENTS must be read (see _run)
     cdef double next_sweep
     cdef uint64_t counts[NCOUNTERS]
     cdef uint64_t hs[NHS]
@@ -640,22 +641,28 @@ cdef class NativeRelay:
         cdef epoll_event events[MAX_EVENTS]
         cdef int n, i, kind, wait
         cdef uint64_t index
-        cdef int busy
+        # A ZMQ_FD only says that something changed since the socket was last looked at,
+        # and any libzmq call on the socket may take that signal: the backend is looked
+        # at whenever its descriptor fired or we used it, the service sockets when theirs
+        # fired, and both on entry (Python may have left messages in them).
+        self.backend_due = True
+        self.services_due = True
         while True:
-            busy = self.serve_backend(now)
-            if busy < 0:
-                return C_RUN_ERROR
-            for i in range(self.nservices):
-                if self.zmq_events(self.service_handles[i]) & GK_ZMQ_POLLIN:
-                    return C_RUN_SERVICE
+            if self.backend_due:
+                self.backend_due = False
+                if self.serve_backend(now) < 0:
+                    return C_RUN_ERROR
+            if self.services_due:
+                self.services_due = False
+                for i in range(self.nservices):
+                    if self.zmq_events(self.service_handles[i]) & GK_ZMQ_POLLIN:
+                        return C_RUN_SERVICE
             if now >= self.next_sweep:
                 self.sweep(now)
                 self.next_sweep = now + SWEEP_MS * 1e-3
             self.set_reading(self.frontend_open and not self.paused and self.npending == 0)
-            # After every libzmq call the ZMQ_FDs may have been drained of their signal:
-            # never sleep while the backend still has something for us.
             wait = 0
-            if not busy and not (self.zmq_events(self.be) & GK_ZMQ_POLLIN):
+            if not self.backend_due:
                 wait = <int>((min(deadline, self.next_sweep) - now) * 1e3) + 1
                 if wait < 0:
                     wait = 0
@@ -673,6 +680,10 @@ cdef class NativeRelay:
                     self.read_ready(now)
                 elif kind == TAG_CONN:
                     self.flush(&self.conns[index])
+                elif index == 0:
+                    self.backend_due = True
+                else:
+                    self.services_due = True
             self.flush_dirty()  # rejects and PONGs written while reading
             if now >= deadline:
                 return C_RUN_TICK
@@ -694,7 +705,7 @@ cdef class NativeRelay:
         self.reading = on
 
     cdef int serve_backend(self, double now) noexcept nogil:
-        """Pending request out, replies in; 1 if the backend may have more right away."""
+        """The pending request out, replies in; -1 on an error."""
         cdef int events = self.zmq_events(self.be)
         cdef int rc
         if self.npending and events & GK_ZMQ_POLLOUT:
@@ -705,8 +716,10 @@ cdef class NativeRelay:
                 self.resume_stash(now)
         if events & GK_ZMQ_POLLIN:
             rc = self.relay_replies()
+            if rc < 0:
+                return -1
+            self.backend_due = self.backend_due or rc == 1  # a full batch: more may wait
             self.flush_dirty()
-            return rc
         return 0
 
     # -- connections -----------------------------------------------------------------
@@ -1326,6 +1339,7 @@ cdef class NativeRelay:
         cdef uint32_t i, n = c.nheld
         Z.msg_init_size(&routing_id, c.id[0])
         memcpy(Z.msg_data(&routing_id), c.id + 1, c.id[0])
+        self.backend_due = True  # a call on the socket: its signal may be gone
         if Z.msg_send(&routing_id, self.be, GK_ZMQ_DONTWAIT | GK_ZMQ_SNDMORE) < 0:
             if Z.errno_() != EAGAIN or self.engine.backend_full_reject:
                 Z.msg_close(&routing_id)
@@ -1346,6 +1360,7 @@ cdef class NativeRelay:
         for i in range(n):
             Z.msg_send(&c.frames[i], self.be, GK_ZMQ_SNDMORE if i < n - 1 else 0)
         c.nheld = 0  # sent: libzmq has them
+        self.backend_due = True
         self.count_forwarded(c.id[0] + c.total)
         return 1
 
