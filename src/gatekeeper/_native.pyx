@@ -214,11 +214,14 @@ cdef const gk_zmq_api *Z = zmq_api()
 
 RUN_TICK, RUN_SERVICE, RUN_INTERRUPTED = C_RUN_TICK, C_RUN_SERVICE, C_RUN_INTERRUPTED
 cdef enum:
-    # Fairness and batch bounds: what one wake-up does at most.
-    READ_SLICE = 65536      # bytes read from one connection per wake-up
+    # Fairness and batch bounds: what one wake-up does at most. A slice of small
+    # requests is a few hundred messages, and a wake-up relays more replies than that:
+    # replies must drain faster than one greedy client's requests arrive, or they pile up
+    # in the broker ahead of everyone else's.
+    READ_SLICE = 16384      # bytes read from one connection per wake-up
     MAX_EVENTS = 256        # epoll events taken per wait (outer and inner)
     ACCEPT_BATCH = 64       # connections accepted from one listener per wake-up
-    REPLY_BATCH = 256       # backend messages relayed per wake-up
+    REPLY_BATCH = 4096      # backend messages relayed per wake-up
     MAX_LISTENERS = 16
     MAX_SERVICES = 8
     # Frame arrays of FRAME_ARRAY slots and output buffers of OUT_KEEP bytes are kept for

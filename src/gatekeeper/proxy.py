@@ -221,7 +221,16 @@ class Gatekeeper:
             "implementation": IMPLEMENTATION,
             "engine": self.engine_name,
             "connections": self.connections(),
+            **self._native_stats(),
         }
+
+    def _native_stats(self) -> dict[str, Any]:
+        """The native engine's budget of partially received messages."""
+        if self.engine_name != "native":
+            return {}
+        return {"buffered": {"bytes": self.relay.buffered_bytes,
+                             "peak": self.relay.buffered_peak,
+                             "limit": self.loaded.policy.frontend.max_buffered_bytes}}
 
     def violations(self) -> dict[str, int]:
         """Refusals per reason, message-level and handshake-level, zeros included."""
