@@ -7,12 +7,13 @@ import random
 import pytest
 import zmq
 
-from conftest import ENGINES
+from gatekeeper import _impl
 from harness import EchoBroker, client
 
 pytestmark = [
     pytest.mark.timeout(120),
-    pytest.mark.skipif("native" not in ENGINES, reason="the native engine is not built"),
+    pytest.mark.skipif(bool(_impl.NATIVE_UNAVAILABLE),
+                       reason=f"no native engine: {_impl.NATIVE_UNAVAILABLE}"),
 ]
 
 POLICIES = {

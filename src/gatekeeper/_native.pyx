@@ -753,14 +753,14 @@ cdef class NativeRelay:
         cdef int slot, refusal
         cdef epoll_event ev
         cdef uint8_t sig[ZMTP_SIGNATURE_SIZE]
-        slot = self.free_head
-        c = &self.conns[slot]
         if self.nconns >= self.max_conns:
             c = &self.over_limit  # for its address, in the log
             peer_identity(c, fd, addr)
             self.count_handshake(HS_CONNECTION_LIMIT, c)
             close(fd)
             return
+        slot = self.free_head
+        c = &self.conns[slot]
         self.free_head = c.next_throttled
         memset(c, 0, sizeof(Conn))
         c.fd = fd
@@ -1158,12 +1158,18 @@ cdef class NativeRelay:
     cdef void on_command(self, Conn *c, ZmtpEvent *ev, double now) noexcept nogil:
         cdef uint8_t out[ZMTP_PONG_MAX]
         if ev.command == ZMTP_CMD_PING:
-            self.append(c, out, zmtp_pong(out, ev.context, ev.context_len))
-            self.mark_dirty(c)
+            if self.may_queue_command(c):
+                self.append(c, out, zmtp_pong(out, ev.context, ev.context_len))
+                self.mark_dirty(c)
             c.ttl = ev.ping_ttl * 0.1
         elif ev.command == ZMTP_CMD_ERROR:
             self.drop(c, -1)
         # PONG: any traffic answers a PING; other commands are ignored, as libzmq does
+
+    cdef inline bint may_queue_command(self, Conn *c) noexcept nogil:
+        """A PING or PONG only to a client that reads what it is sent: one that floods
+        PINGs and reads nothing must not grow its queue (any traffic answers a PING)."""
+        return c.out_len - c.out_sent <= OUT_KEEP
 
     # -- messages --------------------------------------------------------------------
 
@@ -1192,8 +1198,10 @@ cdef class NativeRelay:
             if hold and c.nheld == c.cap and not self.grow_frames(c):
                 self.discard(c)
                 hold = False
+            if hold and Z.msg_init_size(&c.frames[c.nheld], ev.frame_size) < 0:
+                self.discard(c)  # out of memory: refused as if over a limit, never cut
+                hold = False
             if hold:
-                Z.msg_init_size(&c.frames[c.nheld], ev.frame_size)
                 c.filling = True
                 c.frame_off = 0
         if c.filling:
@@ -1328,7 +1336,7 @@ cdef class NativeRelay:
                 self.engine.give_back()
             self.engine.record(R_BACKEND_UNAVAILABLE, key, key_len, c.nframes, c.total)
             reason = R_BACKEND_UNAVAILABLE
-        if self.engine.reject:
+        if self.engine.reject and reason:  # reason 0 here: it could not be held (memory)
             self.send_reject(c, reason)
         self.release_message(c)
 
@@ -1563,7 +1571,7 @@ cdef class NativeRelay:
             if c.ping_sent > c.last_recv and now > c.ping_sent + self.hb_timeout:
                 self.drop(c, -1)  # a dead peer: its routing id is free again
                 continue
-            if now >= c.next_ping:
+            if now >= c.next_ping and self.may_queue_command(c):
                 self.append(c, out, zmtp_ping(out, self.hb_ttl_ds, NULL, 0))
                 self.flush(c)
                 if c.fd < 0:

@@ -238,7 +238,6 @@ def test_drain_refuses_new_connections_at_once(gatekeeper_factory, ctx):
     waiting.close(0)
 
 
-@pytest.mark.engines("native", "libzmq")
 def test_one_flooding_connection_does_not_delay_twenty_calm_ones(gatekeeper_factory, ctx,
                                                                  attacker):
     """No rate limit: the hog is read a slice per wake-up like everyone else, so the
