@@ -19,6 +19,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from .rules import KEY_IDENTITY, KEY_PEER_ADDRESS, MAX_BANS, MAX_FRAMES_LIMIT, MAX_KEY_BYTES, OFFENDER_SLOTS
 from .rules import COUNTER_NAMES, REASONS, RECLAIM_SCAN, TOP_OFFENDERS
+from .rules import ROUND_TRIP_BUCKETS, ROUND_TRIP_DEPTH, ROUND_TRIP_IDS, ROUND_TRIP_STALE_S
 
 from gatekeeper._zmq_abi cimport (
     GK_ZMQ_DONTWAIT,
@@ -66,10 +67,14 @@ cdef enum:
     KEY_PEER_ADDRESS_ = 1
     RECLAIM_SCAN_ = 16
     MAX_KEY = 255
+    RT_DEPTH = 8          # ROUND_TRIP_DEPTH; a power of two, so rings wrap with a mask
+    RT_NBUCKETS = 16      # len(ROUND_TRIP_BUCKETS); +Inf is one more
 
 BATCH = BATCH_
 assert NREASONS == len(REASONS) and KEY_STRIDE == MAX_KEY_BYTES + 1
 assert OFFENDER_SLOTS == 32 and RECLAIM_SCAN == RECLAIM_SCAN_ and KEY_IDENTITY == KEY_IDENTITY_
+assert RT_DEPTH == ROUND_TRIP_DEPTH and RT_NBUCKETS == len(ROUND_TRIP_BUCKETS)
+assert RT_DEPTH & (RT_DEPTH - 1) == 0
 
 REJECT_MARKER = b"GATEKEEPER"
 cdef tuple _REASON_BYTES = tuple(r.encode() for r in REASONS)
@@ -238,6 +243,13 @@ cdef int ki_add(KeyIndex *ki, const uint8_t *k, size_t n) noexcept nogil:
     ki_set_key(ki, slot, k, n)
     ki_link(ki, slot)
     return slot
+
+
+cdef void ki_rekey(KeyIndex *ki, uint32_t slot, const uint8_t *k, size_t n) noexcept nogil:
+    """Give a slot, and its payload, to another key (reclaiming it)."""
+    ki_unlink(ki, slot)
+    ki_set_key(ki, slot, k, n)
+    ki_link(ki, slot)
 
 
 cdef void ki_remove(KeyIndex *ki, uint32_t slot) noexcept nogil:
@@ -511,9 +523,7 @@ cdef class PolicyEngine:
             self.hand = (self.hand + 1) % self.table.max_entries
             b = <Bucket *>self.table.payload + slot
             if bucket_is_full(b, &self.limits, now):
-                ki_unlink(&self.table, slot)
-                ki_set_key(&self.table, slot, key, n)
-                ki_link(&self.table, slot)
+                ki_rekey(&self.table, slot, key, n)
                 bucket_reset(b, &self.limits, now)
                 return b
         return &self.overflow
@@ -694,6 +704,120 @@ cdef class PolicyEngine:
 
 
 # ---------------------------------------------------------------------------------------
+# Backend round trips, operation for operation as `RoundTrips` in the twin (which states
+# the rules). A component of its own: the relay calls it, and so will the native engine.
+
+cdef double RT_BOUNDS[RT_NBUCKETS]
+for _i, _bound in enumerate(ROUND_TRIP_BUCKETS):
+    RT_BOUNDS[_i] = _bound
+cdef double RT_STALE_S = ROUND_TRIP_STALE_S
+
+
+cdef struct InFlight:
+    uint32_t sent         # requests forwarded under this id since its entry was made
+    uint32_t replied      # replies to them
+    uint32_t head         # oldest of the ring below
+    uint32_t nstamps
+    double last           # newest send: an entry idle past RT_STALE_S may be reclaimed
+    uint32_t seq[RT_DEPTH]    # which request (its `sent` number) each time belongs to
+    double stamp[RT_DEPTH]
+
+
+cdef class RoundTrips:
+    """Send times per routing id (those with requests in flight), matched in order with
+    the replies, into a histogram of C counters read at scrape time."""
+
+    cdef KeyIndex ids
+    cdef uint32_t hand
+    cdef uint64_t counts[RT_NBUCKETS + 1]
+    cdef double total
+    cdef uint64_t queue_full, table_full, unmatched
+
+    def __cinit__(self, uint32_t max_ids=ROUND_TRIP_IDS):
+        ki_init(&self.ids, max_ids, sizeof(InFlight))
+
+    def __dealloc__(self):
+        ki_free(&self.ids)
+
+    cdef void on_sent(self, const uint8_t *identity, size_t n, double now) noexcept nogil:
+        n = min(n, <size_t>MAX_KEY)
+        cdef int slot = ki_find(&self.ids, identity, n)
+        cdef uint32_t i
+        cdef InFlight *e
+        if slot < 0:
+            slot = self.new_entry(identity, n, now)
+            if slot < 0:
+                self.table_full += 1
+                return
+        e = <InFlight *>self.ids.payload + slot
+        e.sent += 1
+        e.last = now
+        if e.nstamps == RT_DEPTH:
+            self.queue_full += 1
+            return
+        i = (e.head + e.nstamps) & (RT_DEPTH - 1)
+        e.seq[i] = e.sent
+        e.stamp[i] = now
+        e.nstamps += 1
+
+    cdef int new_entry(self, const uint8_t *identity, size_t n, double now) noexcept nogil:
+        cdef int slot = -1, scanned
+        cdef uint32_t candidate
+        cdef InFlight *e
+        if self.ids.count < self.ids.max_entries:
+            slot = ki_add(&self.ids, identity, n)  # -1: out of memory, not timed
+        else:
+            for scanned in range(min(<uint32_t>RECLAIM_SCAN_, self.ids.max_entries)):
+                candidate = self.hand
+                self.hand = (self.hand + 1) % self.ids.max_entries
+                if now - (<InFlight *>self.ids.payload + candidate).last >= RT_STALE_S:
+                    ki_rekey(&self.ids, candidate, identity, n)
+                    slot = candidate
+                    break
+        if slot >= 0:
+            e = <InFlight *>self.ids.payload + slot
+            e.sent = e.replied = e.head = e.nstamps = 0
+        return slot
+
+    cdef void on_replied(self, const uint8_t *identity, size_t n, double now) noexcept nogil:
+        cdef int slot = ki_find(&self.ids, identity, min(n, <size_t>MAX_KEY))
+        if slot < 0:
+            self.unmatched += 1
+            return
+        cdef InFlight *e = <InFlight *>self.ids.payload + slot
+        e.replied += 1
+        if e.nstamps and e.seq[e.head] == e.replied:
+            self.observe(max(0.0, now - e.stamp[e.head]))
+            e.head = (e.head + 1) & (RT_DEPTH - 1)
+            e.nstamps -= 1
+        if e.replied == e.sent:
+            ki_remove(&self.ids, slot)
+
+    cdef inline void observe(self, double elapsed) noexcept nogil:
+        cdef int i = 0
+        while i < RT_NBUCKETS and elapsed > RT_BOUNDS[i]:
+            i += 1
+        self.counts[i] += 1
+        self.total += elapsed
+
+    def sent(self, bytes identity, double now):
+        self.on_sent(<const uint8_t *>PyBytes_AS_STRING(identity), PyBytes_GET_SIZE(identity),
+                     now)
+
+    def replied(self, bytes identity, double now):
+        self.on_replied(<const uint8_t *>PyBytes_AS_STRING(identity),
+                        PyBytes_GET_SIZE(identity), now)
+
+    def snapshot(self):
+        counts = [self.counts[i] for i in range(RT_NBUCKETS + 1)]
+        return {"bucket_counts": counts, "count": sum(counts), "sum": self.total,
+                "ids": self.ids.count,
+                "untimed_requests": {"queue_full": self.queue_full,
+                                     "table_full": self.table_full},
+                "unmatched_replies": self.unmatched}
+
+
+# ---------------------------------------------------------------------------------------
 
 cdef inline void release(gk_zmq_msg_t *m) noexcept nogil:
     Z.msg_close(m)
@@ -705,6 +829,7 @@ cdef class Relay:
 
     cdef readonly object frontend, backend, services
     cdef readonly PolicyEngine engine
+    cdef readonly RoundTrips round_trips
     cdef void *fe
     cdef void *be
     cdef gk_zmq_pollitem_t items[2 + MAX_SERVICES]
@@ -725,6 +850,7 @@ cdef class Relay:
         for i in range(MAX_FRAMES_LIMIT + 1):
             Z.msg_init(&self.msgs[i])
         Z.msg_init(&self.scratch)
+        self.round_trips = RoundTrips()
 
     def __init__(self, frontend, backend, services, PolicyEngine engine):
         services = list(services)
@@ -901,6 +1027,12 @@ cdef class Relay:
         """1 sent, 0 no room (nothing sent), -1 error. libzmq admits a multipart message
         whole or not at all at its first frame, so only that send can lack room."""
         cdef int i
+        # the send takes the routing id frame: keep its bytes for the round-trip clock
+        cdef uint8_t identity[KEY_STRIDE]
+        cdef size_t identity_len = Z.msg_size(&self.msgs[0])
+        if identity_len > MAX_KEY:
+            identity_len = MAX_KEY
+        memcpy(identity, Z.msg_data(&self.msgs[0]), identity_len)
         if Z.msg_send(&self.msgs[0], self.be, GK_ZMQ_DONTWAIT | GK_ZMQ_SNDMORE) < 0:
             if Z.errno_() == EAGAIN:
                 return 0
@@ -909,6 +1041,7 @@ cdef class Relay:
             if Z.msg_send(&self.msgs[i], self.be, GK_ZMQ_SNDMORE if i < nparts - 1 else 0) < 0:
                 return self.fail()
         self.npending = 0
+        self.round_trips.on_sent(identity, identity_len, monotonic())
         self.counts[BE_MSGS_OUT] += 1
         self.counts[BE_BYTES_OUT] += nbytes
         self.counts[FORWARDED] += 1
@@ -949,6 +1082,7 @@ cdef class Relay:
                 return self.fail()
             nbytes = Z.msg_size(m)
             more = Z.msg_more(m)
+            self.round_trips.on_replied(<const uint8_t *>Z.msg_data(m), nbytes, monotonic())
             delivered = True
             if Z.msg_send(m, self.fe, GK_ZMQ_DONTWAIT | (GK_ZMQ_SNDMORE if more else 0)) < 0:
                 delivered = False

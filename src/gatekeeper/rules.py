@@ -90,6 +90,22 @@ MAX_BANS = 65536
 # power of two >= 2 * max_keys in 32 bits, and each key costs about 300 bytes.
 MAX_KEYS_LIMIT = 1 << 24
 
+# Backend round trips (gatekeeper_backend_round_trip_seconds): upper bounds of the
+# histogram's buckets in seconds, 100 us to 10 s; +Inf follows.
+ROUND_TRIP_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+)
+# Routing ids with requests in flight timed at once. Not max_keys: the rate table may be
+# absent, and this bound is fixed at start, not reloaded. About 400 bytes an id at most.
+ROUND_TRIP_IDS = 65536
+# Requests in flight timed per id. When an id has this many, its next requests are not
+# timed (counted `queue_full`) until a timed one is answered; replies still match in order.
+ROUND_TRIP_DEPTH = 8
+# When the id table is full, an entry whose newest request is older than this may go to a
+# new id; a late reply to it then counts as unmatched.
+ROUND_TRIP_STALE_S = 60.0
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
