@@ -52,13 +52,24 @@ def ctx():
 
 
 @pytest.fixture
+def peers(ctx):
+    """Client sockets that watch their own handshake (handshake.Peers), closed afterwards."""
+    from handshake import Peers
+
+    p = Peers(ctx)
+    yield p
+    p.close()
+
+
+@pytest.fixture
 def echo_broker_factory():
-    from harness import EchoBroker
+    """`make(endpoint, bind=True, delay=0.0)`: an echo broker, replying `delay` seconds late."""
+    from harness import EchoBroker, SlowEchoBroker
 
     brokers = []
 
-    def make(endpoint, bind=True):
-        broker = EchoBroker(endpoint, bind)
+    def make(endpoint, bind=True, delay=0.0):
+        broker = SlowEchoBroker(endpoint, delay, bind) if delay else EchoBroker(endpoint, bind)
         brokers.append(broker)
         return broker
 

@@ -19,11 +19,12 @@ from . import sockets
 from ._impl import IMPLEMENTATION, RUN_SERVICE, PolicyEngine, Relay
 from .auth import ZapHandler
 from .control import ControlServer
+from .frontend import LibzmqFrontend
 from .log import EventLog, printable_key
-from .metrics import MetricsServer
+from .metrics import MetricsServer, histogram_quantile
 from .policy import (LoadedPolicy, Policy, PolicyError, diff_policies, load_policy,
                      policy_to_dict)
-from .rules import EVENTS, HANDSHAKE_REASONS, REASONS, rules_from_policy
+from .rules import EVENTS, HANDSHAKE_REASONS, REASONS, ROUND_TRIP_BUCKETS, rules_from_policy
 
 TICK_MS = 100
 LOG_PUMP_S = 1.0
@@ -49,10 +50,9 @@ class Gatekeeper:
             # ZAP first: no connection may complete before the handler is there.
             self.zap = ZapHandler(self.ctx, policy, self.log)
             self._sockets.append(self.zap.socket)
-            self.frontend = sockets.make_frontend(self.ctx, policy)
-            self._sockets.append(self.frontend)
-            self.zap.watch(self.frontend)
-            self._sockets.extend(self.zap.service_sockets[1:])  # the frontend's monitor
+            self.frontend_engine = LibzmqFrontend(self.ctx, policy, self.zap)
+            self.frontend = self.frontend_engine.socket
+            self._sockets.extend([self.frontend, self.frontend_engine.monitor])
             self.backend = sockets.make_backend(self.ctx, policy)
             self._sockets.append(self.backend)
             self.control = ControlServer(self.ctx, policy.control, self)
@@ -60,7 +60,7 @@ class Gatekeeper:
             self.relay = Relay(
                 self.frontend,
                 self.backend,
-                [self.control.socket, *self.zap.service_sockets],
+                [self.control.socket, self.zap.socket, self.frontend_engine.monitor],
                 self.engine,
             )
             self.metrics = MetricsServer(self, policy.metrics.listen)
@@ -82,6 +82,7 @@ class Gatekeeper:
             while not self.stopped:
                 if self.relay.run(TICK_MS) == RUN_SERVICE:
                     self.control.serve_ready()
+                    self.frontend_engine.serve_ready()  # before ZAP, which it feeds
                     self.zap.serve_ready()
                 self._dispatch_signals()
                 now = time.monotonic()
@@ -196,6 +197,28 @@ class Gatekeeper:
             "reloads": dict(self.reloads),
             "libzmq": zmq.zmq_version(),
             "implementation": IMPLEMENTATION,
+            "engine": self.frontend_engine.name,
+            "connections": self.frontend_engine.connections(),
+            "handshakes": self.frontend_engine.handshakes(),
+            "round_trip_s": self.round_trip_summary(),
+        }
+
+    def round_trip_summary(self) -> dict[str, Any]:
+        """Backend round trips since start: quantiles as histogram_quantile gives them from
+        the buckets (None before the first), the mean, and what was not timed."""
+        rt = self.relay.round_trips.snapshot()
+        counts = rt["bucket_counts"]
+
+        def seconds(value: float | None) -> float | None:
+            return None if value is None else round(value, 6)
+
+        return {
+            "p50": seconds(histogram_quantile(0.5, ROUND_TRIP_BUCKETS, counts)),
+            "p99": seconds(histogram_quantile(0.99, ROUND_TRIP_BUCKETS, counts)),
+            "mean": seconds(rt["sum"] / rt["count"] if rt["count"] else None),
+            "count": rt["count"],
+            "untimed_requests": rt["untimed_requests"],
+            "unmatched_replies": rt["unmatched_replies"],
         }
 
     def violations(self) -> dict[str, int]:

@@ -45,6 +45,18 @@ HANDSHAKE_REASONS: tuple[str, ...] = (
     "connection_rate_limited",
 )
 
+# Results of frontend handshakes, the labels of gatekeeper_handshakes_total: admitted, each
+# refusal above, refused while draining, and what libzmq reports of the rest (see
+# frontend.py for what it reports and what it does not).
+HANDSHAKE_RESULTS: tuple[str, ...] = (
+    "accepted",
+    *HANDSHAKE_REASONS,
+    "shutting_down",
+    "timeout",
+    "protocol_error",
+    "disconnected",
+)
+
 # Data-plane events that are not refusals of a client message.
 EVENTS: tuple[str, ...] = ("reject_dropped", "unroutable", "reply_dropped")
 
