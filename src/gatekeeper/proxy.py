@@ -22,6 +22,7 @@ from .control import ControlServer
 from .frontend import LibzmqFrontend
 from .log import EventLog, printable_key
 from .metrics import MetricsServer, histogram_quantile
+from .notify import Notifier
 from .policy import (LoadedPolicy, Policy, PolicyError, diff_policies, load_policy,
                      policy_to_dict)
 from .rules import EVENTS, HANDSHAKE_REASONS, REASONS, ROUND_TRIP_BUCKETS, rules_from_policy
@@ -64,6 +65,7 @@ class Gatekeeper:
                 self.engine,
             )
             self.metrics = MetricsServer(self, policy.metrics.listen)
+            self.notify = Notifier(self.log)
         except BaseException:
             self._close(linger=0)
             raise
@@ -77,6 +79,7 @@ class Gatekeeper:
         self.log.info("started", frontend=list(self.loaded.policy.frontend.bind),
                       implementation=IMPLEMENTATION, libzmq=zmq.zmq_version(),
                       policy=self.loaded.path)
+        self.notify.ready()
         next_pump = time.monotonic() + LOG_PUMP_S
         try:
             while not self.stopped:
@@ -86,6 +89,7 @@ class Gatekeeper:
                     self.zap.serve_ready()
                 self._dispatch_signals()
                 now = time.monotonic()
+                self.notify.watchdog(now)
                 if now >= next_pump:
                     self._pump_logs()
                     self.zap.tick(now)
@@ -121,6 +125,7 @@ class Gatekeeper:
         if self.draining:
             return
         self.draining = True
+        self.notify.stopping()
         self.relay.close_frontend()
         # libzmq's unbind would also cut the clients still waiting for replies, so the
         # frontend stays bound and ZAP refuses new handshakes instead.
@@ -134,6 +139,8 @@ class Gatekeeper:
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close()
+        if hasattr(self, "notify"):
+            self.notify.close()
         policy = self.loaded.policy
         lingers = {}
         if hasattr(self, "frontend"):
@@ -147,6 +154,13 @@ class Gatekeeper:
     # -- operations (control socket and signals) -----------------------------------
 
     def reload(self, source: str = "control") -> dict[str, Any]:
+        self.notify.reloading()
+        try:
+            return self._reload(source)
+        finally:
+            self.notify.ready()  # the new policy, or the old one kept: serving either way
+
+    def _reload(self, source: str) -> dict[str, Any]:
         old = self.loaded
         try:
             new = load_policy(old.path)
