@@ -199,7 +199,7 @@ def test_round_trips_of_a_slow_broker(gatekeeper_factory, echo_broker_factory, c
 
 
 def test_histogram_quantile_estimates_as_promql_does():
-    from gatekeeper.metrics import histogram_quantile
+    from gatekeeper.control import histogram_quantile
 
     bounds = (0.1, 0.2)
     assert histogram_quantile(0.5, bounds, [1, 1, 0]) == pytest.approx(0.1)

@@ -5,7 +5,7 @@ Nothing is counted per message in Python; a scrape copies a few C integers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 import zmq
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
@@ -125,22 +125,6 @@ def _round_trips(rt: dict[str, Any]) -> Iterator[Metric]:
     untimed.add_metric(["unmatched_reply"], rt["unmatched_replies"])
     yield untimed
 
-
-def histogram_quantile(q: float, bounds: Sequence[float], counts: Sequence[int]) -> float | None:
-    """The q-quantile of a histogram as PromQL's histogram_quantile estimates it: linear
-    within the bucket that holds it, the first bucket starting at 0, the highest finite
-    bound for one in +Inf. `counts` are per bucket (not cumulative), +Inf last; None
-    without observations."""
-    rank = q * sum(counts)
-    below = 0
-    for i, count in enumerate(counts):
-        if count and below + count >= rank:
-            if i == len(bounds):
-                return bounds[-1]
-            lower = bounds[i - 1] if i else 0.0
-            return lower + (bounds[i] - lower) * (rank - below) / count
-        below += count
-    return None
 
 
 class MetricsServer:

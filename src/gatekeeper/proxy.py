@@ -18,10 +18,10 @@ import zmq
 from . import sockets
 from ._impl import IMPLEMENTATION, RUN_SERVICE, PolicyEngine, Relay
 from .auth import ZapHandler
-from .control import ControlServer
+from .control import ControlServer, round_trip_figures
 from .frontend import LibzmqFrontend
 from .log import EventLog, printable_key
-from .metrics import MetricsServer, histogram_quantile
+from .metrics import MetricsServer
 from .notify import Notifier
 from .policy import (LoadedPolicy, Policy, PolicyError, diff_policies, load_policy,
                      policy_to_dict)
@@ -218,19 +218,15 @@ class Gatekeeper:
         }
 
     def round_trip_summary(self) -> dict[str, Any]:
-        """Backend round trips since start: quantiles as histogram_quantile gives them from
-        the buckets (None before the first), the mean, and what was not timed."""
+        """Backend round trips since start: p50/p99 from the buckets as histogram_quantile
+        estimates them, mean, count; the buckets themselves (so that a client such as
+        `top` can take the figures of an interval), and what was not timed."""
         rt = self.relay.round_trips.snapshot()
-        counts = rt["bucket_counts"]
-
-        def seconds(value: float | None) -> float | None:
-            return None if value is None else round(value, 6)
-
         return {
-            "p50": seconds(histogram_quantile(0.5, ROUND_TRIP_BUCKETS, counts)),
-            "p99": seconds(histogram_quantile(0.99, ROUND_TRIP_BUCKETS, counts)),
-            "mean": seconds(rt["sum"] / rt["count"] if rt["count"] else None),
-            "count": rt["count"],
+            **round_trip_figures(rt["bucket_counts"], rt["sum"]),
+            "sum": rt["sum"],
+            "bucket_bounds": list(ROUND_TRIP_BUCKETS),
+            "bucket_counts": rt["bucket_counts"],
             "untimed_requests": rt["untimed_requests"],
             "unmatched_replies": rt["unmatched_replies"],
         }
