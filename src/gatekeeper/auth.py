@@ -175,7 +175,6 @@ class HandshakeRate:
 
 class ZapHandler:
     def __init__(self, ctx: zmq.Context, policy: Any, log: EventLog) -> None:
-        self.ctx = ctx
         self.log = log
         self.closing = False  # set while draining: no new client gets in
         self.refusals: dict[str, int] = {}
