@@ -915,7 +915,7 @@ cdef class Relay:
             if rc == 0:
                 return C_RUN_TICK
             if self.npending and self.items[1].revents & GK_ZMQ_POLLOUT:
-                if self.send_backend(self.npending, self.pending_bytes) < 0:
+                if self.send_backend(self.npending, self.pending_bytes, monotonic()) < 0:
                     return C_RUN_ERROR
             if self.items[1].revents & GK_ZMQ_POLLIN:
                 if self.relay_replies() < 0:
@@ -1006,7 +1006,7 @@ cdef class Relay:
         if reason:
             self.engine.record(reason, key, key_len, nframes, total)
         if reason == 0 or self.engine.dry_run:
-            i = self.send_backend(1 + held, identity_len + total)
+            i = self.send_backend(1 + held, identity_len + total, now)
             if i != 0:
                 return i  # forwarded, or an error
             if not self.engine.backend_full_reject:
@@ -1023,9 +1023,10 @@ cdef class Relay:
             release(&self.msgs[i])
         return 0
 
-    cdef int send_backend(self, int nparts, size_t nbytes) noexcept nogil:
+    cdef int send_backend(self, int nparts, size_t nbytes, double now) noexcept nogil:
         """1 sent, 0 no room (nothing sent), -1 error. libzmq admits a multipart message
-        whole or not at all at its first frame, so only that send can lack room."""
+        whole or not at all at its first frame, so only that send can lack room. `now`:
+        the batch's clock, as the round trip's start."""
         cdef int i
         # the send takes the routing id frame: keep its bytes for the round-trip clock
         cdef uint8_t identity[KEY_STRIDE]
@@ -1041,7 +1042,7 @@ cdef class Relay:
             if Z.msg_send(&self.msgs[i], self.be, GK_ZMQ_SNDMORE if i < nparts - 1 else 0) < 0:
                 return self.fail()
         self.npending = 0
-        self.round_trips.on_sent(identity, identity_len, monotonic())
+        self.round_trips.on_sent(identity, identity_len, now)
         self.counts[BE_MSGS_OUT] += 1
         self.counts[BE_BYTES_OUT] += nbytes
         self.counts[FORWARDED] += 1
@@ -1071,6 +1072,9 @@ cdef class Relay:
     # -- backend -> client ---------------------------------------------------------
 
     cdef int relay_replies(self) noexcept nogil:
+        # one clock reading per batch, as for requests: a round trip's resolution is the
+        # time a batch takes, and the clock costs nothing per message
+        cdef double now = monotonic()
         cdef gk_zmq_msg_t *m = &self.scratch
         cdef int n
         cdef bint more, delivered
@@ -1082,7 +1086,7 @@ cdef class Relay:
                 return self.fail()
             nbytes = Z.msg_size(m)
             more = Z.msg_more(m)
-            self.round_trips.on_replied(<const uint8_t *>Z.msg_data(m), nbytes, monotonic())
+            self.round_trips.on_replied(<const uint8_t *>Z.msg_data(m), nbytes, now)
             delivered = True
             if Z.msg_send(m, self.fe, GK_ZMQ_DONTWAIT | (GK_ZMQ_SNDMORE if more else 0)) < 0:
                 delivered = False
