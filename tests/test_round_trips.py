@@ -58,7 +58,7 @@ def test_a_full_queue_leaves_the_newest_untimed_and_keeps_the_order(impl):
     rt.replied(b"a", 1.004)  # the one sent at 1.0: 4 ms, not 1.004 s
     snap = rt.snapshot()
     assert samples(snap) == {0.001: 1, 1.0: ROUND_TRIP_DEPTH - 1, 0.005: 1}
-    assert snap["untimed_requests"] == {"queue_full": 1, "table_full": 0}
+    assert snap["untimed_requests"] == {"queue_full": 1, "table_full": 0, "lost": 0}
     assert snap["unmatched_replies"] == 0 and snap["ids"] == 0
 
 
@@ -79,6 +79,22 @@ def test_a_full_table_times_no_new_id_until_an_entry_is_stale(impl):
     snap = rt.snapshot()
     assert samples(snap) == {0.01: 1, float("inf"): 1}
     assert snap["unmatched_replies"] == 2 and snap["ids"] == 0
+
+
+def test_lost_requests_do_not_skew_what_follows(impl):
+    rt = impl.RoundTrips()
+    rt.sent(b"req", 0.0, lockstep=True)  # the broker never answers this one
+    rt.sent(b"req", 2.5, lockstep=True)  # a REQ sends again only once it has given up
+    rt.replied(b"req", 2.501)  # so this answers the request of 2.5, not the one of 0
+    rt.sent(b"dealer", 0.0)
+    rt.sent(b"dealer", 1.0)  # pipelined: both in flight
+    rt.replied(b"dealer", 1.002)  # the first: 1.002 s
+    # silent for ROUND_TRIP_STALE_S with one unanswered: that one is lost
+    rt.sent(b"dealer", 1.0 + ROUND_TRIP_STALE_S)
+    rt.replied(b"dealer", 1.003 + ROUND_TRIP_STALE_S)
+    snap = rt.snapshot()
+    assert samples(snap) == {0.001: 1, 2.5: 1, 0.005: 1}
+    assert snap["untimed_requests"]["lost"] == 2 and snap["ids"] == 0
 
 
 def test_the_relay_times_a_slow_broker(impl, ctx, endpoint_factory):
@@ -113,7 +129,7 @@ def _drain(sock):
 
 
 IDS = [b"a", b"b", b"c", b"d" * 300]
-ops = st.lists(st.tuples(st.booleans(), st.sampled_from(IDS),
+ops = st.lists(st.tuples(st.sampled_from(["sent", "lockstep", "replied"]), st.sampled_from(IDS),
                          st.sampled_from([0.0, 0.00003, 0.004, 0.7, 3.0, 61.0])),
                max_size=200)
 
@@ -124,8 +140,33 @@ ops = st.lists(st.tuples(st.booleans(), st.sampled_from(IDS),
 def test_the_twins_agree(steps, max_ids):
     twins = [_fast.RoundTrips(max_ids), _fast_py.RoundTrips(max_ids)]
     now = 0.0
-    for is_send, identity, advance in steps:
+    for op, identity, advance in steps:
         now += advance
         for rt in twins:
-            (rt.sent if is_send else rt.replied)(identity, now)
+            if op == "replied":
+                rt.replied(identity, now)
+            else:
+                rt.sent(identity, now, lockstep=op == "lockstep")
     assert twins[0].snapshot() == twins[1].snapshot()
+
+
+def test_a_req_client_after_a_dropped_request(impl, ctx, endpoint_factory):
+    import zmq
+
+    rig = Rig(impl, ctx, Rules(), "tcp", endpoint_factory)  # tcp: peers carry metadata
+    try:
+        req = rig.client(b"pirate", kind=zmq.REQ)
+        req.setsockopt(zmq.REQ_RELAXED, 1)  # may ask again without an answer
+        req.send(b"first")
+        rig.recv(rig.broker)  # and dropped: never answered
+        time.sleep(0.3)
+        req.send(b"second")
+        second = rig.recv(rig.broker)
+        rig.broker.send_multipart(second)
+        assert rig.recv(req) == [b"second"]
+        snap = rig.relay.round_trips.snapshot()
+        # the second's own round trip, not 0.3 s from the first
+        assert snap["count"] == 1 and snap["sum"] < 0.2
+        assert snap["untimed_requests"]["lost"] == 1 and snap["ids"] == 0
+    finally:
+        rig.close()

@@ -14,7 +14,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.errno cimport EAGAIN, EINTR
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcmp, memcpy, strlen
+from libc.string cimport memcmp, memcpy, strcmp, strlen
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from .rules import KEY_IDENTITY, KEY_PEER_ADDRESS, MAX_BANS, MAX_FRAMES_LIMIT, MAX_KEY_BYTES, OFFENDER_SLOTS
@@ -731,7 +731,7 @@ cdef class RoundTrips:
     cdef uint32_t hand
     cdef uint64_t counts[RT_NBUCKETS + 1]
     cdef double total
-    cdef uint64_t queue_full, table_full, unmatched
+    cdef uint64_t queue_full, table_full, lost, unmatched
 
     def __cinit__(self, uint32_t max_ids=ROUND_TRIP_IDS):
         ki_init(&self.ids, max_ids, sizeof(InFlight))
@@ -739,12 +739,19 @@ cdef class RoundTrips:
     def __dealloc__(self):
         ki_free(&self.ids)
 
-    cdef void on_sent(self, const uint8_t *identity, size_t n, double now) noexcept nogil:
+    cdef void on_sent(self, const uint8_t *identity, size_t n, double now,
+                      bint lockstep) noexcept nogil:
         n = min(n, <size_t>MAX_KEY)
         cdef int slot = ki_find(&self.ids, identity, n)
         cdef uint32_t i
         cdef InFlight *e
-        if slot < 0:
+        if slot >= 0:
+            e = <InFlight *>self.ids.payload + slot
+            if lockstep or now - e.last >= RT_STALE_S:
+                self.lost += e.sent - e.replied
+                e.replied = e.sent
+                e.head = e.nstamps = 0
+        else:
             slot = self.new_entry(identity, n, now)
             if slot < 0:
                 self.table_full += 1
@@ -800,9 +807,9 @@ cdef class RoundTrips:
         self.counts[i] += 1
         self.total += elapsed
 
-    def sent(self, bytes identity, double now):
+    def sent(self, bytes identity, double now, bint lockstep=False):
         self.on_sent(<const uint8_t *>PyBytes_AS_STRING(identity), PyBytes_GET_SIZE(identity),
-                     now)
+                     now, lockstep)
 
     def replied(self, bytes identity, double now):
         self.on_replied(<const uint8_t *>PyBytes_AS_STRING(identity),
@@ -813,7 +820,7 @@ cdef class RoundTrips:
         return {"bucket_counts": counts, "count": sum(counts), "sum": self.total,
                 "ids": self.ids.count,
                 "untimed_requests": {"queue_full": self.queue_full,
-                                     "table_full": self.table_full},
+                                     "table_full": self.table_full, "lost": self.lost},
                 "unmatched_replies": self.unmatched}
 
 
@@ -1034,6 +1041,12 @@ cdef class Relay:
         if identity_len > MAX_KEY:
             identity_len = MAX_KEY
         memcpy(identity, Z.msg_data(&self.msgs[0]), identity_len)
+        # a REQ peer (lockstep: see RoundTrips) sends an empty delimiter first; only then is
+        # its Socket-Type worth reading
+        cdef const char *kind = NULL
+        if Z.msg_size(&self.msgs[1]) == 0:
+            kind = Z.msg_gets(&self.msgs[1], "Socket-Type")
+        cdef bint lockstep = kind != NULL and strcmp(kind, "REQ") == 0
         if Z.msg_send(&self.msgs[0], self.be, GK_ZMQ_DONTWAIT | GK_ZMQ_SNDMORE) < 0:
             if Z.errno_() == EAGAIN:
                 return 0
@@ -1042,7 +1055,7 @@ cdef class Relay:
             if Z.msg_send(&self.msgs[i], self.be, GK_ZMQ_SNDMORE if i < nparts - 1 else 0) < 0:
                 return self.fail()
         self.npending = 0
-        self.round_trips.on_sent(identity, identity_len, now)
+        self.round_trips.on_sent(identity, identity_len, now, lockstep)
         self.counts[BE_MSGS_OUT] += 1
         self.counts[BE_BYTES_OUT] += nbytes
         self.counts[FORWARDED] += 1

@@ -372,9 +372,15 @@ class RoundTrips:
     of them; when the table is full, an entry idle for ROUND_TRIP_STALE_S (its replies
     presumably lost) may go to the new id, else the request is not timed (`table_full`).
     At most ROUND_TRIP_DEPTH times per id: past it the newest is not timed (`queue_full`),
-    so the oldest keep their place. A reply with no entry is `unmatched`. A broker that
-    drops or reorders one id's replies makes that id's later samples wrong until its
-    requests are all answered. The 32-bit counts of the compiled twin are kept here too.
+    so the oldest keep their place. A reply with no entry is `unmatched`.
+
+    A request the broker never answers would leave its id one reply behind for good, every
+    later sample running from the request before. So the requests in flight are taken as
+    `lost` and the matching starts afresh when the id sends again after ROUND_TRIP_STALE_S
+    of silence, or at once when the sender is `lockstep` (a REQ socket, which sends its
+    next request only when it has its reply or has given up on it). A DEALER whose broker
+    drops or reorders its replies, while it keeps sending, still skews its own samples.
+    The 32-bit counts of the compiled twin are kept here too.
     """
 
     def __init__(self, max_ids: int = ROUND_TRIP_IDS) -> None:
@@ -384,13 +390,19 @@ class RoundTrips:
         self._hand = 0
         self._counts = [0] * (len(ROUND_TRIP_BUCKETS) + 1)
         self._sum = 0.0
-        self._untimed = {"queue_full": 0, "table_full": 0}
+        self._untimed = {"queue_full": 0, "table_full": 0, "lost": 0}
         self._unmatched = 0
 
-    def sent(self, identity: bytes, now: float) -> None:
+    def sent(self, identity: bytes, now: float, lockstep: bool = False) -> None:
         identity = identity[:MAX_KEY_BYTES]
         slot = self._index.get(identity)
-        if slot is None:
+        if slot is not None:
+            entry = self._slots[slot]
+            if lockstep or now - entry.last >= ROUND_TRIP_STALE_S:
+                self._untimed["lost"] += (entry.sent - entry.replied) & 0xFFFFFFFF
+                entry.replied = entry.sent
+                entry.stamps.clear()
+        else:
             slot = self._new_entry(identity, now)
             if slot is None:
                 self._untimed["table_full"] += 1
@@ -590,6 +602,9 @@ class Relay:
         """Try to hand the whole message to the backend without blocking. libzmq admits a
         multipart message whole or not at all at its first frame, so only that send can
         fail for lack of room. `now`: the batch's clock, as the round trip's start."""
+        # a REQ peer (lockstep: see RoundTrips) sends an empty delimiter first; only then is
+        # its Socket-Type worth reading
+        lockstep = len(message[1]) == 0 and _property(message[1], "Socket-Type") == b"REQ"
         try:
             self.backend.send(message[0], zmq.NOBLOCK | zmq.SNDMORE, copy=False)
         except zmq.Again:
@@ -597,7 +612,7 @@ class Relay:
         last = len(message) - 1
         for i in range(1, last + 1):
             self.backend.send(message[i], zmq.SNDMORE if i < last else 0, copy=False)
-        self.round_trips.sent(message[0].bytes, now)
+        self.round_trips.sent(message[0].bytes, now, lockstep)
         c = self._counts
         c["backend_messages_out"] += 1
         c["backend_bytes_out"] += nbytes

@@ -114,8 +114,9 @@ ROUND_TRIP_IDS = 65536
 # Requests in flight timed per id. When an id has this many, its next requests are not
 # timed (counted `queue_full`) until a timed one is answered; replies still match in order.
 ROUND_TRIP_DEPTH = 8
-# When the id table is full, an entry whose newest request is older than this may go to a
-# new id; a late reply to it then counts as unmatched.
+# An id silent for this long with requests unanswered has lost them (a broker that dropped
+# them, or restarted): its next request starts the matching afresh, and with the id table
+# full its entry may go to a new id. A reply later than this may so be matched wrongly.
 ROUND_TRIP_STALE_S = 60.0
 
 
