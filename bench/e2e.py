@@ -13,12 +13,15 @@ Kinds:
   libzmq      the same with frontend.engine = "libzmq" (a libzmq ROUTER in front)
   python      the same with GATEKEEPER_NO_EXTENSIONS=1 (the pure-Python twin, libzmq
               frontend)
+  baseline    the gatekeeper from another source tree (--baseline DIR, e.g. an export of
+              main with its extension built in place): before/after a change, same run,
+              on that tree's default engine
 
 The kinds alternate within each round, so drift on a shared machine hits all of them.
 
     python bench/e2e.py [--rounds 3] [--seconds 3] [--connections 4] [--depth 64]
                         [--size 64] [--latency-requests 5000] [--only proxy,gatekeeper]
-                        [--require-all] [--json results.json]
+                        [--require-all] [--json results.json] [--baseline DIR]
     python bench/e2e.py --smoke     # CI: seconds long; checks that it works, not numbers
 """
 
@@ -48,11 +51,12 @@ import loadgen
 
 THIS = Path(__file__).resolve()
 SRC = THIS.parent.parent / "src"
-KINDS = ("direct", "proxy", "gatekeeper", "libzmq", "python")
+KINDS = ("direct", "proxy", "gatekeeper", "libzmq", "python", "baseline")
 # The gatekeeper kinds and the (implementation, engine) each must report in STATS: a
 # missing extension silently falling back would otherwise make the A/B compare B to B.
+# The baseline runs its own tree's default engine (None: not set, not checked).
 GATEKEEPER_KINDS = {"gatekeeper": ("cython", "native"), "libzmq": ("cython", "libzmq"),
-                    "python": ("python", "libzmq")}
+                    "python": ("python", "libzmq"), "baseline": ("cython", None)}
 READY_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 PRESETS = {
@@ -69,7 +73,8 @@ class StartFailure(Exception):
 
 # -- servers -------------------------------------------------------------------------
 
-def policy_toml(frontend: str, backend: str, control: str, size: int, engine: str) -> str:
+def policy_toml(frontend: str, backend: str, control: str, size: int,
+                engine: str | None) -> str:
     frame = max(65536, size)
     # [protocol] stays off: require_delimiter and command_frame need an envelope, and the
     # load generator's single frame starts with a timestamp.
@@ -77,7 +82,7 @@ def policy_toml(frontend: str, backend: str, control: str, size: int, engine: st
 # Every check on, nothing refused: the benchmark measures what checking costs.
 [frontend]
 bind = ["{frontend}"]
-engine = "{engine}"
+{f'engine = "{engine}"' if engine else ""}
 max_message_size = {max(1048576, frame)}
 
 [backend]
@@ -112,14 +117,20 @@ drain_timeout_ms = 500
 """
 
 
-def gatekeeper_env(kind: str) -> dict[str, str]:
+def gatekeeper_env(kind: str, baseline: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("GATEKEEPER_NO_EXTENSIONS", None)
     if kind == "python":
         env["GATEKEEPER_NO_EXTENSIONS"] = "1"
-    # An installed gatekeeper (editable or wheel) wins; otherwise run the source tree.
-    if importlib.util.find_spec("gatekeeper") is None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    # PYTHONPATH comes before site-packages, so the baseline's tree wins over an install;
+    # otherwise an installed gatekeeper (editable or wheel) wins over this source tree.
+    if kind == "baseline":
+        src = baseline / "src"
+    elif importlib.util.find_spec("gatekeeper") is None:
+        src = SRC
+    else:
+        return env
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
     return env
 
 
@@ -149,8 +160,9 @@ class Server:
                 self.proc.wait()
 
 
-def spawn(role: str, frontend: str, backend: str, workdir: Path, size: int) -> Server:
-    """Start one server process of any role: echo, proxy, gatekeeper or python."""
+def spawn(role: str, frontend: str, backend: str, workdir: Path, size: int,
+          baseline: Path | None = None) -> Server:
+    """Start one server process of any role: echo, proxy or a gatekeeper kind."""
     env = dict(os.environ)
     if role == "echo":
         argv = [sys.executable, str(THIS), "_echo", backend]
@@ -162,7 +174,7 @@ def spawn(role: str, frontend: str, backend: str, workdir: Path, size: int) -> S
                                       GATEKEEPER_KINDS[role][1]))
         argv = [sys.executable, "-m", "gatekeeper", "--config", str(config),
                 "--log-format", "text"]
-        env = gatekeeper_env(role)
+        env = gatekeeper_env(role, baseline)
     log = workdir / f"{role}.log"
     # A file, not a pipe: nobody reads a pipe while the load runs, and a full one would
     # stall the server under test. The _exec trampoline ties its life to ours.
@@ -227,7 +239,7 @@ def run_one(kind: str, args: argparse.Namespace, ctx: zmq.Context) -> dict:
         frontend, backend = (f"tcp://127.0.0.1:{p}" for p in free_ports(2))
         servers = []
         for role in ["echo"] + ([] if kind == "direct" else [kind]):
-            server = spawn(role, frontend, backend, workdir, args.size)
+            server = spawn(role, frontend, backend, workdir, args.size, args.baseline)
             stack.callback(server.stop)  # LIFO: the proxy stops before its broker
             servers.append(server)
         target = backend if kind == "direct" else frontend
@@ -235,7 +247,10 @@ def run_one(kind: str, args: argparse.Namespace, ctx: zmq.Context) -> dict:
         implementation = None
         if kind in GATEKEEPER_KINDS:
             implementation = reported_implementation(ctx, f"ipc://{workdir}/gk.ctl")
-            if implementation not in (None, GATEKEEPER_KINDS[kind]):
+            expected = GATEKEEPER_KINDS[kind]
+            if implementation is not None and (
+                    implementation[0] != expected[0]
+                    or expected[1] not in (None, implementation[1])):
                 raise StartFailure(
                     f"it runs {implementation} (implementation, engine), expected "
                     f"{GATEKEEPER_KINDS[kind]} (is the extension built?)")
@@ -314,6 +329,8 @@ def ratios(summary: dict) -> dict:
         "gatekeeper/proxy cpu_per_msg": ratio("gatekeeper", "proxy", "cpu_us_per_msg"),
         "gatekeeper/libzmq msgs_per_s": ratio("gatekeeper", "libzmq", "msgs_per_s"),
         "gatekeeper/libzmq cpu_per_msg": ratio("gatekeeper", "libzmq", "cpu_us_per_msg"),
+        "gatekeeper/baseline cpu_per_msg": ratio("gatekeeper", "baseline", "cpu_us_per_msg"),
+        "gatekeeper/baseline msgs_per_s": ratio("gatekeeper", "baseline", "msgs_per_s"),
     }
 
 
@@ -357,13 +374,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--depth", type=int, help="requests in flight per connection")
     p.add_argument("--size", type=int, default=64, help="request bytes (>= 8)")
     p.add_argument("--latency-requests", type=int, help="single-in-flight round trips")
-    p.add_argument("--only", default=",".join(KINDS),
-                   help=f"comma-separated kinds in run order, from {','.join(KINDS)}")
+    p.add_argument("--only", default=",".join(KINDS[:-1]),
+                   help=f"comma-separated kinds in run order, from {','.join(KINDS)} "
+                   "(default: all but baseline, which --baseline adds)")
     p.add_argument("--smoke", action="store_true",
                    help="one short round; exit 1 unless every run got replies and lost none")
     p.add_argument("--require-all", action="store_true",
                    help="fail instead of skipping a gatekeeper kind that does not start")
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--baseline", type=Path, metavar="DIR",
+                   help="a source tree (with src/gatekeeper and its extension built in "
+                   "place) to run as the kind `baseline`")
     args = p.parse_args(argv)
     for key, value in PRESETS["smoke" if args.smoke else "full"].items():
         if getattr(args, key) is None:  # explicit options win over the preset
@@ -371,6 +392,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.kinds = [k.strip() for k in args.only.split(",") if k.strip()]
     if unknown := set(args.kinds) - set(KINDS):
         p.error(f"unknown kinds {sorted(unknown)}; choose from {','.join(KINDS)}")
+    if args.baseline is None:
+        if "baseline" in args.kinds:
+            p.error("the kind baseline needs --baseline DIR")
+    elif not (args.baseline / "src" / "gatekeeper").is_dir():
+        p.error(f"--baseline {args.baseline}: no src/gatekeeper in it")
+    elif "baseline" not in args.kinds:
+        args.kinds.append("baseline")
     if args.size < 8:
         p.error("--size must be >= 8: the first 8 bytes carry the send time")
     if min(args.rounds, args.connections, args.depth, args.latency_requests) < 1:

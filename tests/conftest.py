@@ -83,13 +83,24 @@ def ctx():
 
 
 @pytest.fixture
+def peers(ctx):
+    """Client sockets that watch their own handshake (handshake.Peers), closed afterwards."""
+    from handshake import Peers
+
+    p = Peers(ctx)
+    yield p
+    p.close()
+
+
+@pytest.fixture
 def echo_broker_factory():
-    from harness import EchoBroker
+    """`make(endpoint, bind=True, delay=0.0)`: an echo broker, replying `delay` seconds late."""
+    from harness import EchoBroker, SlowEchoBroker
 
     brokers = []
 
-    def make(endpoint, bind=True):
-        broker = EchoBroker(endpoint, bind)
+    def make(endpoint, bind=True, delay=0.0):
+        broker = SlowEchoBroker(endpoint, delay, bind) if delay else EchoBroker(endpoint, bind)
         brokers.append(broker)
         return broker
 
@@ -136,3 +147,12 @@ def pytest_configure(config):
         import gatekeeper
 
         assert "site-packages" in gatekeeper.__file__, gatekeeper.__file__
+
+
+@pytest.fixture
+def refused(engine):
+    """What a refused client's monitor reports: libzmq's ZAP refusal fails the handshake
+    as an authentication failure; the native engine closes at accept, before a byte."""
+    from handshake import FAILED_AUTH, FAILED_NO_DETAIL
+
+    return FAILED_AUTH if engine == "libzmq" else FAILED_NO_DETAIL

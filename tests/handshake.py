@@ -87,6 +87,13 @@ class Peers:
         self.sockets = []
 
 
+def from_address(gk, source: str) -> str:
+    """The frontend endpoint, connected from `source` (all of 127/8 is this host). Tests
+    use addresses of their own, so that a stray connection from elsewhere on a busy test
+    machine (from 127.0.0.1) cannot change what they count."""
+    return f"tcp://{source}:0;127.0.0.1:{gk.frontend_port}"
+
+
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05):
     """Poll `predicate` until it returns something truthy; that value, or the last one."""
     deadline = time.monotonic() + timeout

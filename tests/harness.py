@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import os
 import signal
 import socket
@@ -49,6 +51,31 @@ class EchoBroker:
     def close(self) -> None:
         self.ctx.term()
         self.thread.join(5)
+
+
+class SlowEchoBroker(EchoBroker):
+    """An echo broker that sends each message back `delay` seconds after it came, however
+    many are waiting: each is held on its own, none queues behind another."""
+
+    def __init__(self, endpoint: str, delay: float, bind: bool = True) -> None:
+        self.delay = delay
+        super().__init__(endpoint, bind)
+
+    def _serve(self) -> None:
+        held: collections.deque = collections.deque()  # (due, message), in arrival order
+        try:
+            while True:
+                wait = (held[0][0] - time.monotonic()) if held else 0.1
+                if self.socket.poll(max(0, math.ceil(wait * 1000))):
+                    while self.socket.poll(0):
+                        held.append((time.monotonic() + self.delay,
+                                     self.socket.recv_multipart()))
+                while held and held[0][0] <= time.monotonic():
+                    self.socket.send_multipart(held.popleft()[1])
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            self.socket.close(0)
 
 
 class GatekeeperProcess:

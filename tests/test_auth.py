@@ -19,25 +19,11 @@ from gatekeeper.auth import (
 )
 from gatekeeper.log import EventLog
 from gatekeeper.policy import parse_policy
-from handshake import FAILED_AUTH, FAILED_NO_DETAIL, SUCCEEDED, Peers, wait_for
+from handshake import SUCCEEDED, from_address, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
 REPLY = [b"", b"ping"]
-
-
-@pytest.fixture
-def peers(ctx):
-    p = Peers(ctx)
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def refused(engine):
-    """What a refused client's monitor reports: libzmq's ZAP refusal fails the handshake
-    as an authentication failure; the native engine closes at accept, before a byte."""
-    return FAILED_AUTH if engine == "libzmq" else FAILED_NO_DETAIL
 
 
 def violations(gk) -> dict:
@@ -54,13 +40,6 @@ def has_ipv6_loopback() -> bool:
 
 
 needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
-
-
-def from_address(gk, source: str) -> str:
-    """The frontend endpoint, connected from `source` (all of 127/8 is this host). Tests
-    use addresses of their own, so that a stray connection from elsewhere on a busy test
-    machine (from 127.0.0.1) cannot change what they count."""
-    return f"tcp://{source}:0;127.0.0.1:{gk.frontend_port}"
 
 
 # -- addresses -------------------------------------------------------------------------
@@ -298,8 +277,9 @@ def test_connection_table_counts_by_descriptor_and_forgets_zeros():
     table.accepted(7, a)
     table.accepted(8, a)
     table.accepted(9, b)
-    table.accepted(10, None)  # no IP: not tracked
-    assert (table.count(a), table.count(b), len(table)) == (2, 1, 3)
+    table.accepted(10, None)  # no IP (ipc://): in the total only
+    assert (table.count(a), table.count(b), len(table)) == (2, 1, 4)
+    table.closed(10)
     table.closed(7)
     table.closed(7)  # twice, or an unknown descriptor: nothing
     table.closed(99)
@@ -360,7 +340,7 @@ def test_zap_answers(ctx):
         assert zap._answer([b"2.0", b"7"])[2] == b"500"
         zap.closing = True
         assert zap._answer(_request())[2:4] == [b"400", b"shutting_down"]
-        assert zap.refusals == {"address_denied": 1}
+        assert zap.refusals == {"address_denied": 1} and zap.closing_refusals == 1
     finally:
         zap.close()
 

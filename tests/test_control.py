@@ -64,7 +64,7 @@ def test_cli_without_a_gatekeeper(gatekeeper_factory):
 
 
 @pytest.mark.parametrize("twin", [False, True], ids=["c", "py"])
-def test_stats_and_statistics_count_known_traffic(gatekeeper_factory, ctx, twin):
+def test_stats_and_statistics_count_known_traffic(gatekeeper_factory, ctx, twin, engine):
     gk = gatekeeper_factory(REJECT + "[limits]\nmax_frames = 2\n", python_twin=twin)
     alice = client(ctx, gk.frontend, identity=b"alice")
     for _ in range(3):
@@ -105,6 +105,12 @@ def test_stats_and_statistics_count_known_traffic(gatekeeper_factory, ctx, twin)
     assert all(isinstance(e["key"], str) and type(e["count"]) is int for e in top)
     assert stats["libzmq"] == zmq.zmq_version()
     assert stats["implementation"] == ("python" if twin else "cython")
+    assert stats["engine"] == ("libzmq" if twin else engine)
+    assert stats["connections"] == 13  # alice and the offenders, all still connected
+    assert stats["handshakes"]["accepted"] == 13
+    rt = stats["round_trip_s"]
+    assert rt["count"] == 3 and 0 < rt["p50"] <= rt["p99"] and rt["mean"] > 0
+    assert rt["untimed_requests"] == {"queue_full": 0, "table_full": 0, "lost": 0}
 
 
 def test_pause_holds_requests_and_replies_still_flow(gatekeeper_factory, ctx):

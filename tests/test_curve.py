@@ -20,7 +20,7 @@ from gatekeeper.keys import load_client_keys
 from gatekeeper.log import EventLog
 from gatekeeper.policy import PolicyError, parse_policy
 from gatekeeper.sockets import apply_options, control_options
-from handshake import FAILED_AUTH, SUCCEEDED, Peers
+from handshake import FAILED_AUTH, SUCCEEDED
 from harness import EchoBroker, free_port
 
 # [frontend.curve] is served by a libzmq ROUTER until the native engine speaks CURVE.
@@ -47,13 +47,6 @@ def keys(tmp_path):
     for name in ("alice", "bob"):
         (allowed / f"{name}.key").write_bytes((d / f"{name}.key").read_bytes())
     return d, allowed, pairs
-
-
-@pytest.fixture
-def peers(ctx):
-    p = Peers(ctx)
-    yield p
-    p.close()
 
 
 def frontend_curve(keys, allowed_dir=True) -> str:

@@ -1,11 +1,15 @@
 """/metrics end to end: a real HTTP client and Prometheus' own parser."""
 
+import socket
 import urllib.request
 
 import pytest
+import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from gatekeeper.rules import REASONS
+import gatekeeper
+from gatekeeper.rules import HANDSHAKE_RESULTS, REASONS
+from handshake import FAILED_AUTH, from_address, wait_for
 from harness import client
 
 pytestmark = pytest.mark.timeout(60)
@@ -28,6 +32,15 @@ TYPES = {
     "gatekeeper_paused": "gauge",
     "gatekeeper_policy_reloads": "counter",
     "gatekeeper_up": "gauge",
+    "gatekeeper_connections": "gauge",
+    "gatekeeper_handshakes": "counter",
+    "gatekeeper_backend_round_trip_seconds": "histogram",
+    "gatekeeper_backend_round_trips_untimed": "counter",
+    "gatekeeper_build_info": "gauge",
+    "gatekeeper_policy_loaded_timestamp_seconds": "gauge",
+    "process_cpu_seconds": "counter",
+    "process_resident_memory_bytes": "gauge",
+    "process_open_fds": "gauge",
 }
 
 
@@ -86,6 +99,15 @@ def test_metrics_follow_traffic(gatekeeper_factory, ctx, twin):
     for result in ("ok", "error"):
         assert m["gatekeeper_policy_reloads_total", frozenset({"result": result}.items())] == 1
     assert m["gatekeeper_up", frozenset()] == 1
+    assert m["gatekeeper_policy_loaded_timestamp_seconds", frozenset()] == pytest.approx(
+        stats["policy"]["loaded_at"])
+    build = {dict(labels)["implementation"]: (dict(labels), v) for (name, labels), v in m.items()
+             if name == "gatekeeper_build_info"}
+    assert build == {stats["implementation"]: ({
+        "version": gatekeeper.__version__, "implementation": stats["implementation"],
+        "engine": stats["engine"], "libzmq": zmq.zmq_version()}, 1)}
+    assert m["process_open_fds", frozenset()] > 0
+    assert m["process_resident_memory_bytes", frozenset()] > 0
 
     assert gk.ctl("RESUME")["ok"]
     bob.send_multipart([b"", b"ping"])
@@ -93,3 +115,95 @@ def test_metrics_follow_traffic(gatekeeper_factory, ctx, twin):
     m = scrape(gk)
     assert m["gatekeeper_paused", frozenset()] == 0
     assert m["gatekeeper_forwarded_total", frozenset()] == 5
+
+# signature, version 3.0, mechanism NULL, as-server 0, filler (RFC 23)
+ZMTP3_NULL_GREETING = b"\xff" + bytes(8) + b"\x7f\x03\x00" + b"NULL".ljust(20, b"\0") + bytes(32)
+
+
+def labelled(m: dict, name: str, label: str) -> dict:
+    return {dict(labels)[label]: v for (n, labels), v in m.items() if n == name}
+
+
+def test_connections_come_and_go(gatekeeper_factory, ctx):
+    gk = gatekeeper_factory(metrics=True)
+    clients = [client(ctx, gk.frontend, identity=b"c%d" % i) for i in range(3)]
+    for c in clients:
+        c.send_multipart([b"", b"ping"])
+        assert c.recv_multipart() == [b"", b"ping"]
+    m = scrape(gk)
+    assert m["gatekeeper_connections", frozenset()] == 3
+    assert gk.ctl("STATS")["connections"] == 3
+    assert labelled(m, "gatekeeper_handshakes_total", "result")["accepted"] == 3
+    for c in clients:
+        c.close(0)
+    assert wait_for(lambda: scrape(gk)["gatekeeper_connections", frozenset()] == 0)
+    assert gk.ctl("STATS")["connections"] == 0
+
+
+def test_handshake_results_by_reason(gatekeeper_factory, peers, engine, refused):
+    gk = gatekeeper_factory('[frontend]\nhandshake_timeout_ms = 300\n'
+                            '[access]\ndeny_addresses = ["127.0.0.66/32"]\n', metrics=True)
+    assert peers.connect(from_address(gk, "127.0.0.66")).verdict() == refused
+    wrong = socket.create_connection(("127.0.0.1", gk.frontend_port))
+    wrong.sendall(ZMTP3_NULL_GREETING + b"\x04\x06\x05HELLO")  # no such command in NULL
+    silent = socket.create_connection(("127.0.0.1", gk.frontend_port))  # says nothing
+    gone = socket.create_connection(("127.0.0.1", gk.frontend_port))
+    gone.recv(10)  # the server's greeting has begun: the handshake is under way
+    gone.close()
+    try:
+        expected = {"address_denied": 1, "protocol_error": 1, "timeout": 1, "disconnected": 1}
+
+        def results():
+            counts = labelled(scrape(gk), "gatekeeper_handshakes_total", "result")
+            return counts if all(counts[r] >= n for r, n in expected.items()) else None
+
+        counts = wait_for(results, timeout=10)
+        assert counts is not None, str(labelled(scrape(gk), "gatekeeper_handshakes_total",
+                                                "result"))
+    finally:
+        silent.close()
+        wrong.close()
+    assert set(counts) == set(HANDSHAKE_RESULTS)
+    assert counts["accepted"] == 0 and counts["address_not_allowed"] == 0
+    # libzmq may retry a refused handshake; the rest happen once each
+    assert (counts["protocol_error"], counts["timeout"], counts["disconnected"]) == (1, 1, 1)
+    stats = gk.ctl("STATS")
+    assert stats["handshakes"] == counts
+    assert stats["violations"]["address_denied"] == counts["address_denied"]
+    assert stats["engine"] == engine
+
+
+@pytest.mark.parametrize("twin", [False, True], ids=["c", "py"])
+def test_round_trips_of_a_slow_broker(gatekeeper_factory, echo_broker_factory, ctx, twin):
+    gk = gatekeeper_factory(metrics=True, broker=False, python_twin=twin)
+    echo_broker_factory(gk.backend, delay=0.020)
+    clients = [client(ctx, gk.frontend, identity=b"c%d" % i) for i in range(3)]
+    for _ in range(10):
+        for c in clients:  # three in flight at once: each is held 20 ms on its own
+            c.send_multipart([b"", b"ping"])
+        for c in clients:
+            assert c.recv_multipart() == [b"", b"ping"]
+    m = scrape(gk)
+    name = "gatekeeper_backend_round_trip_seconds"
+    count, total = m[f"{name}_count", frozenset()], m[f"{name}_sum", frozenset()]
+    assert count == 30
+    assert 0.020 <= total / count <= 0.040
+    buckets = labelled(m, f"{name}_bucket", "le")
+    assert buckets["0.01"] <= 0.05 * count  # almost none under 10 ms
+    assert buckets["+Inf"] == count and buckets["0.0001"] <= buckets["0.01"]
+    assert labelled(m, "gatekeeper_backend_round_trips_untimed_total", "reason") == {
+        "queue_full": 0, "table_full": 0, "lost": 0, "unmatched_reply": 0}
+    rt = gk.ctl("STATS")["round_trip_s"]
+    assert rt["count"] == 30 and 0.020 <= rt["mean"] <= 0.040
+    assert 0.01 <= rt["p50"] <= rt["p99"] <= 0.1
+
+
+def test_histogram_quantile_estimates_as_promql_does():
+    from gatekeeper.control import histogram_quantile
+
+    bounds = (0.1, 0.2)
+    assert histogram_quantile(0.5, bounds, [1, 1, 0]) == pytest.approx(0.1)
+    assert histogram_quantile(0.75, bounds, [1, 1, 0]) == pytest.approx(0.15)  # linear within
+    assert histogram_quantile(0.5, bounds, [0, 4, 0]) == pytest.approx(0.15)
+    assert histogram_quantile(0.99, bounds, [0, 1, 3]) == 0.2  # in +Inf: the highest bound
+    assert histogram_quantile(0.5, bounds, [0, 0, 0]) is None

@@ -20,6 +20,36 @@ cdef enum:
     FORWARDED, REPLIED, REJECTS_SENT, REJECT_DROPPED, UNROUTABLE, REPLY_DROPPED
     NCOUNTERS
 
+cdef enum:
+    RT_DEPTH = 8          # rules.ROUND_TRIP_DEPTH; a power of two, so rings wrap with a mask
+    RT_NBUCKETS = 16      # len(rules.ROUND_TRIP_BUCKETS); +Inf is one more
+
+
+cdef struct InFlight:
+    uint32_t sent         # requests forwarded under this id since its entry was made
+    uint32_t replied      # replies to them
+    uint32_t head         # oldest of the ring below
+    uint32_t nstamps
+    double last           # newest send: RT_STALE_S of silence and its requests are lost
+    uint32_t seq[RT_DEPTH]    # which request (its `sent` number) each time belongs to
+    double stamp[RT_DEPTH]
+
+
+# Backend round trips: either frontend's loop calls on_sent and on_replied.
+cdef class RoundTrips:
+    cdef KeyIndex ids
+    cdef uint32_t hand
+    cdef uint64_t counts[RT_NBUCKETS + 1]
+    cdef double total
+    cdef uint64_t queue_full, table_full, lost, unmatched
+
+    cdef void on_sent(self, const uint8_t *identity, size_t n, double now,
+                      bint lockstep) noexcept nogil
+    cdef int new_entry(self, const uint8_t *identity, size_t n, double now) noexcept nogil
+    cdef void on_replied(self, const uint8_t *identity, size_t n, double now) noexcept nogil
+    cdef void observe(self, double elapsed) noexcept nogil
+
+
 # pyzmq's libzmq, resolved once (by _fast's import)
 cdef const gk_zmq_api *zmq_api() noexcept
 # A refusal reason's name as ASCII (rules.REASONS), for reject replies

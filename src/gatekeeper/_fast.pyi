@@ -1,6 +1,6 @@
 """Type stubs of the compiled data plane; `_fast_py.py` is its readable twin."""
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import zmq
 
@@ -35,11 +35,18 @@ class PolicyEngine:
     def top_offenders(self) -> list[tuple[bytes, int]]: ...
     def take_samples(self) -> tuple[list[tuple[str, bytes, int, int]], dict[str, int]]: ...
 
+class RoundTrips:
+    def __init__(self, max_ids: int = ...) -> None: ...
+    def sent(self, identity: bytes, now: float) -> None: ...
+    def replied(self, identity: bytes, now: float) -> None: ...
+    def snapshot(self) -> dict[str, Any]: ...
+
 class Relay:
     frontend: zmq.Socket
     backend: zmq.Socket
     services: list[zmq.Socket]
     engine: PolicyEngine
+    round_trips: RoundTrips
     paused: bool
     frontend_open: bool
     def __init__(

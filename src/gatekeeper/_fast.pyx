@@ -14,7 +14,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.errno cimport EAGAIN, EINTR
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcmp, memcpy, strlen
+from libc.string cimport memcmp, memcpy, strcmp, strlen
 
 from gatekeeper._tables cimport (
     KEY_STRIDE,
@@ -33,6 +33,7 @@ from gatekeeper._tables cimport (
     ki_init,
     ki_key,
     ki_link,
+    ki_rekey,
     ki_remove,
     ki_set_key,
     ki_unlink,
@@ -43,6 +44,7 @@ from gatekeeper._tables cimport (
 
 from .rules import KEY_IDENTITY, KEY_PEER_ADDRESS, MAX_BANS, MAX_FRAMES_LIMIT, MAX_KEY_BYTES, OFFENDER_SLOTS
 from .rules import COUNTER_NAMES, REASONS, RECLAIM_SCAN, TOP_OFFENDERS
+from .rules import ROUND_TRIP_BUCKETS, ROUND_TRIP_DEPTH, ROUND_TRIP_IDS, ROUND_TRIP_STALE_S
 
 from gatekeeper._zmq_abi cimport (
     GK_ZMQ_DONTWAIT,
@@ -75,6 +77,8 @@ BATCH = BATCH_
 assert NREASONS == len(REASONS) and KEY_STRIDE == MAX_KEY_BYTES + 1
 assert FRAME_SLOTS == MAX_FRAMES_LIMIT + 1
 assert OFFENDER_SLOTS == 32 and RECLAIM_SCAN == RECLAIM_SCAN_ and KEY_IDENTITY == KEY_IDENTITY_
+assert RT_DEPTH == ROUND_TRIP_DEPTH and RT_NBUCKETS == len(ROUND_TRIP_BUCKETS)
+assert RT_DEPTH & (RT_DEPTH - 1) == 0
 
 REJECT_MARKER = b"GATEKEEPER"
 cdef tuple _REASON_BYTES = tuple(r.encode() for r in REASONS)
@@ -255,9 +259,7 @@ cdef class PolicyEngine:
             self.hand = (self.hand + 1) % self.table.max_entries
             b = <Bucket *>self.table.payload + slot
             if bucket_is_full(b, &self.limits, now):
-                ki_unlink(&self.table, slot)
-                ki_set_key(&self.table, slot, key, n)
-                ki_link(&self.table, slot)
+                ki_rekey(&self.table, slot, key, n)
                 bucket_reset(b, &self.limits, now)
                 return b
         return &self.overflow
@@ -438,6 +440,111 @@ cdef class PolicyEngine:
 
 
 # ---------------------------------------------------------------------------------------
+# Backend round trips, operation for operation as `RoundTrips` in the twin (which states
+# the rules). A component of its own: the relay calls it, and so will the native engine.
+
+cdef double RT_BOUNDS[RT_NBUCKETS]
+for _i, _bound in enumerate(ROUND_TRIP_BUCKETS):
+    RT_BOUNDS[_i] = _bound
+cdef double RT_STALE_S = ROUND_TRIP_STALE_S
+
+
+cdef class RoundTrips:
+    """Send times per routing id (those with requests in flight), matched in order with
+    the replies, into a histogram of C counters read at scrape time."""
+
+    def __cinit__(self, uint32_t max_ids=ROUND_TRIP_IDS):
+        ki_init(&self.ids, max_ids, sizeof(InFlight))
+
+    def __dealloc__(self):
+        ki_free(&self.ids)
+
+    cdef void on_sent(self, const uint8_t *identity, size_t n, double now,
+                      bint lockstep) noexcept nogil:
+        n = min(n, <size_t>MAX_KEY)
+        cdef int slot = ki_find(&self.ids, identity, n)
+        cdef uint32_t i
+        cdef InFlight *e
+        if slot >= 0:
+            e = <InFlight *>self.ids.payload + slot
+            if lockstep or now - e.last >= RT_STALE_S:
+                self.lost += e.sent - e.replied
+                e.replied = e.sent
+                e.head = e.nstamps = 0
+        else:
+            slot = self.new_entry(identity, n, now)
+            if slot < 0:
+                self.table_full += 1
+                return
+        e = <InFlight *>self.ids.payload + slot
+        e.sent += 1
+        e.last = now
+        if e.nstamps == RT_DEPTH:
+            self.queue_full += 1
+            return
+        i = (e.head + e.nstamps) & (RT_DEPTH - 1)
+        e.seq[i] = e.sent
+        e.stamp[i] = now
+        e.nstamps += 1
+
+    cdef int new_entry(self, const uint8_t *identity, size_t n, double now) noexcept nogil:
+        cdef int slot = -1, scanned
+        cdef uint32_t candidate
+        cdef InFlight *e
+        if self.ids.count < self.ids.max_entries:
+            slot = ki_add(&self.ids, identity, n)  # -1: out of memory, not timed
+        else:
+            for scanned in range(min(<uint32_t>RECLAIM_SCAN_, self.ids.max_entries)):
+                candidate = self.hand
+                self.hand = (self.hand + 1) % self.ids.max_entries
+                if now - (<InFlight *>self.ids.payload + candidate).last >= RT_STALE_S:
+                    ki_rekey(&self.ids, candidate, identity, n)
+                    slot = candidate
+                    break
+        if slot >= 0:
+            e = <InFlight *>self.ids.payload + slot
+            e.sent = e.replied = e.head = e.nstamps = 0
+        return slot
+
+    cdef void on_replied(self, const uint8_t *identity, size_t n, double now) noexcept nogil:
+        cdef int slot = ki_find(&self.ids, identity, min(n, <size_t>MAX_KEY))
+        if slot < 0:
+            self.unmatched += 1
+            return
+        cdef InFlight *e = <InFlight *>self.ids.payload + slot
+        e.replied += 1
+        if e.nstamps and e.seq[e.head] == e.replied:
+            self.observe(max(0.0, now - e.stamp[e.head]))
+            e.head = (e.head + 1) & (RT_DEPTH - 1)
+            e.nstamps -= 1
+        if e.replied == e.sent:
+            ki_remove(&self.ids, slot)
+
+    cdef void observe(self, double elapsed) noexcept nogil:
+        cdef int i = 0
+        while i < RT_NBUCKETS and elapsed > RT_BOUNDS[i]:
+            i += 1
+        self.counts[i] += 1
+        self.total += elapsed
+
+    def sent(self, bytes identity, double now, bint lockstep=False):
+        self.on_sent(<const uint8_t *>PyBytes_AS_STRING(identity), PyBytes_GET_SIZE(identity),
+                     now, lockstep)
+
+    def replied(self, bytes identity, double now):
+        self.on_replied(<const uint8_t *>PyBytes_AS_STRING(identity),
+                        PyBytes_GET_SIZE(identity), now)
+
+    def snapshot(self):
+        counts = [self.counts[i] for i in range(RT_NBUCKETS + 1)]
+        return {"bucket_counts": counts, "count": sum(counts), "sum": self.total,
+                "ids": self.ids.count,
+                "untimed_requests": {"queue_full": self.queue_full,
+                                     "table_full": self.table_full, "lost": self.lost},
+                "unmatched_replies": self.unmatched}
+
+
+# ---------------------------------------------------------------------------------------
 
 cdef inline void release(gk_zmq_msg_t *m) noexcept nogil:
     Z.msg_close(m)
@@ -449,6 +556,7 @@ cdef class Relay:
 
     cdef readonly object frontend, backend, services
     cdef readonly PolicyEngine engine
+    cdef readonly RoundTrips round_trips
     cdef void *fe
     cdef void *be
     cdef gk_zmq_pollitem_t items[2 + MAX_SERVICES]
@@ -471,6 +579,7 @@ cdef class Relay:
         for i in range(self.nmsgs):
             Z.msg_init(&self.msgs[i])
         Z.msg_init(&self.scratch)
+        self.round_trips = RoundTrips()
 
     def __init__(self, frontend, backend, services, PolicyEngine engine):
         services = list(services)
@@ -535,7 +644,7 @@ cdef class Relay:
             if rc == 0:
                 return C_RUN_TICK
             if self.npending and self.items[1].revents & GK_ZMQ_POLLOUT:
-                if self.send_backend(self.npending, self.pending_bytes) < 0:
+                if self.send_backend(self.npending, self.pending_bytes, monotonic()) < 0:
                     return C_RUN_ERROR
             if self.items[1].revents & GK_ZMQ_POLLIN:
                 if self.relay_replies() < 0:
@@ -629,7 +738,7 @@ cdef class Relay:
         if reason:
             self.engine.record(reason, key, key_len, nframes, total)
         if reason == 0 or (dry_run and whole):
-            i = self.send_backend(1 + held, identity_len + total)
+            i = self.send_backend(1 + held, identity_len + total, now)
             if i != 0:
                 return i  # forwarded, or an error
             if not self.engine.backend_full_reject:
@@ -680,10 +789,23 @@ cdef class Relay:
             self.msgs = <gk_zmq_msg_t *>p
         self.nmsgs = FRAME_SLOTS
 
-    cdef int send_backend(self, int nparts, size_t nbytes) noexcept nogil:
+    cdef int send_backend(self, int nparts, size_t nbytes, double now) noexcept nogil:
         """1 sent, 0 no room (nothing sent), -1 error. libzmq admits a multipart message
-        whole or not at all at its first frame, so only that send can lack room."""
+        whole or not at all at its first frame, so only that send can lack room. `now`:
+        the batch's clock, as the round trip's start."""
         cdef int i
+        # the send takes the routing id frame: keep its bytes for the round-trip clock
+        cdef uint8_t identity[KEY_STRIDE]
+        cdef size_t identity_len = Z.msg_size(&self.msgs[0])
+        if identity_len > MAX_KEY:
+            identity_len = MAX_KEY
+        memcpy(identity, Z.msg_data(&self.msgs[0]), identity_len)
+        # a REQ peer (lockstep: see RoundTrips) sends an empty delimiter first; only then is
+        # its Socket-Type worth reading
+        cdef const char *kind = NULL
+        if Z.msg_size(&self.msgs[1]) == 0:
+            kind = Z.msg_gets(&self.msgs[1], "Socket-Type")
+        cdef bint lockstep = kind != NULL and strcmp(kind, "REQ") == 0
         if Z.msg_send(&self.msgs[0], self.be, GK_ZMQ_DONTWAIT | GK_ZMQ_SNDMORE) < 0:
             if Z.errno_() == EAGAIN:
                 return 0
@@ -693,6 +815,7 @@ cdef class Relay:
                 return self.fail()
         self.npending = 0
         self.trim_frames()
+        self.round_trips.on_sent(identity, identity_len, now, lockstep)
         self.counts[BE_MSGS_OUT] += 1
         self.counts[BE_BYTES_OUT] += nbytes
         self.counts[FORWARDED] += 1
@@ -724,6 +847,9 @@ cdef class Relay:
     # -- backend -> client ---------------------------------------------------------
 
     cdef int relay_replies(self) noexcept nogil:
+        # one clock reading per batch, as for requests: a round trip is good to the time a
+        # batch takes, and a reading (some 30 ns) is not paid per message
+        cdef double now = monotonic()
         cdef gk_zmq_msg_t *m = &self.scratch
         cdef int n
         cdef bint more, delivered
@@ -735,6 +861,7 @@ cdef class Relay:
                 return self.fail()
             nbytes = Z.msg_size(m)
             more = Z.msg_more(m)
+            self.round_trips.on_replied(<const uint8_t *>Z.msg_data(m), nbytes, now)
             delivered = more  # a routing id alone: libzmq's ROUTER would drop it unsaid
             if not more:
                 self.counts[UNROUTABLE] += 1

@@ -7,7 +7,9 @@ change here must be mirrored there; the differential tests hold the two together
 
 from __future__ import annotations
 
+import bisect
 import time
+from collections import deque
 from typing import Sequence
 
 import zmq
@@ -32,6 +34,10 @@ from .rules import (
     RATE_LIMITED,
     REASONS,
     RECLAIM_SCAN,
+    ROUND_TRIP_BUCKETS,
+    ROUND_TRIP_DEPTH,
+    ROUND_TRIP_IDS,
+    ROUND_TRIP_STALE_S,
     TOO_MANY_FRAMES,
     TOP_OFFENDERS,
     Limits,
@@ -342,6 +348,121 @@ def _property(frame: zmq.Frame, name: str) -> bytes | None:
     return value.encode("utf-8", "surrogateescape")
 
 
+class _InFlight:
+    """One routing id's requests in flight since its entry was made: how many were sent
+    and answered, and the send times of at most ROUND_TRIP_DEPTH of them, oldest first,
+    each with its request's number, so that a reply only ever meets its own request."""
+
+    __slots__ = ("key", "sent", "replied", "stamps", "last")
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.sent = 0
+        self.replied = 0
+        self.stamps: deque[tuple[int, float]] = deque()
+        self.last = 0.0
+
+
+class RoundTrips:
+    """Backend round trips: from forwarding a request to its reply coming back, per
+    routing id in order (the n-th reply to an id answers its n-th request, as REQ
+    clients and in-order brokers have it), into a histogram over ROUND_TRIP_BUCKETS.
+
+    Bounded: an id has an entry only while it has requests in flight, at most `max_ids`
+    of them; when the table is full, an entry idle for ROUND_TRIP_STALE_S (its replies
+    presumably lost) may go to the new id, else the request is not timed (`table_full`).
+    At most ROUND_TRIP_DEPTH times per id: past it the newest is not timed (`queue_full`),
+    so the oldest keep their place. A reply with no entry is `unmatched`.
+
+    A request the broker never answers would leave its id one reply behind for good, every
+    later sample running from the request before. So the requests in flight are taken as
+    `lost` and the matching starts afresh when the id sends again after ROUND_TRIP_STALE_S
+    of silence, or at once when the sender is `lockstep` (a REQ socket, which sends its
+    next request only when it has its reply or has given up on it). A DEALER whose broker
+    drops or reorders its replies, while it keeps sending, still skews its own samples.
+    The 32-bit counts of the compiled twin are kept here too.
+    """
+
+    def __init__(self, max_ids: int = ROUND_TRIP_IDS) -> None:
+        self.max_ids = max_ids
+        self._slots: list[_InFlight] = []
+        self._index: dict[bytes, int] = {}
+        self._hand = 0
+        self._counts = [0] * (len(ROUND_TRIP_BUCKETS) + 1)
+        self._sum = 0.0
+        self._untimed = {"queue_full": 0, "table_full": 0, "lost": 0}
+        self._unmatched = 0
+
+    def sent(self, identity: bytes, now: float, lockstep: bool = False) -> None:
+        identity = identity[:MAX_KEY_BYTES]
+        slot = self._index.get(identity)
+        if slot is not None:
+            entry = self._slots[slot]
+            if lockstep or now - entry.last >= ROUND_TRIP_STALE_S:
+                self._untimed["lost"] += (entry.sent - entry.replied) & 0xFFFFFFFF
+                entry.replied = entry.sent
+                entry.stamps.clear()
+        else:
+            slot = self._new_entry(identity, now)
+            if slot is None:
+                self._untimed["table_full"] += 1
+                return
+        entry = self._slots[slot]
+        entry.sent = (entry.sent + 1) & 0xFFFFFFFF
+        entry.last = now
+        if len(entry.stamps) == ROUND_TRIP_DEPTH:
+            self._untimed["queue_full"] += 1
+            return
+        entry.stamps.append((entry.sent, now))
+
+    def _new_entry(self, identity: bytes, now: float) -> int | None:
+        if len(self._slots) < self.max_ids:
+            self._slots.append(_InFlight(identity))
+            slot = len(self._slots) - 1
+        else:
+            for _ in range(min(RECLAIM_SCAN, self.max_ids)):
+                slot = self._hand
+                self._hand = (self._hand + 1) % self.max_ids
+                if now - self._slots[slot].last >= ROUND_TRIP_STALE_S:
+                    del self._index[self._slots[slot].key]
+                    self._slots[slot] = _InFlight(identity)
+                    break
+            else:
+                return None
+        self._index[identity] = slot
+        return slot
+
+    def replied(self, identity: bytes, now: float) -> None:
+        slot = self._index.get(identity[:MAX_KEY_BYTES])
+        if slot is None:
+            self._unmatched += 1
+            return
+        entry = self._slots[slot]
+        entry.replied = (entry.replied + 1) & 0xFFFFFFFF
+        if entry.stamps and entry.stamps[0][0] == entry.replied:
+            elapsed = max(0.0, now - entry.stamps.popleft()[1])
+            self._counts[bisect.bisect_left(ROUND_TRIP_BUCKETS, elapsed)] += 1
+            self._sum += elapsed
+        if entry.replied == entry.sent:
+            self._remove(slot)
+
+    def _remove(self, slot: int) -> None:
+        """As the compiled key table does: the last entry moves into the freed slot."""
+        del self._index[self._slots[slot].key]
+        last = self._slots.pop()
+        if slot < len(self._slots):
+            self._slots[slot] = last
+            self._index[last.key] = slot
+
+    def snapshot(self) -> dict:
+        """Non-cumulative counts per bucket (the last is +Inf), their sum in seconds, and
+        what was not timed."""
+        return {"bucket_counts": list(self._counts), "count": sum(self._counts),
+                "sum": self._sum, "ids": len(self._slots),
+                "untimed_requests": dict(self._untimed),
+                "unmatched_replies": self._unmatched}
+
+
 class Relay:
     """The loop: polls frontend, backend and service sockets; forwards what passes."""
 
@@ -360,6 +481,7 @@ class Relay:
         self.frontend_open = True
         self._pending: list[zmq.Frame] | None = None
         self._counts = dict.fromkeys(COUNTER_NAMES, 0)
+        self.round_trips = RoundTrips()
 
     def counters(self) -> dict[str, int]:
         return dict(self._counts)
@@ -458,7 +580,7 @@ class Relay:
             engine.record(reason, key, nframes, total)
         if reason == FORWARD or rules.dry_run:
             message = [id_frame, *held]
-            if self._send_backend(message, len(identity) + total):
+            if self._send_backend(message, len(identity) + total, now):
                 return
             if not rules.backend_full_reject:
                 self._pending = message
@@ -478,10 +600,13 @@ class Relay:
         value = _property(frame, KEY_PROPERTIES[kind].decode())
         return value if value is not None else b""
 
-    def _send_backend(self, message: list[zmq.Frame], nbytes: int) -> bool:
+    def _send_backend(self, message: list[zmq.Frame], nbytes: int, now: float) -> bool:
         """Try to hand the whole message to the backend without blocking. libzmq admits a
         multipart message whole or not at all at its first frame, so only that send can
-        fail for lack of room."""
+        fail for lack of room. `now`: the batch's clock, as the round trip's start."""
+        # a REQ peer (lockstep: see RoundTrips) sends an empty delimiter first; only then is
+        # its Socket-Type worth reading
+        lockstep = len(message[1]) == 0 and _property(message[1], "Socket-Type") == b"REQ"
         try:
             self.backend.send(message[0], zmq.NOBLOCK | zmq.SNDMORE, copy=False)
         except zmq.Again:
@@ -489,6 +614,7 @@ class Relay:
         last = len(message) - 1
         for i in range(1, last + 1):
             self.backend.send(message[i], zmq.SNDMORE if i < last else 0, copy=False)
+        self.round_trips.sent(message[0].bytes, now, lockstep)
         c = self._counts
         c["backend_messages_out"] += 1
         c["backend_bytes_out"] += nbytes
@@ -496,7 +622,7 @@ class Relay:
         return True
 
     def _flush_pending(self) -> None:
-        if self._send_backend(self._pending, self._pending_bytes):
+        if self._send_backend(self._pending, self._pending_bytes, time.monotonic()):
             self._pending = None
 
     def _send_reject(self, id_frame: zmq.Frame, held: list[zmq.Frame], reason: int) -> None:
@@ -526,6 +652,8 @@ class Relay:
     # -- backend -> client ---------------------------------------------------------
 
     def _relay_replies(self) -> None:
+        # one clock reading per batch, as for requests (the compiled twin says why)
+        now = time.monotonic()
         c = self._counts
         for _ in range(BATCH):
             try:
@@ -533,6 +661,7 @@ class Relay:
             except zmq.Again:
                 return
             nbytes = len(frame)
+            self.round_trips.replied(frame.bytes, now)
             delivered = frame.more  # a routing id alone: libzmq's ROUTER would drop it unsaid
             try:
                 if delivered:

@@ -49,6 +49,7 @@ from gatekeeper._fast cimport (
     REPLY_DROPPED,
     UNROUTABLE,
     PolicyEngine,
+    RoundTrips,
     reason_text,
     zmq_api,
 )
@@ -260,12 +261,15 @@ cdef enum:
     HS_INVALID_SOCKET_TYPE
     HS_RESERVED_IDENTITY
     HS_IDENTITY_IN_USE
+    HS_SHUTTING_DOWN         # never here: a draining native engine has closed its listeners
     HS_TIMEOUT
     HS_PROTOCOL_ERROR
+    HS_DISCONNECTED
     NHS
 
 assert NHS == len(HANDSHAKE_RESULTS)
 assert HANDSHAKE_RESULTS[HS_IDENTITY_IN_USE] == "identity_in_use"
+assert HANDSHAKE_RESULTS[HS_DISCONNECTED] == "disconnected"
 
 cdef tuple _HS_BYTES = tuple(r.encode() for r in HANDSHAKE_RESULTS)
 cdef const char *HS_TEXT[NHS]
@@ -278,6 +282,7 @@ cdef struct Conn:
     int state
     bint v2                   # ZMTP 2.0 peer: no commands, no heartbeats
     bint heartbeats           # a ZMTP 3 peer: PING/PONG
+    bint lockstep             # a REQ peer: one request at a time (see _fast.RoundTrips)
     bint reading              # in the inner epoll
     bint writing              # in the outer epoll for EPOLLOUT
     bint dirty                # replies appended since the last flush
@@ -370,6 +375,7 @@ cdef class NativeRelay:
 
     cdef readonly object backend, services
     cdef readonly PolicyEngine engine
+    cdef readonly RoundTrips round_trips
     cdef object _listener_files       # unix socket paths to remove at close
     cdef void *be
     cdef void *service_handles[MAX_SERVICES]
@@ -409,6 +415,7 @@ cdef class NativeRelay:
     cdef gk_zmq_msg_t *pending
     cdef uint32_t npending, pending_cap
     cdef size_t pending_bytes
+    cdef bint pending_lockstep
     cdef uint8_t *stash
     cdef size_t stash_len
     cdef int stash_conn
@@ -456,6 +463,7 @@ cdef class NativeRelay:
         if not 0 < len(listeners) <= MAX_LISTENERS:
             raise ValueError(f"1 to {MAX_LISTENERS} listening sockets")
         self.backend, self.services, self.engine = backend, services, engine
+        self.round_trips = RoundTrips()
         self.be = <void *><size_t>backend.underlying
         self.nservices = len(services)
         for i, s in enumerate(services):
@@ -712,7 +720,7 @@ cdef class NativeRelay:
         cdef int events = self.zmq_events(self.be)
         cdef int rc
         if self.npending and events & GK_ZMQ_POLLOUT:
-            rc = self.send_pending()
+            rc = self.send_pending(now)
             if rc < 0:
                 return -1
             if rc and self.stash_conn >= 0:
@@ -868,7 +876,7 @@ cdef class NativeRelay:
     cdef void count_handshake(self, int result, const Conn *c) noexcept nogil:
         cdef HandshakeSample *sample
         self.hs[result] += 1
-        if result == HS_ACCEPTED or result == HS_TIMEOUT or result == HS_PROTOCOL_ERROR:
+        if result in (HS_ACCEPTED, HS_TIMEOUT, HS_PROTOCOL_ERROR, HS_DISCONNECTED):
             return  # outcomes, not refusals: counted only
         if self.window[result] < <uint32_t>self.log_per_second and self.nsamples < self.sample_cap:
             self.window[result] += 1
@@ -926,7 +934,7 @@ cdef class NativeRelay:
             if c.fd < 0 or not c.reading:
                 continue
             if events[i].events & EPOLLERR:
-                self.drop(c, -1)
+                self.drop(c, HS_DISCONNECTED if c.state != ST_OPEN else -1)
                 continue
             self.read_conn(c, now)
             if self.npending or not self.frontend_open or self.paused:
@@ -958,7 +966,7 @@ cdef class NativeRelay:
         if n <= 0:
             if n < 0 and (errno == EAGAIN or errno == EINTR):
                 return
-            self.drop(c, -1)  # gone (a peer that leaves mid-handshake is not an error)
+            self.drop(c, HS_DISCONNECTED if c.state != ST_OPEN else -1)
             return
         c.last_recv = now
         self.process(c, self.rbuf, <size_t>n, now)
@@ -1091,6 +1099,7 @@ cdef class NativeRelay:
         if not is_client_type(ev.socket_type, ev.socket_type_len):
             self.refuse(c, HS_INVALID_SOCKET_TYPE)
             return
+        c.lockstep = ev.socket_type_len == 3  # REQ, of the three
         if ev.identity_len == 0:
             if not self.anonymous_id(c):
                 self.drop(c, HS_PROTOCOL_ERROR)
@@ -1328,7 +1337,7 @@ cdef class NativeRelay:
         if reason:
             self.engine.record(reason, key, key_len, c.nframes, c.total)
         if whole and (reason == 0 or self.engine.dry_run):
-            rc = self.send_message(c)
+            rc = self.send_message(c, now)
             if rc != 0 or not self.engine.backend_full_reject:
                 self.release_message(c)  # sent, or pending until the backend has room
                 return
@@ -1340,7 +1349,7 @@ cdef class NativeRelay:
             self.send_reject(c, reason)
         self.release_message(c)
 
-    cdef int send_message(self, Conn *c) noexcept nogil:
+    cdef int send_message(self, Conn *c, double now) noexcept nogil:
         """To the backend, `[routing id, frames...]`: 1 sent; 0 no room, the message then
         pending (wait mode) or left in `c` (reject mode); -1 an error (it is lost).
         libzmq admits a multipart message whole or not at all at its first frame, so
@@ -1367,16 +1376,22 @@ cdef class NativeRelay:
             c.nheld = 0
             self.npending = n + 1
             self.pending_bytes = c.id[0] + c.total
+            self.pending_lockstep = c.lockstep
             return 0
         for i in range(n):
             Z.msg_send(&c.frames[i], self.be, GK_ZMQ_SNDMORE if i < n - 1 else 0)
         c.nheld = 0  # sent: libzmq has them
         self.backend_due = True
+        self.round_trips.on_sent(c.id + 1, c.id[0], now, c.lockstep)
         self.count_forwarded(c.id[0] + c.total)
         return 1
 
-    cdef int send_pending(self) noexcept nogil:
+    cdef int send_pending(self, double now) noexcept nogil:
         cdef uint32_t i, n = self.npending
+        # the send takes the routing id frame: keep its bytes for the round-trip clock
+        cdef uint8_t identity[256]
+        cdef size_t identity_len = Z.msg_size(&self.pending[0])
+        memcpy(identity, Z.msg_data(&self.pending[0]), identity_len)
         if Z.msg_send(&self.pending[0], self.be, GK_ZMQ_DONTWAIT | GK_ZMQ_SNDMORE) < 0:
             if Z.errno_() == EAGAIN:
                 return 0
@@ -1389,6 +1404,7 @@ cdef class NativeRelay:
             Z.msg_send(&self.pending[i], self.be, GK_ZMQ_SNDMORE if i < n - 1 else 0)
         self.npending = 0
         self.count_forwarded(self.pending_bytes)
+        self.round_trips.on_sent(identity, identity_len, now, self.pending_lockstep)
         return 1
 
     cdef inline void count_forwarded(self, size_t nbytes) noexcept nogil:
@@ -1435,6 +1451,9 @@ cdef class NativeRelay:
         cdef size_t nbytes, size
         cdef Conn *c
         cdef uint8_t header[ZMTP_FRAME_HEADER_MAX]
+        # one clock reading per batch, as the libzmq relay: a round trip is good to the
+        # time a batch takes
+        cdef double now = monotonic()
         for n in range(REPLY_BATCH):
             if Z.msg_recv(m, self.be, GK_ZMQ_DONTWAIT) < 0:
                 if Z.errno_() == EAGAIN or Z.errno_() == EINTR:
@@ -1443,6 +1462,7 @@ cdef class NativeRelay:
                 return -1
             nbytes = Z.msg_size(m)
             more = Z.msg_more(m)
+            self.round_trips.on_replied(<const uint8_t *>Z.msg_data(m), nbytes, now)
             c = NULL
             if more:
                 slot = ki_find(&self.ids, <const uint8_t *>Z.msg_data(m), nbytes)

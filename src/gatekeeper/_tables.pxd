@@ -162,6 +162,13 @@ cdef inline void ki_set_key(KeyIndex *ki, uint32_t slot, const uint8_t *k, size_
     ki.hashes[slot] = hash_key(ki, k, n)
 
 
+cdef inline void ki_rekey(KeyIndex *ki, uint32_t slot, const uint8_t *k, size_t n) noexcept nogil:
+    """Give a slot, and its payload, to another key (reclaiming it)."""
+    ki_unlink(ki, slot)
+    ki_set_key(ki, slot, k, n)
+    ki_link(ki, slot)
+
+
 cdef inline int ki_add(KeyIndex *ki, const uint8_t *k, size_t n) noexcept nogil:
     """A new slot for a key known to be absent; -1 when full or out of memory."""
     cdef uint32_t grown

@@ -14,6 +14,8 @@ limits. `max_connections_per_address` counts TCP connections, those still in the
 handshake included, so abandoned handshakes cannot dodge it; a host that opens more at
 the same instant than its cap allows may see more of them refused than the excess.
 
+Refusals while draining (`shutting_down`) are counted apart: they are no violation.
+
 The reply's User-Id, which libzmq attaches to every message of the connection
 (zmq_msg_gets "User-Id"), is the client's CURVE public key in Z85, else its IP address.
 
@@ -24,8 +26,6 @@ against control.curve.allowed_clients_dir and nothing else.
 from __future__ import annotations
 
 import ipaddress
-import socket
-import struct
 import time
 from typing import Any
 
@@ -44,15 +44,9 @@ ZAP_VERSION = b"1.0"
 # client IP: at most this many, idle (full) ones reclaimed, the rest share one bucket.
 MAX_TRACKED_CONNECTIONS = 1 << 20
 MAX_RATE_ADDRESSES = 65536
-# Monitor events drained per call, and ZAP requests answered per call, so that neither
-# can starve the data plane; the loop calls back while either socket stays readable.
-MONITOR_BATCH = 4096
+# ZAP requests answered per call, so that a flood cannot starve the data plane; the loop
+# calls back while the socket stays readable.
 ZAP_BATCH = 256
-# libzmq sends monitor events from its I/O thread with a blocking send: a full pipe would
-# stall that thread (never lose an event, which would skew the counts). This bounds the
-# queue at ~100k events (~10 MB) and only a flood of connections can fill it.
-MONITOR_RCVHWM = 100_000
-_MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -83,18 +77,20 @@ def network(cidr: str) -> IPNetwork:
 
 
 class ConnectionTable:
-    """Live frontend TCP connections per client IP, from the frontend's socket monitor.
+    """Live frontend connections by descriptor, and how many per client IP, fed by the
+    frontend's socket monitor (frontend.py).
 
     libzmq reports EVENT_ACCEPTED and EVENT_DISCONNECTED with the connection's descriptor
     and emits the former before the handshake can reach ZAP, so the connection being
     authenticated is already counted. The address is read from the descriptor when the
     event is handled: if the connection is gone by then and its descriptor reused, the
     address is the new holder's, whose own events pair with this one by descriptor, so the
-    counts still return to the truth. Counts of 0 are removed.
+    counts still return to the truth. Peers without an IP (ipc://) count only in the total.
+    Counts of 0 are removed.
     """
 
     def __init__(self) -> None:
-        self.by_fd: dict[int, bytes] = {}
+        self.by_fd: dict[int, bytes | None] = {}
         self.by_ip: dict[bytes, int] = {}
 
     def __len__(self) -> int:
@@ -102,14 +98,17 @@ class ConnectionTable:
 
     def accepted(self, fd: int, ip: IPAddress | None) -> None:
         self.closed(fd)  # a descriptor in use is one connection: drop a stale entry
-        if ip is None or len(self.by_fd) >= MAX_TRACKED_CONNECTIONS:
+        if len(self.by_fd) >= MAX_TRACKED_CONNECTIONS:
             return
-        key = ip.packed
+        key = ip.packed if ip is not None else None
         self.by_fd[fd] = key
-        self.by_ip[key] = self.by_ip.get(key, 0) + 1
+        if key is not None:
+            self.by_ip[key] = self.by_ip.get(key, 0) + 1
 
     def closed(self, fd: int) -> None:
-        key = self.by_fd.pop(fd, None)
+        if fd not in self.by_fd:
+            return
+        key = self.by_fd.pop(fd)
         if key is None:
             return
         n = self.by_ip[key] - 1
@@ -176,13 +175,12 @@ class HandshakeRate:
 
 class ZapHandler:
     def __init__(self, ctx: zmq.Context, policy: Any, log: EventLog) -> None:
-        self.ctx = ctx
         self.log = log
         self.closing = False  # set while draining: no new client gets in
         self.refusals: dict[str, int] = {}
+        self.closing_refusals = 0
         self.control_refusals = 0
         self.connections = ConnectionTable()
-        self.monitor: zmq.Socket | None = None
         self.rate: HandshakeRate | None = None
         # Key directories are read from the policy the sockets were built with: their
         # paths need a restart; RELOAD re-reads their contents (a client key added).
@@ -206,7 +204,6 @@ class ZapHandler:
                 # policy.py checked the directories; they changed since
                 raise SocketSetupError(str(exc)) from None
             raise
-        self.service_sockets = [self.socket]
         self._set_access(policy)
 
     # -- configuration -------------------------------------------------------------
@@ -246,25 +243,8 @@ class ZapHandler:
                 self.log.warning("no_client_keys", socket=name, directory=directory,
                                  effect="every CURVE client is refused")
 
-    def watch(self, frontend: zmq.Socket) -> None:
-        """Follow the frontend's connections (for per-address connection caps): its socket
-        monitor becomes a service socket of the loop."""
-        endpoint = f"inproc://gatekeeper.monitor.{id(self):x}"
-        monitor = self.ctx.socket(zmq.PAIR)
-        monitor.setsockopt(zmq.LINGER, 0)
-        monitor.setsockopt(zmq.RCVHWM, MONITOR_RCVHWM)
-        try:
-            frontend.monitor(endpoint, _MONITOR_EVENTS)
-            monitor.connect(endpoint)
-        except BaseException:
-            monitor.close(0)
-            raise
-        self.monitor = monitor
-        self.service_sockets.append(monitor)
-
     def close(self) -> None:
-        for s in self.service_sockets:
-            s.close(0)
+        self.socket.close(0)
 
     # -- the loop's calls ----------------------------------------------------------
 
@@ -282,8 +262,9 @@ class ZapHandler:
             self.rate.reclaim(now)
 
     def serve_ready(self) -> None:
-        # Monitor events first: a connection's EVENT_ACCEPTED precedes its ZAP request.
-        self._drain_monitor()
+        """Answer waiting ZAP requests. The frontend's monitor events must be read first
+        (a connection's EVENT_ACCEPTED precedes its ZAP request), so that the connection
+        being authenticated counts towards its address's cap."""
         for _ in range(ZAP_BATCH):
             try:
                 request = self.socket.recv_multipart(zmq.NOBLOCK)
@@ -296,22 +277,6 @@ class ZapHandler:
                 request_id = request[1] if len(request) > 1 else b""
                 reply = [ZAP_VERSION, request_id, b"500", b"internal error", b"", b""]
             self.socket.send_multipart(reply)
-
-    def _drain_monitor(self) -> None:
-        if self.monitor is None:
-            return
-        for _ in range(MONITOR_BATCH):
-            try:
-                event = self.monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(event[0]) < 6:
-                continue
-            kind, fd = struct.unpack("=HI", event[0][:6])
-            if kind == zmq.EVENT_ACCEPTED:
-                self.connections.accepted(fd, _peer_ip(fd))
-            elif kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
-                self.connections.closed(fd)
 
     # -- decisions -----------------------------------------------------------------
 
@@ -337,6 +302,7 @@ class ZapHandler:
     def _frontend(self, address: str, mechanism: bytes,
                   key: bytes | None) -> tuple[str | None, bytes | None]:
         if self.closing:
+            self.closing_refusals += 1
             return "shutting_down", None
         ip = client_ip(address)
         if ip is not None:
@@ -381,19 +347,3 @@ class ZapHandler:
             self._samples.append(sample)
         else:
             self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
-
-
-def _peer_ip(fd: int) -> IPAddress | None:
-    """The peer IP of a libzmq connection's descriptor, without taking it over."""
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        return None  # closed already: its EVENT_DISCONNECTED follows
-    try:
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            return None
-        return client_ip(sock.getpeername()[0])
-    except OSError:
-        return None
-    finally:
-        sock.detach()  # the descriptor is libzmq's: never close it here

@@ -1,4 +1,4 @@
-"""The `gatekeeper` command: run, check, ctl, demo, keygen.
+"""The `gatekeeper` command: run, check, ctl, top, demo, keygen.
 
 Exit codes: 0 success; 2 invalid configuration or usage; 1 runtime failure.
 """
@@ -17,7 +17,11 @@ from .control import control_request, curve_client_keys
 from .log import EventLog
 from .policy import PolicyError, load_policy
 
-COMMANDS = ("run", "check", "ctl", "demo", "keygen")
+COMMANDS = ("run", "check", "ctl", "top", "demo", "keygen")
+
+
+class _Usage(Exception):
+    """A usage or configuration error: exit 2 with its text."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,16 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a policy and print what it sets")
     check.add_argument("--config", required=True)
     ctl = sub.add_parser("ctl", help="send a control command and print the reply")
-    ctl.add_argument("--config", help="policy.toml (for control.bind)")
-    ctl.add_argument("--control", help="control endpoint, overriding the file")
-    ctl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
-    ctl.add_argument("--client-cert", metavar="FILE",
-                     help="CURVE: this client's secret certificate (for [control.curve])")
-    ctl.add_argument("--server-key", metavar="FILE",
-                     help="CURVE: the control socket's public certificate (default: the "
-                     "public key in --config's control.curve.secret_key_file, if readable)")
+    _control_arguments(ctl)
     ctl.add_argument("cmd", help="STATS, STATISTICS, PAUSE, RESUME, RELOAD, BAN, UNBAN, TERMINATE")
     ctl.add_argument("arg", nargs="?", help="the identity for BAN / UNBAN")
+    top = sub.add_parser("top", help="a live view of a running gatekeeper")
+    _control_arguments(top)
+    top.add_argument("--interval", type=float, default=1.0, metavar="S",
+                     help="seconds between snapshots (default 1)")
+    top.add_argument("--count", type=int, metavar="N", help="stop after N snapshots")
     demo = sub.add_parser("demo", help="a self-contained demonstration with live stats")
     demo.add_argument("--seconds", type=float, default=6.0)
     keygen = sub.add_parser("keygen", help="write a CURVE key pair (ZeroMQ certificate format)")
@@ -51,14 +53,47 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _control_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="policy.toml (for control.bind)")
+    p.add_argument("--control", help="control endpoint, overriding the file")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+    p.add_argument("--client-cert", metavar="FILE",
+                   help="CURVE: this client's secret certificate (for [control.curve])")
+    p.add_argument("--server-key", metavar="FILE",
+                   help="CURVE: the control socket's public certificate (default: the "
+                   "public key in --config's control.curve.secret_key_file, if readable)")
+
+
+def _control_target(args: argparse.Namespace) -> tuple[str, tuple[bytes, bytes, bytes] | None]:
+    """(endpoint, CURVE client keys or None) from ctl's and top's options; _Usage if not."""
+    endpoint = args.control
+    if endpoint is None:
+        if args.config is None:
+            raise _Usage(f"{args.command} needs --config or --control")
+        try:
+            endpoint = _control_endpoint(args.config)
+        except PolicyError as exc:
+            raise _Usage(str(exc)) from None
+    curve = None
+    if args.client_cert is not None or args.server_key is not None:
+        try:
+            curve = curve_client_keys(args.client_cert, args.server_key, args.config)
+        except ValueError as exc:
+            raise _Usage(str(exc)) from None
+    return endpoint, curve
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
         argv.insert(0, "run")
     args = _parser().parse_args(argv)
-    return {"run": _run, "check": _check, "ctl": _ctl, "demo": _demo, "keygen": _keygen}[
-        args.command
-    ](args)
+    command = {"run": _run, "check": _check, "ctl": _ctl, "top": _top, "demo": _demo,
+               "keygen": _keygen}[args.command]
+    try:
+        return command(args)
+    except _Usage as exc:
+        return _fail(str(exc), 2)
 
 
 def _fail(message: str, code: int) -> int:
@@ -101,21 +136,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _ctl(args: argparse.Namespace) -> int:
-    endpoint = args.control
-    if endpoint is None:
-        if args.config is None:
-            return _fail("ctl needs --config or --control", 2)
-        try:
-            endpoint = _control_endpoint(args.config)
-        except PolicyError as exc:
-            return _fail(str(exc), 2)
+    endpoint, curve = _control_target(args)
     request = args.cmd if args.arg is None else f"{args.cmd} {args.arg}"
-    curve = None
-    if args.client_cert is not None or args.server_key is not None:
-        try:
-            curve = curve_client_keys(args.client_cert, args.server_key, args.config)
-        except ValueError as exc:
-            return _fail(str(exc), 2)
     try:
         reply = control_request(endpoint, request, args.timeout, curve)
     except TimeoutError:
@@ -131,6 +153,31 @@ def _ctl(args: argparse.Namespace) -> int:
         return 0 if json.loads(text).get("ok") is True else 1
     except (ValueError, AttributeError):
         return 1
+
+
+def _top(args: argparse.Namespace) -> int:
+    from .top import run_top
+
+    if not args.interval > 0:
+        raise _Usage(f"--interval must be > 0, got {args.interval:g}")
+    if args.count is not None and args.count < 1:
+        raise _Usage(f"--count must be >= 1, got {args.count}")
+    endpoint, curve = _control_target(args)
+    try:
+        run_top(endpoint, curve, args.interval, args.count, args.timeout, sys.stdout)
+    except TimeoutError:
+        return _fail(f"no reply from {endpoint} within {args.timeout} s", 1)
+    except zmq.ZMQError as exc:
+        return _fail(f"control endpoint {endpoint}: {exc}", 2)
+    except ValueError as exc:
+        return _fail(f"STATS from {endpoint}: {exc}", 1)
+    except KeyError as exc:
+        return _fail(f"STATS from {endpoint} has no {exc}: a gatekeeper older than this top?", 1)
+    except KeyboardInterrupt:
+        pass  # how a live view is left
+    except BrokenPipeError:  # `gatekeeper top | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 def _control_endpoint(path: str) -> str:

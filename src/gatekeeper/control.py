@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import zmq
 
 from .keys import load_key_pair
 from .log import EventLog
 from .policy import PolicyError, load_policy
-from .rules import MAX_KEY_BYTES, parse_identity
+from .rules import MAX_KEY_BYTES, ROUND_TRIP_BUCKETS, parse_identity
 from .sockets import SocketSetupError, apply_options, control_options, unix_socket_in_use
 
 MAX_REQUEST_BYTES = 1024
@@ -225,6 +225,38 @@ def _identity_argument(word: str, arg: str | None) -> bytes:
     if not identity or len(identity) > MAX_KEY_BYTES:
         raise ControlError(f"identity must be 1 to {MAX_KEY_BYTES} bytes")
     return identity
+
+
+# -- figures in replies --------------------------------------------------------------
+
+def histogram_quantile(q: float, bounds: Sequence[float], counts: Sequence[int]) -> float | None:
+    """The q-quantile of a histogram as PromQL's histogram_quantile estimates it: linear
+    within the bucket that holds it, the first bucket starting at 0, the highest finite
+    bound for one in +Inf. `counts` are per bucket (not cumulative), +Inf last; None
+    without observations."""
+    rank = q * sum(counts)
+    below = 0
+    for i, count in enumerate(counts):
+        if count and below + count >= rank:
+            if i == len(bounds):
+                return bounds[-1]
+            lower = bounds[i - 1] if i else 0.0
+            return lower + (bounds[i] - lower) * (rank - below) / count
+        below += count
+    return None
+
+
+def round_trip_figures(counts: Sequence[int], total: float) -> dict[str, Any]:
+    """p50, p99 and mean in seconds (None without samples) and how many, of round trips
+    with these counts per bucket of ROUND_TRIP_BUCKETS (+Inf last) and this sum."""
+    n = sum(counts)
+
+    def seconds(value: float | None) -> float | None:
+        return None if value is None else round(value, 6)
+
+    return {"p50": seconds(histogram_quantile(0.5, ROUND_TRIP_BUCKETS, counts)),
+            "p99": seconds(histogram_quantile(0.99, ROUND_TRIP_BUCKETS, counts)),
+            "mean": seconds(total / n if n else None), "count": n}
 
 
 # -- the client side ---------------------------------------------------------------

@@ -5,17 +5,31 @@ Nothing is counted per message in Python; a scrape copies a few C integers.
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+import zmq
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily, Metric)
+from prometheus_client.utils import floatToGoString
 
-from .rules import EVENTS
+from . import __version__
+from ._impl import IMPLEMENTATION
+from .rules import EVENTS, ROUND_TRIP_BUCKETS
 from .sockets import SocketSetupError
+
+if TYPE_CHECKING:
+    from .frontend import FrontendEngine
+    from .policy import LoadedPolicy
+
+
+class _RoundTrips(Protocol):
+    def snapshot(self) -> dict[str, Any]: ...
 
 
 class _Relay(Protocol):
     paused: bool
+    round_trips: _RoundTrips
 
     def counters(self) -> dict[str, int]: ...
 
@@ -30,6 +44,8 @@ class Observed(Protocol):
 
     relay: _Relay
     engine: _Engine
+    frontend_engine: FrontendEngine
+    loaded: LoadedPolicy
     reloads: dict[str, int]
 
     def violations(self) -> dict[str, int]: ...
@@ -73,7 +89,42 @@ class GatekeeperCollector:
         for result, count in gk.reloads.items():
             reloads.add_metric([result], count)
         yield reloads
+        yield GaugeMetricFamily("gatekeeper_policy_loaded_timestamp_seconds", "When the "
+                                "policy in force was read (unix time)",
+                                value=gk.loaded.loaded_at)
         yield GaugeMetricFamily("gatekeeper_up", "1 while the gatekeeper runs", value=1)
+        front = gk.frontend_engine
+        yield GaugeMetricFamily("gatekeeper_connections", "Frontend connections open now, "
+                                "handshakes in progress included", value=front.connections())
+        handshakes = CounterMetricFamily("gatekeeper_handshakes", "Frontend handshakes by "
+                                         "result", labels=["result"])
+        for result, count in front.handshakes().items():
+            handshakes.add_metric([result], count)
+        yield handshakes
+        yield from _round_trips(gk.relay.round_trips.snapshot())
+        build = GaugeMetricFamily("gatekeeper_build_info", "Always 1: what runs, in its labels",
+                                  labels=["version", "implementation", "engine", "libzmq"])
+        build.add_metric([__version__, IMPLEMENTATION, front.name, zmq.zmq_version()], 1)
+        yield build
+
+
+def _round_trips(rt: dict[str, Any]) -> Iterator[Metric]:
+    cumulative, buckets = 0, []
+    for bound, count in zip((*ROUND_TRIP_BUCKETS, float("inf")), rt["bucket_counts"]):
+        cumulative += count
+        buckets.append((floatToGoString(bound), cumulative))
+    yield HistogramMetricFamily("gatekeeper_backend_round_trip_seconds", "From forwarding a "
+                                "request to its reply coming back from the backend, matched "
+                                "per routing id in order", buckets=buckets,
+                                sum_value=rt["sum"])
+    untimed = CounterMetricFamily("gatekeeper_backend_round_trips_untimed", "Requests not "
+                                  "timed (queue_full, table_full) and replies that matched no "
+                                  "timed request (unmatched_reply)", labels=["reason"])
+    for reason, count in rt["untimed_requests"].items():
+        untimed.add_metric([reason], count)
+    untimed.add_metric(["unmatched_reply"], rt["unmatched_replies"])
+    yield untimed
+
 
 
 class MetricsServer:
@@ -86,6 +137,7 @@ class MetricsServer:
         host, _, port = listen.rpartition(":")
         registry = CollectorRegistry(auto_describe=False)
         registry.register(GatekeeperCollector(gatekeeper))
+        ProcessCollector(registry=registry)  # process_cpu_seconds_total, RSS, open fds
         try:
             self.server, _thread = start_http_server(int(port), addr=host.strip("[]"),
                                                      registry=registry)

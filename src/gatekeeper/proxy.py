@@ -19,12 +19,14 @@ import zmq
 from . import frontend, sockets
 from ._impl import IMPLEMENTATION, RUN_SERVICE, NativeRelay, PolicyEngine, Relay
 from .auth import ZapHandler
-from .control import ControlServer
+from .control import ControlServer, round_trip_figures
+from .frontend import LibzmqFrontend
 from .log import EventLog, printable_key
 from .metrics import MetricsServer
+from .notify import Notifier
 from .policy import (LoadedPolicy, Policy, PolicyError, diff_policies, load_policy,
                      policy_to_dict)
-from .rules import EVENTS, HANDSHAKE_REASONS, REASONS, rules_from_policy
+from .rules import EVENTS, HANDSHAKE_REASONS, REASONS, ROUND_TRIP_BUCKETS, rules_from_policy
 
 TICK_MS = 100
 LOG_PUMP_S = 1.0
@@ -53,10 +55,9 @@ class Gatekeeper:
             self.zap = ZapHandler(self.ctx, policy, self.log)
             self._sockets.append(self.zap.socket)
             if self.engine_name == "libzmq":
-                self.frontend = sockets.make_frontend(self.ctx, policy)
-                self._sockets.append(self.frontend)
-                self.zap.watch(self.frontend)
-                self._sockets.extend(self.zap.service_sockets[1:])  # the frontend's monitor
+                self.frontend_engine = LibzmqFrontend(self.ctx, policy, self.zap)
+                self.frontend = self.frontend_engine.socket
+                self._sockets.extend([self.frontend, self.frontend_engine.monitor])
                 self.endpoints = list(policy.frontend.bind)
             else:
                 listeners = frontend.make_listeners(policy)
@@ -65,14 +66,17 @@ class Gatekeeper:
             self._sockets.append(self.backend)
             self.control = ControlServer(self.ctx, policy.control, self)
             self._sockets.append(self.control.socket)
-            services = [self.control.socket, *self.zap.service_sockets]
+            services = [self.control.socket, self.zap.socket]
             if self.engine_name == "libzmq":
+                services.append(self.frontend_engine.monitor)
                 self.relay = Relay(self.frontend, self.backend, services, self.engine)
             else:
                 self.relay = NativeRelay(listeners, self.backend, services, self.engine,
                                          frontend.native_settings(policy))
+                self.frontend_engine = frontend.NativeFrontend(self.relay)
                 self._listener_files = self.relay.listener_files
             self.metrics = MetricsServer(self, policy.metrics.listen)
+            self.notify = Notifier(self.log)
         except BaseException:
             if self.engine_name == "native" and not hasattr(self, "relay"):
                 for s in locals().get("listeners", []):
@@ -92,14 +96,18 @@ class Gatekeeper:
         self.log.info("started", frontend=self.endpoints, engine=self.engine_name,
                       implementation=IMPLEMENTATION, libzmq=zmq.zmq_version(),
                       policy=self.loaded.path)
+        self.notify.ready()
         next_pump = time.monotonic() + LOG_PUMP_S
         try:
             while not self.stopped:
                 if self.relay.run(TICK_MS) == RUN_SERVICE:
                     self.control.serve_ready()
+                    if self.engine_name == "libzmq":
+                        self.frontend_engine.serve_ready()  # before ZAP, which it feeds
                     self.zap.serve_ready()
                 self._dispatch_signals()
                 now = time.monotonic()
+                self.notify.watchdog(now)
                 if now >= next_pump:
                     self._pump_logs()
                     self.zap.tick(now)
@@ -135,6 +143,7 @@ class Gatekeeper:
         if self.draining:
             return
         self.draining = True
+        self.notify.stopping()
         # The native engine closes its listening sockets; libzmq's unbind would also cut
         # the clients still waiting for replies, so a libzmq frontend stays bound and ZAP
         # refuses new handshakes instead.
@@ -149,6 +158,8 @@ class Gatekeeper:
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close()
+        if hasattr(self, "notify"):
+            self.notify.close()
         policy = self.loaded.policy
         lingers = {}
         if hasattr(self, "frontend"):
@@ -167,6 +178,13 @@ class Gatekeeper:
     # -- operations (control socket and signals) -----------------------------------
 
     def reload(self, source: str = "control") -> dict[str, Any]:
+        self.notify.reloading()
+        try:
+            return self._reload(source)
+        finally:
+            self.notify.ready()  # the new policy, or the old one kept: serving either way
+
+    def _reload(self, source: str) -> dict[str, Any]:
         old = self.loaded
         try:
             new = load_policy(old.path)
@@ -219,9 +237,25 @@ class Gatekeeper:
             "reloads": dict(self.reloads),
             "libzmq": zmq.zmq_version(),
             "implementation": IMPLEMENTATION,
-            "engine": self.engine_name,
-            "connections": self.connections(),
+            "engine": self.frontend_engine.name,
+            "connections": self.frontend_engine.connections(),
+            "handshakes": self.frontend_engine.handshakes(),
+            "round_trip_s": self.round_trip_summary(),
             **self._native_stats(),
+        }
+
+    def round_trip_summary(self) -> dict[str, Any]:
+        """Backend round trips since start: p50/p99 from the buckets as histogram_quantile
+        estimates them, mean, count; the buckets themselves (so that a client such as
+        `top` can take the figures of an interval), and what was not timed."""
+        rt = self.relay.round_trips.snapshot()
+        return {
+            **round_trip_figures(rt["bucket_counts"], rt["sum"]),
+            "sum": rt["sum"],
+            "bucket_bounds": list(ROUND_TRIP_BUCKETS),
+            "bucket_counts": rt["bucket_counts"],
+            "untimed_requests": rt["untimed_requests"],
+            "unmatched_replies": rt["unmatched_replies"],
         }
 
     def _native_stats(self) -> dict[str, Any]:
@@ -235,18 +269,9 @@ class Gatekeeper:
     def violations(self) -> dict[str, int]:
         """Refusals per reason, message-level and handshake-level, zeros included."""
         counts = dict(zip(REASONS, self.engine.violations()))
-        if self.engine_name == "native":
-            handshakes = self.relay.handshakes()
-            counts.update({r: handshakes[r] for r in HANDSHAKE_REASONS})
-        else:
-            counts.update({r: self.zap.refusals.get(r, 0) for r in HANDSHAKE_REASONS})
+        handshakes = self.frontend_engine.handshakes()
+        counts.update({r: handshakes[r] for r in HANDSHAKE_REASONS})
         return counts
-
-    def connections(self) -> int:
-        """Frontend connections now (with libzmq, the TCP ones its monitor reported)."""
-        if self.engine_name == "native":
-            return self.relay.connections
-        return len(self.zap.connections)
 
     def statistics(self) -> list[int]:
         """zmq_proxy_steerable's STATISTICS order."""

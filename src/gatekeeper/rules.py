@@ -49,9 +49,18 @@ HANDSHAKE_REASONS: tuple[str, ...] = (
     "reserved_identity",
     "identity_in_use",
 )
-# Every handshake's outcome: accepted, refused (by reason), or it timed out or broke the
-# protocol. A peer that leaves mid-handshake is none of these.
-HANDSHAKE_RESULTS: tuple[str, ...] = ("accepted", *HANDSHAKE_REASONS, "timeout", "protocol_error")
+# Results of frontend handshakes, the labels of gatekeeper_handshakes_total: admitted, each
+# refusal above, refused while draining (libzmq only: the native engine closes its
+# listening sockets), timed out, broke the protocol, or the peer left mid-handshake (see
+# frontend.py for what libzmq reports and what it does not).
+HANDSHAKE_RESULTS: tuple[str, ...] = (
+    "accepted",
+    *HANDSHAKE_REASONS,
+    "shutting_down",
+    "timeout",
+    "protocol_error",
+    "disconnected",
+)
 
 # Data-plane events that are not refusals of a client message.
 EVENTS: tuple[str, ...] = ("reject_dropped", "unroutable", "reply_dropped")
@@ -97,6 +106,23 @@ MAX_BANS = 65536
 # Rate-limit table size; policy.py refuses more. The compiled table sizes its index as a
 # power of two >= 2 * max_keys in 32 bits, and each key costs about 300 bytes.
 MAX_KEYS_LIMIT = 1 << 24
+
+# Backend round trips (gatekeeper_backend_round_trip_seconds): upper bounds of the
+# histogram's buckets in seconds, 100 us to 10 s; +Inf follows.
+ROUND_TRIP_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+)
+# Routing ids with requests in flight timed at once. Not max_keys: the rate table may be
+# absent, and this bound is fixed at start, not reloaded. About 400 bytes an id at most.
+ROUND_TRIP_IDS = 65536
+# Requests in flight timed per id. When an id has this many, its next requests are not
+# timed (counted `queue_full`) until a timed one is answered; replies still match in order.
+ROUND_TRIP_DEPTH = 8
+# An id silent for this long with requests unanswered has lost them (a broker that dropped
+# them, or restarted): its next request starts the matching afresh, and with the id table
+# full its entry may go to a new id. A reply later than this may so be matched wrongly.
+ROUND_TRIP_STALE_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)

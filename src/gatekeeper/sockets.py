@@ -9,7 +9,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -226,11 +226,14 @@ def _attach(sock: zmq.Socket, method: str, endpoints: list[str]) -> None:
 
 
 def _make(
-    ctx: zmq.Context, kind: int, options: list[SocketOption], method: str, endpoints: list[str]
+    ctx: zmq.Context, kind: int, options: list[SocketOption], method: str, endpoints: list[str],
+    prepare: Callable[[zmq.Socket], None] | None = None,
 ) -> zmq.Socket:
     sock = ctx.socket(kind)
     try:
         _apply(sock, options)
+        if prepare is not None:
+            prepare(sock)
         _attach(sock, method, endpoints)
     except BaseException:
         sock.close(linger=0)
@@ -238,10 +241,12 @@ def _make(
     return sock
 
 
-def make_frontend(ctx: zmq.Context, p: Policy) -> zmq.Socket:
-    """The client-facing ROUTER, options set, bound to every frontend endpoint."""
+def make_frontend(ctx: zmq.Context, p: Policy,
+                  prepare: Callable[[zmq.Socket], None] | None = None) -> zmq.Socket:
+    """The client-facing ROUTER, options set, bound to every frontend endpoint;
+    `prepare(socket)` runs just before it binds (to start its monitor)."""
     _seed_routing_ids()
-    return _make(ctx, zmq.ROUTER, frontend_options(p), "bind", p.frontend.bind)
+    return _make(ctx, zmq.ROUTER, frontend_options(p), "bind", p.frontend.bind, prepare)
 
 
 def _seed_routing_ids() -> None:

@@ -1,0 +1,143 @@
+"""`gatekeeper top` against a real gatekeeper process: redrawn in place on a terminal (a
+pty), plain snapshots on a pipe, and its errors with their exit codes."""
+
+import contextlib
+import fcntl
+import os
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+
+import pytest
+import zmq
+
+from harness import client
+
+pytestmark = pytest.mark.timeout(60)
+
+POLICY = '[violations]\naction = "reject"\n[limits]\nmax_frames = 2\n'
+
+
+def top_argv(gk, *args: str) -> list[str]:
+    return [sys.executable, "-m", "gatekeeper", "top", "--config", str(gk.policy_path), *args]
+
+
+@contextlib.contextmanager
+def steady_traffic(gk):
+    """Echo round trips from a client of its own thread, every few ms, while in the block."""
+    stop = threading.Event()
+
+    def run() -> None:
+        context = zmq.Context()
+        sock = client(context, gk.frontend, identity=b"steady")
+        try:
+            while not stop.is_set():
+                sock.send_multipart([b"", b"ping"])
+                sock.recv_multipart()
+                time.sleep(0.005)
+        finally:
+            sock.close(0)
+            context.term()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def refuse(ctx, gk, identity: bytes, n: int) -> None:
+    sock = client(ctx, gk.frontend, identity=identity)
+    for _ in range(n):
+        sock.send_multipart([b"", b"a", b"b"])
+        assert sock.recv_multipart()[-1] == b"too_many_frames"
+    sock.close(0)
+
+
+def row(snapshot: str, name: str) -> tuple[str, str]:
+    """(total, per second) of a row of the traffic table."""
+    match = re.search(rf"^\s*{name}\s+([\d,]+)\s+([\d,.]+)\s*$", snapshot, re.M)
+    assert match, f"no {name} row in:\n{snapshot}"
+    return match[1], match[2]
+
+
+def test_pipe_gets_plain_snapshots(gatekeeper_factory, ctx):
+    gk = gatekeeper_factory(POLICY)
+    refuse(ctx, gk, b"mallory", 4)
+    with steady_traffic(gk):
+        done = subprocess.run(top_argv(gk, "--interval", "0.3", "--count", "3"),
+                              capture_output=True, text=True, env=gk.env, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout  # no escape code of any kind
+    snapshots = done.stdout.split("gatekeeper at ")[1:]
+    assert len(snapshots) == 3
+    last = snapshots[-1]
+    assert row(last, "too_many_frames") == ("4", "0.0")  # all before top started
+    total, per_second = row(last, "forwarded")
+    assert int(total.replace(",", "")) > 0 and float(per_second.replace(",", "")) > 0
+    assert re.search(r"^\s*mallory\s+4\s*$", last, re.M)  # top offenders
+    assert re.search(r"^\s*since start\s+[\d.]+ ms\s+[\d.]+ ms", last, re.M)  # round trips
+
+
+def test_terminal_view_redraws_in_place(gatekeeper_factory, ctx):
+    gk = gatekeeper_factory(POLICY)
+    refuse(ctx, gk, b"mallory", 2)
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 60, 100, 0, 0))
+    env = {k: v for k, v in gk.env.items() if k not in ("COLUMNS", "LINES", "NO_COLOR")}
+    env["TERM"] = "xterm-256color"
+    proc = subprocess.Popen(top_argv(gk, "--interval", "0.3", "--count", "3"), stdin=slave,
+                            stdout=slave, stderr=subprocess.PIPE, env=env)
+    os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the last writer of the pty has gone
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+        assert proc.wait(10) == 0, proc.stderr.read()
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    output = b"".join(chunks).decode(errors="replace")
+    # three views drawn (rich draws the last once more as it stops)...
+    assert output.count("too_many_frames") in (3, 4)
+    assert "\x1b[1A" in output and "\x1b[2K" in output  # ...each over the last one
+    assert "\x1b[?25l" in output  # the cursor is hidden while the view is live
+
+
+def test_errors_and_exit_codes(gatekeeper_factory, tmp_path):
+    gk = gatekeeper_factory(broker=False, start=False)  # no gatekeeper answers
+
+    def top(*args: str) -> tuple[int, str]:
+        done = subprocess.run([sys.executable, "-m", "gatekeeper", "top", *args],
+                              capture_output=True, text=True, env=gk.env, timeout=30)
+        assert done.stdout == ""
+        return done.returncode, done.stderr
+
+    rc, err = top("--config", str(gk.policy_path), "--timeout", "0.3", "--count", "1")
+    assert rc == 1 and f"no reply from {gk.control} within 0.3 s" in err
+    for args, message in (
+            (["--config", str(gk.policy_path), "--interval", "0"], "--interval must be > 0"),
+            (["--config", str(gk.policy_path), "--count", "0"], "--count must be >= 1"),
+            (["--config", str(tmp_path / "missing.toml")], "missing.toml"),
+            ([], "top needs --config or --control")):
+        rc, err = top(*args)
+        assert rc == 2 and message in err, (args, err)
