@@ -1,6 +1,6 @@
 """Type stubs of the compiled data plane; `_fast_py.py` is its readable twin."""
 
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import zmq
 
@@ -34,6 +34,10 @@ class PolicyEngine:
     def tracked_keys(self) -> int: ...
     def top_offenders(self) -> list[tuple[bytes, int]]: ...
     def take_samples(self) -> tuple[list[tuple[str, bytes, int, int]], dict[str, int]]: ...
+    def take_usage(self) -> list[tuple[bytes | None, int, int]]: ...
+    def apply_remaining(
+        self, now: float, remaining: Iterable[tuple[bytes | None, float, float]]
+    ) -> int: ...
 
 class Relay:
     frontend: zmq.Socket
