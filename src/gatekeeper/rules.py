@@ -197,6 +197,7 @@ def rules_from_policy(policy) -> Rules:
         backend_full_reject=policy.backpressure.on_backend_full == "reject",
         log_per_second=policy.violations.log_per_second,
         require_identity_is_key=access.require_identity_is_key,
+        shared_budget=rl is not None and rl.cluster is not None,
     )
 
 
