@@ -105,6 +105,25 @@ def engine():
 
 
 @pytest.fixture
+def redis_factory(tmp_path):
+    """`make(unix=False, password=None)`: a real redis-server of the test's own, stopped
+    afterwards (SIGCONT first, should the test have paused it)."""
+    from redis_server import RedisServer
+
+    servers = []
+
+    def make(**kwargs):
+        workdir = tmp_path / f"redis{len(servers)}"
+        workdir.mkdir()
+        servers.append(RedisServer(workdir, **kwargs))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
 def gatekeeper_factory(tmp_path, echo_broker_factory, engine):
     """`make(extra_toml, broker=True, python_twin=False, metrics=False)`: an echo broker
     and a running gatekeeper CLI process in front of it, on the `engine` under test; both

@@ -25,12 +25,17 @@ class _Engine(Protocol):
     def tracked_keys(self) -> int: ...
 
 
+class _Cluster(Protocol):
+    def metrics(self) -> Iterator[Metric]: ...
+
+
 class Observed(Protocol):
     """What the collector reads: the running gatekeeper."""
 
     relay: _Relay
     engine: _Engine
     reloads: dict[str, int]
+    cluster: _Cluster | None
 
     def violations(self) -> dict[str, int]: ...
 
@@ -74,6 +79,9 @@ class GatekeeperCollector:
             reloads.add_metric([result], count)
         yield reloads
         yield GaugeMetricFamily("gatekeeper_up", "1 while the gatekeeper runs", value=1)
+        cluster = gk.cluster  # read once: a reload may replace it meanwhile
+        if cluster is not None:
+            yield from cluster.metrics()
 
 
 class MetricsServer:

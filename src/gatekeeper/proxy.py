@@ -19,10 +19,11 @@ import zmq
 from . import frontend, sockets
 from ._impl import IMPLEMENTATION, RUN_SERVICE, NativeRelay, PolicyEngine, Relay
 from .auth import ZapHandler
+from .cluster import ClusterSync, cluster_config
 from .control import ControlServer
 from .log import EventLog, printable_key
 from .metrics import MetricsServer
-from .policy import (LoadedPolicy, Policy, PolicyError, diff_policies, load_policy,
+from .policy import (Cluster, LoadedPolicy, Policy, PolicyError, diff_policies, load_policy,
                      policy_to_dict)
 from .rules import EVENTS, HANDSHAKE_REASONS, REASONS, rules_from_policy
 
@@ -45,6 +46,7 @@ class Gatekeeper:
         sockets.check_libzmq()
         self.engine = PolicyEngine(rules_from_policy(policy))
         self.engine_name, self.engine_fallback = frontend.engine_for(policy)
+        self.cluster: ClusterSync | None = None  # runs while serving
         self.ctx = zmq.Context()
         self._sockets: list[zmq.Socket] = []
         self._listener_files: list[str] = []
@@ -93,13 +95,21 @@ class Gatekeeper:
                       implementation=IMPLEMENTATION, libzmq=zmq.zmq_version(),
                       policy=self.loaded.path)
         next_pump = time.monotonic() + LOG_PUMP_S
+        next_sync = 0.0
+        self._run_cluster(cluster_config(self.loaded.policy))
         try:
             while not self.stopped:
-                if self.relay.run(TICK_MS) == RUN_SERVICE:
+                # With a shared budget the loop comes back at least once per sync interval.
+                tick_ms = TICK_MS if self.cluster is None else min(
+                    TICK_MS, self.cluster.config.sync_interval_ms)
+                if self.relay.run(tick_ms) == RUN_SERVICE:
                     self.control.serve_ready()
                     self.zap.serve_ready()
                 self._dispatch_signals()
                 now = time.monotonic()
+                if self.cluster is not None and now >= next_sync:
+                    self.cluster.tick(self.engine, now)
+                    next_sync = now + self.cluster.interval_s
                 if now >= next_pump:
                     self._pump_logs()
                     self.zap.tick(now)
@@ -111,6 +121,7 @@ class Gatekeeper:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            self._run_cluster(None)
             self._pump_logs()
             self._close(linger=0 if self._forced else None)
         self.log.info("stopped", forced=self._forced, **self._totals())
@@ -144,6 +155,14 @@ class Gatekeeper:
         self._drain_deadline = time.monotonic() + timeout
         self.log.info("draining", source=source, outstanding=self.relay.outstanding,
                       timeout_s=timeout)
+
+    def _run_cluster(self, config: Cluster | None) -> None:
+        """Runs the sync for `config` (None: no sync), in place of the one running."""
+        if self.cluster is not None:
+            self.cluster.stop()
+        self.cluster = ClusterSync(config, self.log) if config is not None else None
+        if self.cluster is not None:
+            self.cluster.start()
 
     def _close(self, linger: int | None) -> None:
         metrics = getattr(self, "metrics", None)
@@ -181,6 +200,9 @@ class Gatekeeper:
             self.log.error("reload_failed", source=source, error=error)
             return {"ok": False, "error": error}
         self.engine.set_rules(rules)
+        cluster = cluster_config(policy)
+        if cluster != (self.cluster.config if self.cluster is not None else None):
+            self._run_cluster(cluster)  # the buckets stay as they are
         self.zap.set_policy(policy)
         if self.engine_name == "native":
             self.relay.set_access(frontend.native_settings(policy))
@@ -222,6 +244,7 @@ class Gatekeeper:
             "engine": self.engine_name,
             "connections": self.connections(),
             **self._native_stats(),
+            **({"cluster": self.cluster.stats()} if self.cluster is not None else {}),
         }
 
     def _native_stats(self) -> dict[str, Any]:
