@@ -64,10 +64,12 @@ def run_greedy(ctx, gatekeepers, seconds: float, per_second: int = 400) -> list[
     return [after - b for after, b in zip(forwarded(gatekeepers), before)]
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_gatekeepers_together_admit_one_budget(gatekeeper_factory, redis_factory, ctx, n):
+@pytest.mark.parametrize("n,twin", [(2, False), (3, False), (2, True)],
+                         ids=["2-c", "3-c", "2-py"])
+def test_gatekeepers_together_admit_one_budget(gatekeeper_factory, redis_factory, ctx, n,
+                                               twin):
     redis = redis_factory()
-    gks = [gatekeeper_factory(policy(redis.url)) for _ in range(n)]
+    gks = [gatekeeper_factory(policy(redis.url), python_twin=twin) for _ in range(n)]
     wait_cluster(gks, up=True)
     admitted = run_greedy(ctx, gks, 4.0)
     # Alone, each would admit a whole budget: n * 250 in all.
