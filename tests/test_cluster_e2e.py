@@ -108,15 +108,15 @@ def test_redis_killed_local_limits_then_restarted_shared_again(gatekeeper_factor
 
 
 def test_hung_redis_holds_up_no_request(gatekeeper_factory, redis_factory, ctx):
-    """SIGSTOP: Redis accepts connections and never answers; every sync times out."""
+    """SIGSTOP: Redis accepts connections and never answers; every sync waits timeout_ms."""
     redis = redis_factory()
-    gk = gatekeeper_factory(policy(redis.url, "timeout_ms = 200\n"))
+    gk = gatekeeper_factory(policy(redis.url, "timeout_ms = 1000\n"))
     wait_cluster([gk], up=True)
     redis.pause()
     req = client(ctx, gk.frontend, zmq.REQ, identity=b"patient")
     worst = 0.0
     started = time.monotonic()
-    while time.monotonic() - started < 2.0:  # ten timeouts' worth of syncs
+    while time.monotonic() - started < 2.5:  # two syncs that time out
         sent = time.monotonic()
         req.send(b"ping")
         assert req.recv() == b"ping"
@@ -124,9 +124,10 @@ def test_hung_redis_holds_up_no_request(gatekeeper_factory, redis_factory, ctx):
         time.sleep(0.03)  # within the key's rate: every request is forwarded
     cluster = gk.ctl("STATS")["cluster"]
     assert cluster["up"] is False and cluster["errors"] >= 1, cluster
-    assert cluster["last_sync_age_s"] >= 1.5, cluster
-    # A sync waits up to 200 ms on Redis; a request never waits for a sync.
-    assert worst < 0.1, worst
+    assert cluster["last_sync_age_s"] >= 2.0, cluster
+    # A request that waited for a sync would wait up to a second; scheduling on two
+    # shared cores alone was seen to cost 60 ms.
+    assert worst < 0.5, worst
     redis.resume()
     wait_cluster([gk], up=True)
 
