@@ -229,8 +229,9 @@ class ClusterSync:
             client.script_load(SCRIPT)
             replies = self._execute(client, calls)
         results: Remaining = [None] * len(usage)  # type: ignore[list-item]
-        for (indices, _), reply in zip(calls, replies):
-            for i, (tokens, byte_tokens) in zip(indices, reply):
+        for (indices, _), reply in zip(calls, replies, strict=True):
+            # strict: a short reply must fail the sync here, not the loop thread's apply
+            for i, (tokens, byte_tokens) in zip(indices, reply, strict=True):
                 results[i] = (usage[i][0], float(tokens), float(byte_tokens))
         return results
 
