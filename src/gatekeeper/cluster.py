@@ -67,7 +67,8 @@ for i, key in ipairs(KEYS) do
   end
   t, b = string.format('%.17g', t), string.format('%.17g', b)
   redis.call('HSET', key, 't', t, 'b', b, 'at', string.format('%.17g', now))
-  redis.call('PEXPIRE', key, string.format('%d', math.min(2592000000, math.ceil((full + period) * 1000))))
+  local ttl = math.min(2592000000, math.ceil((full + period) * 1000))
+  redis.call('PEXPIRE', key, string.format('%d', ttl))
   left[i] = {t, b}
 end
 return left
