@@ -8,14 +8,12 @@ import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ENGINES
 from harness import client
 
 # The budgets live in the policy engine that both frontends share: most of these run on
 # the default frontend only (native where it is built); the Python twin's on libzmq, its
 # only frontend; the hung-Redis test on both.
 pytestmark = pytest.mark.timeout(90)
-DEFAULT_ENGINE = pytest.mark.engines(ENGINES[0])
 
 RATE, BURST = 50, 50
 GREEDY = b"greedy"
@@ -69,7 +67,7 @@ def run_greedy(ctx, gatekeepers, seconds: float, per_second: int = 400) -> list[
     return [after - b for after, b in zip(forwarded(gatekeepers), before)]
 
 
-@DEFAULT_ENGINE
+@pytest.mark.engines("default")
 @pytest.mark.parametrize("n", [2, 3])
 def test_gatekeepers_together_admit_one_budget(gatekeeper_factory, redis_factory, ctx, n):
     assert_one_budget(gatekeeper_factory, redis_factory, ctx, n, twin=False)
@@ -93,7 +91,7 @@ def assert_one_budget(gatekeeper_factory, redis_factory, ctx, n: int, twin: bool
         assert cluster["syncs"] >= 40 and cluster["errors"] == 0, cluster
 
 
-@DEFAULT_ENGINE
+@pytest.mark.engines("default")
 def test_redis_killed_local_limits_then_restarted_shared_again(gatekeeper_factory,
                                                                redis_factory, ctx):
     redis = redis_factory()
@@ -146,7 +144,7 @@ def test_hung_redis_holds_up_no_request(gatekeeper_factory, redis_factory, ctx):
     wait_cluster([gk], up=True)
 
 
-@DEFAULT_ENGINE
+@pytest.mark.engines("default")
 def test_metrics_and_stats_over_a_unix_socket_with_a_password(gatekeeper_factory,
                                                              redis_factory):
     secret = "e2e-s3cret"
@@ -181,7 +179,7 @@ def scrape(gk) -> dict:
             for f in families for s in f.samples}
 
 
-@DEFAULT_ENGINE
+@pytest.mark.engines("default")
 def test_reload_moves_the_sync_to_another_redis_and_off(gatekeeper_factory, redis_factory,
                                                         ctx):
     first, second = redis_factory(), redis_factory()
