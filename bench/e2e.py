@@ -16,6 +16,11 @@ Kinds:
   baseline    the gatekeeper from another source tree (--baseline DIR, e.g. an export of
               main with its extension built in place): before/after a change, same run,
               on that tree's default engine
+  cluster     gatekeeper with [rate_limit.cluster] on a redis-server of its own: the keys'
+              usage is synced every 50 ms
+  cluster-stopped
+              the same with that redis-server stopped by SIGSTOP once the gatekeeper has
+              synced: it hangs rather than refuses, and every sync runs into timeout_ms
 
 The kinds alternate within each round, so drift on a shared machine hits all of them.
 
@@ -49,14 +54,21 @@ import zmq
 
 import loadgen
 
+# redis-server for the cluster kinds is found as the tests find it (tests/redis_server.py).
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
+
 THIS = Path(__file__).resolve()
 SRC = THIS.parent.parent / "src"
-KINDS = ("direct", "proxy", "gatekeeper", "libzmq", "python", "baseline")
+KINDS = ("direct", "proxy", "gatekeeper", "libzmq", "python", "cluster", "cluster-stopped",
+         "baseline")
 # The gatekeeper kinds and the (implementation, engine) each must report in STATS: a
 # missing extension silently falling back would otherwise make the A/B compare B to B.
 # The baseline runs its own tree's default engine (None: not set, not checked).
 GATEKEEPER_KINDS = {"gatekeeper": ("cython", "native"), "libzmq": ("cython", "libzmq"),
-                    "python": ("python", "libzmq"), "baseline": ("cython", None)}
+                    "python": ("python", "libzmq"), "cluster": ("cython", "native"),
+                    "cluster-stopped": ("cython", "native"), "baseline": ("cython", None)}
+# The kinds with a redis-server, and whether it is stopped (SIGSTOP) during the run.
+CLUSTER_KINDS = {"cluster": False, "cluster-stopped": True}
 READY_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 PRESETS = {
@@ -73,9 +85,13 @@ class StartFailure(Exception):
 
 # -- servers -------------------------------------------------------------------------
 
-def policy_toml(frontend: str, backend: str, control: str, size: int,
-                engine: str | None) -> str:
+def policy_toml(frontend: str, backend: str, control: str, size: int, engine: str | None,
+                redis_port: int | None = None) -> str:
     frame = max(65536, size)
+    cluster = "" if redis_port is None else f"""
+[rate_limit.cluster]
+redis = "redis://127.0.0.1:{redis_port}/0"
+"""
     # [protocol] stays off: require_delimiter and command_frame need an envelope, and the
     # load generator's single frame starts with a timestamp.
     return f"""\
@@ -98,7 +114,7 @@ key = "identity"
 messages_per_second = 1e9
 burst = 1000000000
 bytes_per_second = 2000000000   # far above the offered load; the schema caps it at int32
-
+{cluster}
 [access]
 allow_identity_prefixes = ["{loadgen.IDENTITY_PREFIX.decode()}"]
 deny_identities = ["{loadgen.IDENTITY_PREFIX.decode()}denied"]
@@ -161,17 +177,25 @@ class Server:
 
 
 def spawn(role: str, frontend: str, backend: str, workdir: Path, size: int,
-          baseline: Path | None = None) -> Server:
-    """Start one server process of any role: echo, proxy or a gatekeeper kind."""
+          baseline: Path | None = None, redis_port: int | None = None) -> Server:
+    """Start one server process of any role: echo, redis, proxy or a gatekeeper kind."""
     env = dict(os.environ)
     if role == "echo":
         argv = [sys.executable, str(THIS), "_echo", backend]
+    elif role == "redis":
+        from redis_server import redis_server_binary
+
+        try:
+            argv = [redis_server_binary(), "--port", str(redis_port), "--bind", "127.0.0.1",
+                    "--save", "", "--appendonly", "no", "--dir", str(workdir)]
+        except RuntimeError as exc:
+            raise StartFailure(str(exc)) from None
     elif role == "proxy":
         argv = [sys.executable, str(THIS), "_proxy", frontend, backend]
     else:
         config = workdir / "policy.toml"
         config.write_text(policy_toml(frontend, backend, f"ipc://{workdir}/gk.ctl", size,
-                                      GATEKEEPER_KINDS[role][1]))
+                                      GATEKEEPER_KINDS[role][1], redis_port))
         argv = [sys.executable, "-m", "gatekeeper", "--config", str(config),
                 "--log-format", "text"]
         env = gatekeeper_env(role, baseline)
@@ -214,39 +238,51 @@ def wait_ready(ctx: zmq.Context, endpoint: str, servers: list[Server]) -> None:
         probe.close()
 
 
-def reported_implementation(ctx: zmq.Context, control: str) -> tuple[str, str] | None:
-    """(implementation, engine) from the control socket's STATS, or None if it does not
-    answer."""
+def reported_stats(ctx: zmq.Context, control: str) -> dict:
+    """The control socket's STATS, or {} if it does not answer."""
     req = ctx.socket(zmq.REQ)
     req.linger = 0
     try:
         req.connect(control)
         req.send(b"STATS")
         if not req.poll(2000):
-            return None
+            return {}
         stats = json.loads(req.recv())
-        return stats.get("implementation"), stats.get("engine")
-    except (zmq.ZMQError, ValueError, AttributeError):
-        return None
+        return stats if isinstance(stats, dict) else {}
+    except (zmq.ZMQError, ValueError):
+        return {}
     finally:
         req.close()
+
+
+def wait_cluster_up(ctx: zmq.Context, control: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not reported_stats(ctx, control).get("cluster", {}).get("up"):
+        if time.monotonic() > deadline:
+            raise StartFailure(f"no sync with Redis in {READY_TIMEOUT_S:g} s")
+        time.sleep(0.05)
 
 
 def run_one(kind: str, args: argparse.Namespace, ctx: zmq.Context) -> dict:
     """Fresh echo broker (+ proxy), readiness, load run, single-flight run, teardown."""
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gk-bench-")))
-        frontend, backend = (f"tcp://127.0.0.1:{p}" for p in free_ports(2))
+        ports = free_ports(3)
+        frontend, backend = (f"tcp://127.0.0.1:{p}" for p in ports[:2])
+        redis_port = ports[2] if kind in CLUSTER_KINDS else None
+        control = f"ipc://{workdir}/gk.ctl"
         servers = []
-        for role in ["echo"] + ([] if kind == "direct" else [kind]):
-            server = spawn(role, frontend, backend, workdir, args.size, args.baseline)
+        roles = ["echo"] + (["redis"] if redis_port else []) + ([] if kind == "direct" else [kind])
+        for role in roles:
+            server = spawn(role, frontend, backend, workdir, args.size, args.baseline, redis_port)
             stack.callback(server.stop)  # LIFO: the proxy stops before its broker
             servers.append(server)
         target = backend if kind == "direct" else frontend
         wait_ready(ctx, target, servers)
         implementation = None
         if kind in GATEKEEPER_KINDS:
-            implementation = reported_implementation(ctx, f"ipc://{workdir}/gk.ctl")
+            stats = reported_stats(ctx, control)
+            implementation = (stats.get("implementation"), stats.get("engine")) if stats else None
             expected = GATEKEEPER_KINDS[kind]
             if implementation is not None and (
                     implementation[0] != expected[0]
@@ -254,6 +290,12 @@ def run_one(kind: str, args: argparse.Namespace, ctx: zmq.Context) -> dict:
                 raise StartFailure(
                     f"it runs {implementation} (implementation, engine), expected "
                     f"{GATEKEEPER_KINDS[kind]} (is the extension built?)")
+        if redis_port:
+            wait_cluster_up(ctx, control)
+        if CLUSTER_KINDS.get(kind):
+            redis_pid = servers[1].proc.pid  # the _exec trampoline became redis-server
+            os.kill(redis_pid, signal.SIGSTOP)
+            stack.callback(os.kill, redis_pid, signal.SIGCONT)  # before it is stopped
         proxy = psutil.Process(servers[-1].proc.pid) if kind != "direct" else None
         cpu_before = _cpu_seconds(proxy)
         load = loadgen.throughput(
@@ -270,8 +312,12 @@ def run_one(kind: str, args: argparse.Namespace, ctx: zmq.Context) -> dict:
         for s in servers:  # numbers from a run during which a server died mean nothing
             if (rc := s.exited()) is not None:
                 raise RuntimeError(f"{s.role} died during the run (code {rc}):\n{s.tail()}")
+        cluster = reported_stats(ctx, control).get("cluster") if redis_port else None
+        if cluster is not None and cluster["up"] is CLUSTER_KINDS[kind]:
+            raise RuntimeError(f"{kind}: Redis was {'up' if cluster['up'] else 'down'} "
+                               f"after the run: {cluster}")
         return {"kind": kind, "load": load, "single": single,
-                "implementation": implementation}
+                "implementation": implementation, "cluster": cluster}
 
 
 def _cpu_seconds(process: psutil.Process | None) -> float:
@@ -328,6 +374,11 @@ def ratios(summary: dict) -> dict:
         "python/gatekeeper cpu_per_msg": ratio("python", "gatekeeper", "cpu_us_per_msg"),
         "gatekeeper/proxy cpu_per_msg": ratio("gatekeeper", "proxy", "cpu_us_per_msg"),
         "gatekeeper/libzmq msgs_per_s": ratio("gatekeeper", "libzmq", "msgs_per_s"),
+        "cluster/gatekeeper msgs_per_s": ratio("cluster", "gatekeeper", "msgs_per_s"),
+        "cluster-stopped/gatekeeper msgs_per_s": ratio("cluster-stopped", "gatekeeper",
+                                                       "msgs_per_s"),
+        "cluster-stopped/gatekeeper load_p99": ratio("cluster-stopped", "gatekeeper",
+                                                     "load_p99_us"),
         "gatekeeper/libzmq cpu_per_msg": ratio("gatekeeper", "libzmq", "cpu_us_per_msg"),
         "gatekeeper/baseline cpu_per_msg": ratio("gatekeeper", "baseline", "cpu_us_per_msg"),
         "gatekeeper/baseline msgs_per_s": ratio("gatekeeper", "baseline", "msgs_per_s"),
@@ -339,11 +390,11 @@ def print_report(summary: dict, ratio_values: dict, skipped: dict) -> None:
         return "-" if v is None else f"{v:,.1f}"
 
     print()
-    print(f"{'kind':<11}{'msgs/s':>11}{'spread':>8}{'p50 load':>11}{'p99 load':>11}"
+    print(f"{'kind':<16}{'msgs/s':>11}{'spread':>8}{'p50 load':>11}{'p99 load':>11}"
           f"{'p50 1-flight':>14}{'p99 1-flight':>14}{'cpu/msg':>9}{'lost':>7}{'refused':>9}")
     for kind, s in summary.items():
         spread = "-" if s["spread"] is None else f"{100 * s['spread']:.0f}%"
-        print(f"{kind:<11}{s['msgs_per_s']:>11,.0f}{spread:>8}{us(s['load_p50_us']):>11}"
+        print(f"{kind:<16}{s['msgs_per_s']:>11,.0f}{spread:>8}{us(s['load_p50_us']):>11}"
               f"{us(s['load_p99_us']):>11}{us(s['single_p50_us']):>14}"
               f"{us(s['single_p99_us']):>14}{us(s['cpu_us_per_msg']):>9}"
               f"{s['lost']:>7}{s['refused']:>9}")
@@ -354,11 +405,11 @@ def print_report(summary: dict, ratio_values: dict, skipped: dict) -> None:
         print(f"{kind}: skipped ({reason.splitlines()[0]})")
     print()
     for name, value in ratio_values.items():
-        print(f"{name:<34}{'n/a' if value is None else f'{value:.2f}x'}")
+        print(f"{name:<40}{'n/a' if value is None else f'{value:.2f}x'}")
     proxies = [s["msgs_per_s"] for k, s in summary.items() if k != "direct"]
     if "direct" in summary and proxies:
         headroom = summary["direct"]["msgs_per_s"] / max(proxies)
-        print(f"{'direct/fastest proxy msgs_per_s':<34}{headroom:.2f}x"
+        print(f"{'direct/fastest proxy msgs_per_s':<40}{headroom:.2f}x"
               + ("" if headroom >= 1.5 else
                  "  WARNING: the load generator may be the bottleneck"))
 
@@ -439,7 +490,7 @@ def main(argv: list[str]) -> int:
                 result["round"] = rnd
                 runs[kind].append(result)
                 load, single = result["load"], result["single"]
-                print(f"round {rnd} {kind:<11}{load['msgs_per_s']:>11,.0f} msgs/s  "
+                print(f"round {rnd} {kind:<16}{load['msgs_per_s']:>11,.0f} msgs/s  "
                       f"p50 {load['p50_us'] or 0:,.1f} us  single p50 "
                       f"{single['p50_us'] or 0:,.1f} us  lost {load['lost'] + single['lost']}"
                       + (f"  ({result['implementation'] or 'implementation not reported'})"

@@ -1,6 +1,7 @@
 """Fuzz target: the compiled and the pure-Python PolicyEngine, fed the same random policy
 and message sequence, must make the same decision at every step and end in the same state
-(violations, tracked keys, top offenders, bans, log samples).
+(violations, tracked keys, top offenders, bans, log samples, the usage a shared budget
+syncs).
 
     python fuzz/fuzz_decide.py -atheris_runs=1000000 [CORPUS_DIR] [libFuzzer flags]
 
@@ -97,6 +98,7 @@ def make_rules(fd: Bytes):
         backend_full_reject=fd.bool(),
         log_per_second=fd.int(0, 3),
         require_identity_is_key=fd.int(0, 3) == 0,
+        shared_budget=fd.bool(),
     )
     try:
         return Rules(**{k: v for k, v in kwargs.items() if k in RULE_FIELDS})
@@ -166,6 +168,16 @@ def TestOneInput(data: bytes) -> None:
             _both("set_rules", lambda e: e.set_rules(new, now=now))
         elif op == 5:
             _both("observe", observe)
+        elif op == 6:
+            TRACE.append(("usage",))
+            _both("take_usage", lambda e: e.take_usage())
+        elif op == 7:
+            left = [(None if fd.int(0, 4) == 0 else _identity(fd),
+                     fd.float() if fd.bool() else float(fd.int(-60, 60)),
+                     fd.float() if fd.bool() else float(fd.int(-200, 200)))
+                    for _ in range(fd.int(0, 3))]
+            TRACE.append(("apply", now, left))
+            _both("apply_remaining", lambda e: e.apply_remaining(now, left))
         r = fd.int(0, 7)
         key = identity[:MAX_KEY_BYTES] if r else fd.pick([b"127.0.0.1", b"", b"k" * 300])
         frames = [fd.pick(FRAMES) if fd.bool() else fd.bytes(fd.pick([4, 16, 90]))
@@ -182,6 +194,7 @@ def TestOneInput(data: bytes) -> None:
             raise AssertionError(f"decide raised {verdict[1]}: {TRACE[-1]!r}")
     _both("final state", observe)
     _both("final samples", lambda e: e.take_samples())
+    _both("final usage", lambda e: e.take_usage())
 
 
 def random_inputs(n: int, seed: int = 0, max_len: int = 2048):

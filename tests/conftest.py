@@ -34,10 +34,12 @@ if _fast is not None and not os.environ.get("GATEKEEPER_NO_EXTENSIONS"):
 def pytest_generate_tests(metafunc):
     """Every test that runs a gatekeeper (the `engine` fixture, through
     `gatekeeper_factory`) runs once per frontend engine, or on those its
-    `@pytest.mark.engines(...)` names."""
+    `@pytest.mark.engines(...)` names; "default" names the first one built."""
     if "engine" in metafunc.fixturenames:
         marker = metafunc.definition.get_closest_marker("engines")
-        engines = [e for e in ENGINES if marker is None or e in marker.args]
+        names = ENGINES if marker is None else [
+            ENGINES[0] if name == "default" else name for name in marker.args]
+        engines = [e for e in ENGINES if e in names]
         metafunc.parametrize("engine", engines, ids=engines)
 
 
@@ -113,6 +115,25 @@ def echo_broker_factory():
 def engine():
     """The frontend engine under test: `native` or `libzmq` (see pytest_generate_tests)."""
     return ENGINES[0]
+
+
+@pytest.fixture
+def redis_factory(tmp_path):
+    """`make(unix=False, password=None)`: a real redis-server of the test's own, stopped
+    afterwards (SIGCONT first, should the test have paused it)."""
+    from redis_server import RedisServer
+
+    servers = []
+
+    def make(**kwargs):
+        workdir = tmp_path / f"redis{len(servers)}"
+        workdir.mkdir()
+        servers.append(RedisServer(workdir, **kwargs))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """The two policy engines fed the same random policies and traffic must agree exactly."""
 
+import math
 import os
 
 import pytest
@@ -45,14 +46,23 @@ rules = st.builds(
     backend_full_reject=st.booleans(),
     log_per_second=st.integers(0, 3),
     require_identity_is_key=st.booleans(),
+    shared_budget=st.booleans(),
 )
+# What a sync may bring back: (key, tokens left, byte tokens left); keys the engine does
+# not hold and values that are not finite are to be skipped alike.
+remaining = st.lists(st.tuples(
+    st.one_of(st.none(), ident),
+    st.one_of(st.floats(-1e6, 1e6), st.sampled_from([math.nan, math.inf])),
+    st.floats(-1e6, 1e6),
+), max_size=4)
 step = st.tuples(
     st.floats(0.0, 3.0, allow_nan=False),  # time advance
     ident,
     st.lists(frame, min_size=1, max_size=6),
     st.booleans(),  # backend ready
-    st.sampled_from([None, None, None, "ban", "unban", "samples"]),
+    st.sampled_from([None, None, None, "ban", "unban", "samples", "usage", "apply"]),
     st.one_of(st.none(), ident, st.just("same")),  # User-Id metadata; "same": = identity
+    remaining,
 )
 
 
@@ -63,7 +73,7 @@ def observe(engine):
 def replay(module, policy, steps, reload_to=None):
     engine = module.PolicyEngine(policy, now=0.0)  # every bucket starts at t=0 in both
     now, trace = 0.0, []
-    for i, (dt, identity, frames, ready, op, user_id) in enumerate(steps):
+    for i, (dt, identity, frames, ready, op, user_id, left) in enumerate(steps):
         now += dt
         if op == "ban":
             trace.append(("ban", engine.ban(identity)))
@@ -71,6 +81,10 @@ def replay(module, policy, steps, reload_to=None):
             trace.append(("unban", engine.unban(identity)))
         elif op == "samples":
             trace.append(("samples", engine.take_samples()))
+        elif op == "usage":
+            trace.append(("usage", engine.take_usage()))
+        elif op == "apply":
+            trace.append(("apply", engine.apply_remaining(now, left)))
         if reload_to is not None and i == len(steps) // 2:
             engine.set_rules(reload_to, now=now)
         if user_id == "same":
@@ -78,7 +92,7 @@ def replay(module, policy, steps, reload_to=None):
         trace.append(
             engine.decide(now, identity, identity[:MAX_KEY_BYTES], frames, ready, user_id)
         )
-    return trace, observe(engine), engine.take_samples()
+    return trace, observe(engine), engine.take_samples(), engine.take_usage()
 
 
 @settings(max_examples=int(os.environ.get("GATEKEEPER_DIFF_EXAMPLES", 400)), deadline=None,

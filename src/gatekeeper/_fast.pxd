@@ -107,6 +107,9 @@ cdef class PolicyEngine:
     cdef uint64_t suppressed[NREASONS]
     cdef Bucket *taken
     cdef size_t taken_bytes
+    cdef bint shared
+    cdef uint32_t *listed           # MAX_SYNC_KEYS bucket ids, each bucket at most once
+    cdef uint32_t nlisted
 
     cdef _reset_rate(self, rules, double now)
     cdef Bucket *lookup(self, const uint8_t *key, size_t n, double now,
@@ -117,6 +120,7 @@ cdef class PolicyEngine:
                    size_t command_len, const uint8_t *user_id,
                    size_t user_id_len) noexcept nogil
     cdef void give_back(self) noexcept nogil
+    cdef void took(self, Bucket *b, size_t nbytes) noexcept nogil
     cdef void record(self, int reason, const uint8_t *key, size_t key_len, size_t nframes,
                      size_t total) noexcept nogil
     cdef void _reset_samples(self) noexcept

@@ -12,6 +12,7 @@ import zmq.backend.cython._zmq as _pyzmq_backend
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.errno cimport EAGAIN, EINTR
+from libc.math cimport isfinite
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, strcmp, strlen
@@ -22,6 +23,7 @@ from gatekeeper._tables cimport (
     Bucket,
     KeyIndex,
     Limits,
+    bucket_init,
     bucket_is_full,
     bucket_refill,
     bucket_reset,
@@ -43,6 +45,7 @@ from gatekeeper._tables cimport (
 )
 
 from .rules import KEY_IDENTITY, KEY_PEER_ADDRESS, MAX_BANS, MAX_FRAMES_LIMIT, MAX_KEY_BYTES, OFFENDER_SLOTS
+from .rules import MAX_SYNC_KEYS
 from .rules import COUNTER_NAMES, REASONS, RECLAIM_SCAN, TOP_OFFENDERS
 from .rules import ROUND_TRIP_BUCKETS, ROUND_TRIP_DEPTH, ROUND_TRIP_IDS, ROUND_TRIP_STALE_S
 
@@ -72,6 +75,10 @@ cdef enum:
     MAX_SERVICES = 8
     RECLAIM_SCAN_ = 16
     FRAME_SLOTS = 1025  # the routing id and MAX_FRAMES_LIMIT body frames
+    MAX_SYNC_KEYS_ = 1024
+    # ids of listed buckets: a table slot, or one of these flags with an override's slot
+    ID_OVERRIDE = 1 << 29
+    ID_OVERFLOW = 1 << 30
 
 BATCH = BATCH_
 assert NREASONS == len(REASONS) and KEY_STRIDE == MAX_KEY_BYTES + 1
@@ -79,6 +86,7 @@ assert FRAME_SLOTS == MAX_FRAMES_LIMIT + 1
 assert OFFENDER_SLOTS == 32 and RECLAIM_SCAN == RECLAIM_SCAN_ and KEY_IDENTITY == KEY_IDENTITY_
 assert RT_DEPTH == ROUND_TRIP_DEPTH and RT_NBUCKETS == len(ROUND_TRIP_BUCKETS)
 assert RT_DEPTH & (RT_DEPTH - 1) == 0
+assert MAX_SYNC_KEYS == MAX_SYNC_KEYS_
 
 REJECT_MARKER = b"GATEKEEPER"
 cdef tuple _REASON_BYTES = tuple(r.encode() for r in REASONS)
@@ -125,6 +133,7 @@ cdef class PolicyEngine:
         free(self.override_limits)
         free(self.prefixes)
         free(self.samples)
+        free(self.listed)
 
     # -- configuration -------------------------------------------------------------
 
@@ -137,6 +146,7 @@ cdef class PolicyEngine:
             and old.per_key == rules.per_key
             and old.max_keys == rules.max_keys
             and old.rate_key == rules.rate_key
+            and old.shared_budget == rules.shared_budget
         )
         cdef int i
         cdef bytes p
@@ -183,13 +193,21 @@ cdef class PolicyEngine:
         self.override_limits = NULL
         self.hand = 0
         self.taken = NULL
+        free(self.listed)
+        self.listed = NULL
+        self.nlisted = 0
         self.rate_on = rules.rate_limit is not None
+        self.shared = self.rate_on and rules.shared_budget
         if not self.rate_on:
             ki_init(&self.table, 1, sizeof(Bucket))
             ki_init(&self.overrides, 1, sizeof(Bucket))
             return
+        if self.shared:
+            self.listed = <uint32_t *>malloc(MAX_SYNC_KEYS_ * sizeof(uint32_t))
+            if self.listed == NULL:
+                raise MemoryError()
         self.limits = make_limits(rules.rate_limit)
-        bucket_reset(&self.overflow, &self.limits, now)
+        bucket_init(&self.overflow, &self.limits, now)
         ki_init(&self.table, rules.max_keys, sizeof(Bucket))
         per_key = sorted(rules.per_key.items())
         ki_init(&self.overrides, max(1, len(per_key)), sizeof(Bucket))
@@ -202,7 +220,7 @@ cdef class PolicyEngine:
                 raise MemoryError()
             slot = added
             self.override_limits[slot] = make_limits(lim)
-            bucket_reset(<Bucket *>self.overrides.payload + slot, &self.override_limits[slot], now)
+            bucket_init(<Bucket *>self.overrides.payload + slot, &self.override_limits[slot], now)
 
     def ban(self, bytes identity):
         cdef const uint8_t *k = <const uint8_t *>PyBytes_AS_STRING(identity)
@@ -251,7 +269,7 @@ cdef class PolicyEngine:
             slot = ki_add(&self.table, key, n)
             if slot >= 0:
                 b = <Bucket *>self.table.payload + slot
-                bucket_reset(b, &self.limits, now)
+                bucket_init(b, &self.limits, now)
                 return b
             return &self.overflow  # out of memory: fail towards the shared bucket
         for scanned in range(min(<uint32_t>RECLAIM_SCAN_, self.table.max_entries)):
@@ -311,6 +329,8 @@ cdef class PolicyEngine:
             bucket_refill(b, limits, now)
             if not bucket_take(b, limits, total):
                 return R_RATE_LIMITED
+            if self.shared:
+                self.took(b, total)
             self.taken = b
             self.taken_bytes = total
         return 0
@@ -319,7 +339,78 @@ cdef class PolicyEngine:
         if self.taken != NULL:
             self.taken.tokens += 1.0
             self.taken.byte_tokens += <double>self.taken_bytes
+            if self.shared:
+                self.taken.used -= 1
+                self.taken.used_bytes -= self.taken_bytes
             self.taken = NULL
+
+    # -- shared budgets ([rate_limit.cluster]); see the twin ------------------------
+
+    cdef void took(self, Bucket *b, size_t nbytes) noexcept nogil:
+        b.used += 1
+        b.used_bytes += nbytes
+        if not b.listed and self.nlisted < MAX_SYNC_KEYS_:
+            b.listed = True
+            if b == &self.overflow:
+                self.listed[self.nlisted] = ID_OVERFLOW
+            elif self.overrides.count and <Bucket *>self.overrides.payload <= b < (
+                    <Bucket *>self.overrides.payload + self.overrides.count):
+                self.listed[self.nlisted] = ID_OVERRIDE | <uint32_t>(b - <Bucket *>self.overrides.payload)
+            else:
+                self.listed[self.nlisted] = <uint32_t>(b - <Bucket *>self.table.payload)
+            self.nlisted += 1
+
+    def take_usage(self):
+        cdef uint32_t i, id_
+        cdef Bucket *b
+        usage = []
+        for i in range(self.nlisted):
+            id_ = self.listed[i]
+            if id_ == ID_OVERFLOW:
+                b, key = &self.overflow, None
+            elif id_ & ID_OVERRIDE:
+                b = <Bucket *>self.overrides.payload + (id_ & ~ID_OVERRIDE)
+                key = ki_key(&self.overrides, id_ & ~ID_OVERRIDE)
+            else:
+                b, key = <Bucket *>self.table.payload + id_, ki_key(&self.table, id_)
+            usage.append((key, b.used, b.used_bytes))
+            b.used = 0
+            b.used_bytes = 0
+            b.listed = False
+        self.nlisted = 0
+        return usage
+
+    def apply_remaining(self, double now, remaining):
+        cdef double tokens, byte_tokens
+        cdef int slot
+        cdef bytes k
+        cdef Bucket *b
+        cdef const Limits *limits
+        cdef int applied = 0
+        if not self.rate_on:
+            return 0
+        for key, tokens, byte_tokens in remaining:
+            if not (isfinite(tokens) and isfinite(byte_tokens)):
+                continue
+            if key is None:
+                b, limits = &self.overflow, &self.limits
+            else:
+                k = key
+                slot = ki_find(&self.overrides, <const uint8_t *>PyBytes_AS_STRING(k),
+                               PyBytes_GET_SIZE(k))
+                if slot >= 0:
+                    b, limits = <Bucket *>self.overrides.payload + slot, &self.override_limits[slot]
+                else:
+                    slot = ki_find(&self.table, <const uint8_t *>PyBytes_AS_STRING(k),
+                                   PyBytes_GET_SIZE(k))
+                    if slot < 0:
+                        continue
+                    b, limits = <Bucket *>self.table.payload + slot, &self.limits
+            b.tokens = min(limits.burst, tokens - <double>b.used)
+            b.byte_tokens = min(limits.byte_cap, byte_tokens - <double>b.used_bytes)
+            b.last = now
+            applied += 1
+        return applied
 
     cdef void record(self, int reason, const uint8_t *key, size_t key_len, size_t nframes,
                      size_t total) noexcept nogil:

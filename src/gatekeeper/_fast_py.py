@@ -8,9 +8,10 @@ change here must be mirrored there; the differential tests hold the two together
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from collections import deque
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import zmq
 
@@ -29,6 +30,7 @@ from .rules import (
     MALFORMED_ENVELOPE,
     MAX_BANS,
     MAX_KEY_BYTES,
+    MAX_SYNC_KEYS,
     MESSAGE_TOO_LARGE,
     OFFENDER_SLOTS,
     RATE_LIMITED,
@@ -58,16 +60,23 @@ _REASON_BYTES = tuple(r.encode() for r in REASONS)
 class _Bucket:
     """A token bucket (messages, and bytes when the limits have a byte budget)."""
 
-    __slots__ = ("key", "tokens", "byte_tokens", "last")
+    __slots__ = ("key", "tokens", "byte_tokens", "last", "used", "used_bytes", "listed")
 
     def __init__(self, key: bytes, limits: Limits, now: float) -> None:
+        self.listed = False  # in the rate table's list of keys for the next sync
         self.reset(key, limits, now)
 
     def reset(self, key: bytes, limits: Limits, now: float) -> None:
+        """Also when the bucket is reclaimed for another key: a listed bucket stays listed,
+        and the new key's usage is what the sync then reports for it."""
         self.key = key
         self.tokens = limits.burst
         self.byte_tokens = limits.byte_capacity
         self.last = now
+        # Taken since the last sync, with a shared budget only. A reclaimed bucket had
+        # refilled, so whatever usage it still held is long out of date.
+        self.used = 0
+        self.used_bytes = 0
 
     def refill(self, limits: Limits, now: float) -> None:
         elapsed = now - self.last
@@ -88,9 +97,12 @@ class _Bucket:
         self.byte_tokens -= nbytes
         return True
 
-    def give_back(self, nbytes: int) -> None:
+    def give_back(self, nbytes: int, shared: bool) -> None:
         self.tokens += 1.0
         self.byte_tokens += nbytes
+        if shared:
+            self.used -= 1
+            self.used_bytes -= nbytes
 
     def is_full(self, limits: Limits, now: float) -> bool:
         """Idle long enough to be full again: it carries no information any more."""
@@ -119,6 +131,8 @@ class _RateTable:
         self.overflow = _Bucket(b"", self.limits, now)
         self.override_limits = dict(rules.per_key)
         self.overrides = {k: _Bucket(k, lim, now) for k, lim in rules.per_key.items()}
+        self.shared = rules.shared_budget
+        self.listed: list[_Bucket] = []  # at most MAX_SYNC_KEYS, each bucket once
 
     def lookup(self, key: bytes, now: float) -> tuple[_Bucket, Limits]:
         bucket = self.overrides.get(key)
@@ -141,6 +155,32 @@ class _RateTable:
                 self.index[key] = slot
                 return bucket, self.limits
         return self.overflow, self.limits
+
+    def find(self, key: bytes | None) -> tuple[_Bucket, Limits] | None:
+        """The bucket a key has now, without creating one; None is the overflow bucket."""
+        if key is None:
+            return self.overflow, self.limits
+        bucket = self.overrides.get(key)
+        if bucket is not None:
+            return bucket, self.override_limits[key]
+        slot = self.index.get(key)
+        return (self.slots[slot], self.limits) if slot is not None else None
+
+    def took(self, bucket: _Bucket, nbytes: int) -> None:
+        bucket.used += 1
+        bucket.used_bytes += nbytes
+        if not bucket.listed and len(self.listed) < MAX_SYNC_KEYS:
+            bucket.listed = True
+            self.listed.append(bucket)
+
+    def take_usage(self) -> list[tuple[bytes | None, int, int]]:
+        usage = [(None if b is self.overflow else b.key, b.used, b.used_bytes)
+                 for b in self.listed]
+        for bucket in self.listed:
+            bucket.used = bucket.used_bytes = 0
+            bucket.listed = False
+        self.listed = []
+        return usage
 
 
 class PolicyEngine:
@@ -168,6 +208,7 @@ class PolicyEngine:
             and old.per_key == rules.per_key
             and old.max_keys == rules.max_keys
             and old.rate_key == rules.rate_key
+            and old.shared_budget == rules.shared_budget
         )
         self.rules = rules
         if not same_rate:
@@ -238,14 +279,48 @@ class PolicyEngine:
             bucket.refill(limits, now)
             if not bucket.take(limits, total):
                 return RATE_LIMITED
+            if self._table.shared:
+                self._table.took(bucket, total)
             self._taken = (bucket, total)
         return FORWARD
 
     def give_back(self) -> None:
         if self._taken is not None:
             bucket, nbytes = self._taken
-            bucket.give_back(nbytes)
+            bucket.give_back(nbytes, self.rules.shared_budget)
             self._taken = None
+
+    # -- shared budgets ([rate_limit.cluster]) --------------------------------------
+
+    def take_usage(self) -> list[tuple[bytes | None, int, int]]:
+        """(key, tokens, bytes) that each listed key took since the last call, in the order
+        the keys were first used, and forgets them: at most MAX_SYNC_KEYS keys. None is the
+        overflow bucket. Empty unless `rules.shared_budget`."""
+        return self._table.take_usage() if self._table is not None else []
+
+    def apply_remaining(
+        self, now: float, remaining: Iterable[tuple[bytes | None, float, float]]
+    ) -> int:
+        """Sets each key's bucket to what the shared bucket has left (tokens, byte tokens),
+        less what the key took here since `take_usage`, which the shared bucket has not
+        seen yet; capped at the bucket's capacity. Keys without a bucket here now, and
+        values that are not finite (NaN would disable the limit), are skipped. Returns how
+        many buckets were set."""
+        if self._table is None:
+            return 0
+        applied = 0
+        for key, tokens, byte_tokens in remaining:
+            if not (math.isfinite(tokens) and math.isfinite(byte_tokens)):
+                continue
+            found = self._table.find(key)
+            if found is None:
+                continue
+            bucket, limits = found
+            bucket.tokens = min(limits.burst, tokens - bucket.used)
+            bucket.byte_tokens = min(limits.byte_capacity, byte_tokens - bucket.used_bytes)
+            bucket.last = now
+            applied += 1
+        return applied
 
     def record(self, reason: int, key: bytes, nframes: int, total: int) -> None:
         key = key[:MAX_KEY_BYTES]

@@ -663,17 +663,12 @@ cdef class NativeRelay:
                 self.backend_due = False
                 if self.serve_backend(now) < 0:
                     return C_RUN_ERROR
-            if self.services_due:
-                self.services_due = False
-                for i in range(self.nservices):
-                    if self.zmq_events(self.service_handles[i]) & GK_ZMQ_POLLIN:
-                        return C_RUN_SERVICE
             if now >= self.next_sweep:
                 self.sweep(now)
                 self.next_sweep = now + SWEEP_MS * 1e-3
             self.set_reading(self.frontend_open and not self.paused and self.npending == 0)
             wait = 0
-            if not self.backend_due:
+            if not self.backend_due and not self.services_due:
                 wait = <int>((min(deadline, self.next_sweep) - now) * 1e3) + 1
                 if wait < 0:
                     wait = 0
@@ -696,6 +691,13 @@ cdef class NativeRelay:
                 else:
                     self.services_due = True
             self.flush_dirty()  # rejects and PONGs written while reading
+            # Service sockets after the clients' turn: a flood of control requests must
+            # not keep the loop from them.
+            if self.services_due:
+                self.services_due = False
+                for i in range(self.nservices):
+                    if self.zmq_events(self.service_handles[i]) & GK_ZMQ_POLLIN:
+                        return C_RUN_SERVICE
             if now >= deadline:
                 return C_RUN_TICK
 

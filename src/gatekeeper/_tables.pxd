@@ -255,6 +255,9 @@ cdef struct Bucket:
     double tokens
     double byte_tokens
     double last
+    uint64_t used         # taken since the last sync, with a shared budget only
+    uint64_t used_bytes
+    bint listed           # in the engine's list of keys for the next sync
 
 
 cdef inline Limits make_limits(lim):
@@ -267,9 +270,18 @@ cdef inline Limits make_limits(lim):
 
 
 cdef inline void bucket_reset(Bucket *b, const Limits *l, double now) noexcept nogil:
+    # Also on reclamation, as in the twin: a listed bucket stays listed, and what it still
+    # held of the old key's usage is long out of date.
     b.tokens = l.burst
     b.byte_tokens = l.byte_cap
     b.last = now
+    b.used = 0
+    b.used_bytes = 0
+
+
+cdef inline void bucket_init(Bucket *b, const Limits *l, double now) noexcept nogil:
+    b.listed = False
+    bucket_reset(b, l, now)
 
 
 cdef inline void bucket_refill(Bucket *b, const Limits *l, double now) noexcept nogil:

@@ -39,6 +39,10 @@ class _Engine(Protocol):
     def tracked_keys(self) -> int: ...
 
 
+class _Cluster(Protocol):
+    def metrics(self) -> Iterator[Metric]: ...
+
+
 class Observed(Protocol):
     """What the collector reads: the running gatekeeper."""
 
@@ -47,6 +51,7 @@ class Observed(Protocol):
     frontend_engine: FrontendEngine
     loaded: LoadedPolicy
     reloads: dict[str, int]
+    cluster: _Cluster | None
 
     def violations(self) -> dict[str, int]: ...
 
@@ -106,6 +111,9 @@ class GatekeeperCollector:
                                   labels=["version", "implementation", "engine", "libzmq"])
         build.add_metric([__version__, IMPLEMENTATION, front.name, zmq.zmq_version()], 1)
         yield build
+        cluster = gk.cluster  # read once: a reload may replace it meanwhile
+        if cluster is not None:
+            yield from cluster.metrics()
 
 
 def _round_trips(rt: dict[str, Any]) -> Iterator[Metric]:

@@ -18,6 +18,7 @@ import types
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import msgspec
 from msgspec import Meta, Struct, field
@@ -117,6 +118,17 @@ class PerKeyLimits(_Section, kw_only=True):
     bytes_per_second: NonNegative | None = None
 
 
+class Cluster(_Section, kw_only=True):
+    """Budgets shared through Redis by every gatekeeper with the same `redis` and prefix."""
+
+    # Checked by _check_redis_url, not by msgspec constraints, whose messages would quote
+    # the URL, password and all.
+    redis: str = "redis://127.0.0.1:6379/0"
+    key_prefix: Annotated[str, Meta(min_length=1, max_length=128)] = "gatekeeper:"
+    sync_interval_ms: Annotated[int, Meta(ge=10, le=60_000)] = 50
+    timeout_ms: Annotated[int, Meta(ge=1, le=60_000)] = 200
+
+
 class RateLimit(_Section, kw_only=True):
     key: Literal["identity", "peer_address", "user_id"] = "identity"
     messages_per_second: Rate = 100.0
@@ -124,6 +136,7 @@ class RateLimit(_Section, kw_only=True):
     bytes_per_second: NonNegative = 0
     max_keys: Annotated[int, Meta(gt=0, le=MAX_KEYS_LIMIT)] = 100000
     per_key: dict[str, PerKeyLimits] = {}
+    cluster: Cluster | None = None  # absent: each gatekeeper enforces its own budget
 
 
 class Access(_Section, kw_only=True):
@@ -304,7 +317,8 @@ def diff_policies(old: Policy, new: Policy) -> tuple[list[str], list[str]]:
 
 
 def format_policy(policy: Policy) -> str:
-    """The effective policy as TOML, defaults included; unset optional parts as comments."""
+    """The effective policy as TOML, defaults included; unset optional parts as comments.
+    The Redis URL is shown without its password."""
     lines: list[str] = []
 
     def table(name: str, values: dict[str, Any]) -> None:
@@ -317,7 +331,10 @@ def format_policy(policy: Policy) -> str:
             if isinstance(v, dict) and v:
                 table(_join(name, k), v)
 
-    for name, values in policy_to_dict(policy).items():
+    data = policy_to_dict(policy)
+    if policy.rate_limit is not None and policy.rate_limit.cluster is not None:
+        data["rate_limit"]["cluster"]["redis"] = redact_url(policy.rate_limit.cluster.redis)
+    for name, values in data.items():
         if values is None:
             lines.extend(("", f"# [{name}]: not set"))
         else:
@@ -345,6 +362,8 @@ def _validate(p: Policy, base_dir: str, errors: _Errors) -> Policy:
     rate_limit = p.rate_limit
     if rate_limit is not None and errors.sound("rate_limit", "limits.max_message_bytes"):
         rate_limit = _resolve_rate_limit(rate_limit, p.limits, errors)
+    if rate_limit is not None and rate_limit.cluster is not None:
+        errors.check(("rate_limit.cluster.redis",), _check_redis_url, rate_limit.cluster.redis)
     if errors.sound("access", "frontend.curve"):
         _check_access(p, errors)
     if errors.sound("frontend.bind", "backend", "control"):
@@ -442,6 +461,91 @@ def _resolve_rate_limit(rl: RateLimit, lim: Limits, errors: _Errors) -> RateLimi
                 f"allowed: 0 (no byte budget) or >= {(lim.max_message_bytes + 1) // 2}",
             ))
     return msgspec.structs.replace(rl, per_key=per_key)
+
+
+_REDIS_URL = "redis://[user:password@]host[:port][/db], rediss://... (TLS) or unix:///path"
+# Query parameters passed on to redis-py. Timeouts and retries are not among them: the
+# section's timeout_ms is the one bound on a round trip.
+_REDIS_QUERY = ("db", "client_name")
+_REDISS_QUERY = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
+                 "ssl_check_hostname")
+_REDIS_QUERY_CHOICES: dict[str, dict[str, Any]] = {
+    "ssl_cert_reqs": {"none": "none", "optional": "optional", "required": "required"},
+    "ssl_check_hostname": {"true": True, "false": False},
+}
+
+
+def _split_userinfo(url: str) -> tuple[str, str | None, str]:
+    """(scheme, user info or None, the rest). The user info runs to the last @ before the
+    query, so that a password with an unescaped / or @ in it is all inside it."""
+    scheme, _, rest = url.partition("://")
+    location, q, query = rest.partition("?")
+    userinfo, at, location = location.rpartition("@")
+    return scheme, userinfo if at else None, location + q + query
+
+
+def redact_url(url: str) -> str:
+    """A Redis URL without its password, for check, STATS, logs and errors."""
+    if "://" not in url:
+        return "<not a URL>"
+    scheme, userinfo, rest = _split_userinfo(url)
+    user = (userinfo or "").partition(":")[0]
+    location, q, query = rest.partition("?")
+    kept = "&".join(p for p in query.split("&")
+                    if p and "password" not in p.partition("=")[0].lower())
+    return f"{scheme}://{user + '@' if user else ''}{location}{'?' + kept if kept else ''}"
+
+
+def redis_options(url: str) -> dict[str, Any]:
+    """The keyword arguments of `redis.Redis` that a valid URL stands for; ValueError (its
+    text without the password) otherwise. The one reading of the URL: validation and the
+    connection both use it, so that what `check` accepts is what the sync connects to."""
+    shown = redact_url(url)
+    scheme, userinfo, rest = _split_userinfo(url)
+    if "://" not in url or scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"{shown!r} is not a Redis URL; expected {_REDIS_URL}")
+    if "\x00" in url or "#" in url:
+        raise ValueError(f"{shown!r}: a Redis URL has no NUL or # in it")
+    try:
+        parts = urlsplit(f"{scheme}://{rest}")
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"{shown!r}: {e}; expected {_REDIS_URL}") from None
+    options: dict[str, Any] = {}
+    if userinfo is not None:
+        user, _, password = userinfo.partition(":")
+        options.update(username=unquote(user) or None, password=unquote(password) or None)
+    if scheme == "unix":
+        if parts.netloc or not parts.path.startswith("/"):
+            raise ValueError(f"{shown!r}: expected unix:///absolute/path/to/redis.sock")
+        options["unix_socket_path"] = unquote(parts.path)
+    else:
+        if not parts.hostname:
+            raise ValueError(f"{shown!r}: no host; expected {_REDIS_URL}")
+        db = parts.path[1:]
+        if db and not (db.isascii() and db.isdigit()):
+            raise ValueError(f"{shown!r}: the path is a database number, e.g. /0")
+        options.update(host=parts.hostname, port=port or 6379, db=int(db or 0),
+                       ssl=scheme == "rediss")
+    allowed = _REDIS_QUERY + (_REDISS_QUERY if scheme == "rediss" else ())
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name not in allowed:
+            raise ValueError(f"{shown!r}: query parameter {name!r} is not supported; "
+                             f"allowed: {', '.join(allowed)}")
+        if name == "db" and not (value.isascii() and value.isdigit()):
+            raise ValueError(f"{shown!r}: db must be a database number")
+        choices = _REDIS_QUERY_CHOICES.get(name)
+        if choices is not None and value not in choices:
+            raise ValueError(f"{shown!r}: {name} must be one of {', '.join(choices)}")
+        options[name] = int(value) if name == "db" else choices[value] if choices else value
+    return options
+
+
+def _check_redis_url(url: str) -> None:
+    try:
+        redis_options(url)
+    except ValueError as e:
+        raise _Invalid("rate_limit.cluster.redis", str(e)) from None
 
 
 def _check_access(p: Policy, errors: _Errors) -> None:
@@ -681,10 +785,21 @@ def _schema_error(text: str, raw: Any, tp: Any, key: str) -> _Invalid:
     choices = _unwrap(tp)
     if typing.get_origin(choices) is Literal:
         allowed = " | ".join(_toml(c) for c in typing.get_args(choices))
-        return _Invalid(key, f"invalid value {_toml(value)}; allowed: {allowed}")
+        return _Invalid(key, f"invalid value {_toml(_redacted(value))}; allowed: {allowed}")
     if "got `" not in message:
-        message += f", got {_toml(value)}"
+        message += f", got {_toml(_redacted(value))}"
     return _Invalid(key, message)
+
+
+def _redacted(value: Any) -> Any:
+    """`value` as an error may quote it: a table can hold a Redis URL with a password."""
+    if isinstance(value, str) and value.startswith(("redis://", "rediss://", "unix://")):
+        return redact_url(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value
 
 
 def _converts(value: Any, tp: Any) -> bool:

@@ -19,12 +19,13 @@ import zmq
 from . import frontend, sockets
 from ._impl import IMPLEMENTATION, RUN_SERVICE, NativeRelay, PolicyEngine, Relay
 from .auth import ZapHandler
+from .cluster import ClusterSync, cluster_config
 from .control import ControlServer, round_trip_figures
 from .frontend import LibzmqFrontend
 from .log import EventLog, printable_key
 from .metrics import MetricsServer
 from .notify import Notifier
-from .policy import (LoadedPolicy, Policy, PolicyError, diff_policies, load_policy,
+from .policy import (Cluster, LoadedPolicy, Policy, PolicyError, diff_policies, load_policy,
                      policy_to_dict)
 from .rules import EVENTS, HANDSHAKE_REASONS, REASONS, ROUND_TRIP_BUCKETS, rules_from_policy
 
@@ -47,6 +48,7 @@ class Gatekeeper:
         sockets.check_libzmq()
         self.engine = PolicyEngine(rules_from_policy(policy))
         self.engine_name, self.engine_fallback = frontend.engine_for(policy)
+        self.cluster: ClusterSync | None = None  # runs while serving
         self.ctx = zmq.Context()
         self._sockets: list[zmq.Socket] = []
         self._listener_files: list[str] = []
@@ -98,9 +100,14 @@ class Gatekeeper:
                       policy=self.loaded.path)
         self.notify.ready()
         next_pump = time.monotonic() + LOG_PUMP_S
+        next_sync = 0.0
+        self._run_cluster(cluster_config(self.loaded.policy))
         try:
             while not self.stopped:
-                if self.relay.run(TICK_MS) == RUN_SERVICE:
+                # With a shared budget the loop comes back at least once per sync interval.
+                tick_ms = TICK_MS if self.cluster is None else min(
+                    TICK_MS, self.cluster.config.sync_interval_ms)
+                if self.relay.run(tick_ms) == RUN_SERVICE:
                     self.control.serve_ready()
                     if self.engine_name == "libzmq":
                         self.frontend_engine.serve_ready()  # before ZAP, which it feeds
@@ -108,6 +115,9 @@ class Gatekeeper:
                 self._dispatch_signals()
                 now = time.monotonic()
                 self.notify.watchdog(now)
+                if self.cluster is not None and now >= next_sync:
+                    self.cluster.tick(self.engine, now)
+                    next_sync = now + self.cluster.interval_s
                 if now >= next_pump:
                     self._pump_logs()
                     self.zap.tick(now)
@@ -119,6 +129,7 @@ class Gatekeeper:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            self._run_cluster(None)
             self._pump_logs()
             self._close(linger=0 if self._forced else None)
         self.log.info("stopped", forced=self._forced, **self._totals())
@@ -153,6 +164,14 @@ class Gatekeeper:
         self._drain_deadline = time.monotonic() + timeout
         self.log.info("draining", source=source, outstanding=self.relay.outstanding,
                       timeout_s=timeout)
+
+    def _run_cluster(self, config: Cluster | None) -> None:
+        """Runs the sync for `config` (None: no sync), in place of the one running."""
+        if self.cluster is not None:
+            self.cluster.stop()
+        self.cluster = ClusterSync(config, self.log) if config is not None else None
+        if self.cluster is not None:
+            self.cluster.start()
 
     def _close(self, linger: int | None) -> None:
         metrics = getattr(self, "metrics", None)
@@ -199,6 +218,9 @@ class Gatekeeper:
             self.log.error("reload_failed", source=source, error=error)
             return {"ok": False, "error": error}
         self.engine.set_rules(rules)
+        cluster = cluster_config(policy)
+        if cluster != (self.cluster.config if self.cluster is not None else None):
+            self._run_cluster(cluster)  # the buckets stay as they are
         self.zap.set_policy(policy)
         if self.engine_name == "native":
             self.relay.set_access(frontend.native_settings(policy))
@@ -242,6 +264,7 @@ class Gatekeeper:
             "handshakes": self.frontend_engine.handshakes(),
             "round_trip_s": self.round_trip_summary(),
             **self._native_stats(),
+            **({"cluster": self.cluster.stats()} if self.cluster is not None else {}),
         }
 
     def round_trip_summary(self) -> dict[str, Any]:
