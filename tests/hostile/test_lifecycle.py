@@ -62,7 +62,7 @@ def test_shutdown_under_load_answers_everything_it_accepted(gatekeeper_factory, 
             assert gk.ctl("TERMINATE")["ok"]
         else:
             gk.signal(getattr(signal, how))
-        assert gk.wait(15) == 0
+        assert gk.wait(15) == 0, gk.stderr()[-3000:]
     finally:
         for p in pipes:  # the process is gone: whatever is coming is already here
             p.finish(quiet_s=0.3)
