@@ -196,6 +196,8 @@ ERROR_CASES = {
     "bad_initiate_box": lambda s: (lambda c: c[0].on_initiate(
         flip(c[1].initiate(), 200)))(_after_hello(s)),
     "bad_vouch": _vouch_by_another_key,
+    "bad_client_key": lambda s: (lambda c: c[0].on_initiate(c[1].initiate(
+        public=alias(c[1].public))))(_after_hello(s)),
     "malformed_message": lambda s: handshaken(s)[0].decrypt(b"\x07MESSAGE" + bytes(24)),
     "replayed_nonce": lambda s: (lambda c: c[0].decrypt(c[1].message(b"x", nonce=2)))(handshaken(s)),
     "bad_message_box": lambda s: _tampered_message(s, tamper=lambda m: flip(m, 34)),
@@ -292,6 +294,47 @@ def test_a_vouch_must_name_this_transient_key_and_this_server(server, vouch):
         "server_public": cz.keypair()[0]}
     with pytest.raises(CurveError, match="bad_vouch"):
         conn.on_initiate(client.initiate(vouch=client.vouch(**kwargs)))
+
+
+def alias(key: bytes) -> bytes:
+    """The same X25519 key with bit 255 set: libsodium reads both as one (RFC 7748)."""
+    return key[:31] + bytes([key[31] | 0x80])
+
+
+P25519 = 2**255 - 19
+
+
+def test_a_transient_key_in_another_form_is_refused(server):
+    """C' has no identity role, but its alias would pass HELLO unnoticed (found by
+    fuzz_curve): refused like C's, every field validated as RFC 26 asks."""
+    client = cz.CurveClient(SERVER_PUBLIC)
+    client.transient_public = alias(client.transient_public)
+    with pytest.raises(CurveError, match="bad_client_key"):
+        fresh(server).on_hello(client.hello())
+
+
+@pytest.mark.parametrize("form", ["bit_255", "above_p"])
+def test_a_client_key_in_another_form_is_refused(server, form):
+    """A key's alias opens the same boxes, so without this check a client would be two
+    clients to key_not_allowed, User-Id and the rate limits (found by fuzz_curve)."""
+    conn, client = _after_hello(server)
+    if form == "bit_255":
+        assert nacl_shared(alias(client.public)) == nacl_shared(client.public)
+        key = alias(client.public)
+    else:
+        key = (P25519 + 9).to_bytes(32, "little")  # the base point, u = 9, plus p
+    with pytest.raises(CurveError, match="bad_client_key"):
+        conn.on_initiate(client.initiate(public=key))
+    # the largest canonical value is a key like any other: the vouch decides
+    conn, client = _after_hello(server)
+    with pytest.raises(CurveError, match="bad_vouch"):
+        conn.on_initiate(client.initiate(public=(P25519 - 1).to_bytes(32, "little")))
+
+
+def nacl_shared(public: bytes) -> bytes:
+    from nacl.bindings import crypto_box_beforenm
+
+    return crypto_box_beforenm(public, SERVER_SECRET)
 
 
 def test_a_permanent_key_that_is_not_the_voucher_is_refused(server):

@@ -97,6 +97,7 @@ cdef enum CurveErrorCode:
     CURVE_E_BAD_COOKIE              # opens under neither cookie key, or not this HELLO's
     CURVE_E_BAD_INITIATE_BOX        # does not open from C' to S'
     CURVE_E_BAD_VOUCH               # does not open from C to S', or not C' and S
+    CURVE_E_BAD_CLIENT_KEY          # C' or C not in canonical form (an alias, RFC 7748)
     CURVE_E_MALFORMED_MESSAGE       # under CURVE_MESSAGE_OVERHEAD, or not "\x07MESSAGE"
     CURVE_E_REPLAYED_NONCE          # a short nonce not above the peer's last one
     CURVE_E_BAD_MESSAGE_BOX         # does not open from C' to S'
@@ -153,6 +154,8 @@ cdef int curve_on_hello(CurveState *s, const CurveKeys *k, const uint8_t *cmd, s
                         uint8_t *out, size_t *out_len) noexcept nogil
 # out: CURVE_INITIATE_OUT_SIZE bytes; out[:*out_len] is the READY frame, and *metadata
 # (*metadata_len <= CURVE_MAX_METADATA) points into out past it, valid while out is.
+# client_key (CURVE_KEY_SIZE bytes): C, vouched for and in canonical form (one client,
+# one name: what key_not_allowed, User-Id and require_identity_is_key compare).
 cdef int curve_on_initiate(CurveState *s, const CurveKeys *k, const uint8_t *cmd, size_t n,
                            uint8_t *client_key, const uint8_t **metadata,
                            size_t *metadata_len, uint8_t *out, size_t *out_len) noexcept nogil

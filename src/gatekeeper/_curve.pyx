@@ -140,7 +140,7 @@ cdef const char *ERROR_NAMES[<int>CURVE_NERRORS]
 ERROR_NAMES[:] = [
     b"ok", b"unexpected_command", b"malformed_hello", b"bad_version", b"bad_padding",
     b"bad_hello_box", b"malformed_initiate", b"bad_cookie", b"bad_initiate_box", b"bad_vouch",
-    b"malformed_message", b"replayed_nonce", b"bad_message_box", b"bad_message_flags",
+    b"bad_client_key", b"malformed_message", b"replayed_nonce", b"bad_message_box", b"bad_message_flags",
     b"out_of_phase", b"crypto_unavailable",
 ]
 cdef const char *PHASE_NAMES[<int>CURVE_FAILED + 1]
@@ -245,6 +245,23 @@ cdef uint8_t ZEROS[KEY]  # static, so all zero; never written
 # ---------------------------------------------------------------------------------------
 # HELLO -> WELCOME
 
+cdef bint canonical_key(const uint8_t *key) noexcept nogil:
+    # RFC 7748 section 5: X25519 ignores bit 255 and reduces u mod 2^255 - 19, so a key
+    # with bit 255 set, or at or above that prime, opens boxes as another key does. The
+    # engine takes C's bytes for key_not_allowed, User-Id and require_identity_is_key: a
+    # client must have one name, not two (libzmq passes them to ZAP as they come). C' has
+    # no such role, but RFC 26 has every field validated and no libzmq client sends one.
+    cdef int i
+    if key[KEY - 1] & 0x80:
+        return False
+    if key[KEY - 1] != 0x7F or key[0] < 0xED:
+        return True
+    for i in range(1, KEY - 1):
+        if key[i] != 0xFF:
+            return True
+    return False
+
+
 cdef int curve_on_hello(CurveState *s, const CurveKeys *k, const uint8_t *cmd, size_t n,
                         uint8_t *out, size_t *out_len) noexcept nogil:
     cdef int rc = enter(s, CURVE_EXPECT_HELLO)
@@ -266,6 +283,8 @@ cdef int curve_on_hello(CurveState *s, const CurveKeys *k, const uint8_t *cmd, s
     for i in range(HELLO_PADDING, HELLO_PADDING + HELLO_PADDING_SIZE):
         if cmd[i] != 0:
             return fail(s, CURVE_E_BAD_PADDING)
+    if not canonical_key(cmd + HELLO_CLIENT):
+        return fail(s, CURVE_E_BAD_CLIENT_KEY)
     # Box [64 * %x0](C'->S). beforenm refuses a C' of small order (an all-zero secret).
     if S.box_beforenm(shared, cmd + HELLO_CLIENT, k.secret_key) != 0:
         return fail(s, CURVE_E_BAD_HELLO_BOX)
@@ -363,6 +382,8 @@ cdef int curve_on_initiate(CurveState *s, const CurveKeys *k, const uint8_t *cmd
     if S.box_open_detached_afternm(plain, cmd + INITIATE_BOX + MAC, cmd + INITIATE_BOX,
                                    plain_len, nonce, s.session_key) != 0:
         return fail(s, CURVE_E_BAD_INITIATE_BOX)
+    if not canonical_key(plain):
+        return fail(s, CURVE_E_BAD_CLIENT_KEY)
     if not check_vouch(s, k, plain):
         return fail(s, CURVE_E_BAD_VOUCH)
     s.peer_nonce = peer_nonce
