@@ -79,8 +79,10 @@ class CurveClient:
         self.peer_nonce = 0
 
     def _next_nonce(self, nonce: int | None) -> bytes:
+        """The next short nonce, or the one given; the count goes on above either."""
         if nonce is None:
-            nonce, self.nonce = self.nonce, self.nonce + 1
+            nonce = self.nonce
+        self.nonce = max(self.nonce, nonce + 1)
         return struct.pack(">Q", nonce)
 
     def hello(self, *, version: bytes = b"\x01\x00", padding: bytes = bytes(72),
@@ -109,10 +111,11 @@ class CurveClient:
                  vouch: bytes | None = None, public: bytes | None = None,
                  nonce: int | None = None) -> bytes:
         short = self._next_nonce(nonce)
-        plain = (public or self.public) + (vouch or self.vouch()) + meta
+        plain = ((self.public if public is None else public)
+                 + (self.vouch() if vouch is None else vouch) + meta)
         boxed = box(plain, b"CurveZMQINITIATE" + short, self.server_transient,
                     self.transient_secret)
-        return b"\x08INITIATE" + (cookie or self.cookie) + short + boxed
+        return b"\x08INITIATE" + (self.cookie if cookie is None else cookie) + short + boxed
 
     def ready(self, body: bytes) -> bytes:
         """The server's metadata."""
