@@ -15,6 +15,10 @@ extensions = [
               libraries=LIBDL),
     # The ZMTP codec: pure C over byte buffers, no libzmq at all.
     Extension("gatekeeper._zmtp", ["src/gatekeeper/_zmtp.pyx"]),
+    # CurveZMQ over the codec: libsodium is resolved at import from pyzmq's libzmq, so
+    # nothing links against it either.
+    Extension("gatekeeper._curve", ["src/gatekeeper/_curve.pyx"], include_dirs=["src/gatekeeper"],
+              libraries=LIBDL),
 ]
 if sys.platform.startswith("linux"):
     # The native frontend engine: epoll, accept4, getrandom.

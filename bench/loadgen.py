@@ -38,7 +38,7 @@ def _build_key() -> str:
     import Cython
 
     h = hashlib.sha256()
-    for path in (PYX, ABI_DIR / "_zmq_abi.h", ABI_DIR / "_zmq_abi.pxd"):
+    for path in (PYX, ABI_DIR / "_zmq_abi.h", ABI_DIR / "_dlresolve.h", ABI_DIR / "_zmq_abi.pxd"):
         h.update(path.read_bytes())
     h.update(f"{Cython.__version__} {sys.version} {sysconfig.get_platform()}".encode())
     return h.hexdigest()[:16]

@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE))
 if __name__ == "__main__" and os.path.isdir(HERE.parent / "src" / "gatekeeper"):
     sys.path.insert(0, str(HERE.parent / "src"))  # run from a checkout: its source tree
 
-from fuzzdata import Bytes, fuzz_main  # noqa: E402
+from fuzzdata import Bytes, fuzz_main, random_bytes  # noqa: E402
 
 
 def _import_engines():
@@ -197,12 +197,7 @@ def TestOneInput(data: bytes) -> None:
     _both("final usage", lambda e: e.take_usage())
 
 
-def random_inputs(n: int, seed: int = 0, max_len: int = 2048):
-    import random
-
-    rng = random.Random(seed)
-    for _ in range(n):
-        yield rng.randbytes(rng.randint(0, max_len))
+random_inputs = random_bytes
 
 
 def main(argv: list[str]) -> int:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))
 if __name__ == "__main__" and os.path.isdir(HERE.parent / "src" / "gatekeeper"):
     sys.path.insert(0, str(HERE.parent / "src"))  # run from a checkout: its source tree
 
-from fuzzdata import Bytes, fuzz_main  # noqa: E402
+from fuzzdata import Bytes, fuzz_main, random_bytes  # noqa: E402
 
 from gatekeeper import _zmtp  # noqa: E402  (compiled: nothing for atheris to instrument)
 
@@ -124,22 +124,10 @@ def TestOneInput(data: bytes) -> None:
                              f"  split: {split!r}\n  cuts: {sorted(set(cuts))!r}")
 
 
-def random_inputs(n: int, seed: int = 0, max_len: int = 2048):
-    import random
-
-    rng = random.Random(seed)
-    for _ in range(n):
-        yield rng.randbytes(rng.randint(0, max_len))
+random_inputs = random_bytes
 
 
 def main(argv: list[str]) -> int:
-    if "--write-seeds" in argv:  # a starting corpus: where the ASan build has no coverage
-        i = argv.index("--write-seeds")
-        folder, n = Path(argv[i + 1]), int(argv[i + 2])
-        folder.mkdir(parents=True, exist_ok=True)
-        for k, data in enumerate(random_inputs(n, seed=int(os.environ.get("FUZZ_SEED", "0")))):
-            (folder / f"seed-{k:05d}").write_bytes(data)
-        return 0
     return fuzz_main(argv, TestOneInput, random_inputs, "no crash, every split agrees")
 
 

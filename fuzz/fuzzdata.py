@@ -49,14 +49,34 @@ class Bytes:
         return self.bytes(max_len).decode("utf-8", "replace")
 
 
+def random_bytes(n: int, seed: int = 0, max_len: int = 2048):
+    """n random inputs of 0 to max_len bytes: what most targets' `--random` feeds."""
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(n):
+        yield rng.randbytes(rng.randint(0, max_len))
+
+
 def fuzz_main(argv: list[str], test_one_input, random_inputs, verdict: str) -> int:
     """`--random N`: N inputs from `random_inputs(n, seed)` in-process (FUZZ_SEED picks
-    the seed), no atheris needed; otherwise hand argv to atheris."""
+    the seed), no atheris needed; `--write-seeds DIR N`: N of them as files, a starting
+    corpus where a build has no coverage feedback (ASan, fuzz/README.md); otherwise hand
+    argv to atheris."""
     import os
+    from pathlib import Path
 
+    seed = int(os.environ.get("FUZZ_SEED", "0"))
+    if "--write-seeds" in argv:
+        i = argv.index("--write-seeds")
+        folder, n = Path(argv[i + 1]), int(argv[i + 2])
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, data in enumerate(random_inputs(n, seed=seed)):
+            (folder / f"seed-{k:05d}").write_bytes(data)
+        return 0
     if "--random" in argv:
         n = int(argv[argv.index("--random") + 1])
-        for data in random_inputs(n, seed=int(os.environ.get("FUZZ_SEED", "0"))):
+        for data in random_inputs(n, seed=seed):
             test_one_input(data)
         print(f"{n} random inputs: {verdict}")
         return 0

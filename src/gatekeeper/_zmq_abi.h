@@ -12,7 +12,8 @@
 #include <stddef.h>
 #include <string.h>
 #include <errno.h>
-#include <dlfcn.h>
+
+#include "_dlresolve.h"
 
 /* zmq_msg_t is an opaque 64-byte block, pointer-aligned (zmq.h). */
 typedef struct gk_zmq_msg_t {
@@ -52,36 +53,29 @@ typedef struct gk_zmq_api {
 } gk_zmq_api;
 
 /*
- * Fill `api` from the shared object at `path` (pyzmq's backend module). RTLD_NOLOAD: the
- * object must already be loaded, so this never pulls in a second libzmq; dlsym on its
- * handle searches its dependencies, which is where pyzmq's libzmq is. Returns NULL on
- * success or the name of the first symbol that could not be resolved.
+ * Fill `api` from the shared object at `path` (pyzmq's backend module), whose
+ * dependencies hold pyzmq's libzmq: never a second libzmq. Returns NULL on success or the
+ * name of the first symbol that could not be resolved ("dlopen" when the object is not
+ * loaded).
  */
 static const char *gk_zmq_resolve(const char *path, gk_zmq_api *api) {
-    void *handle = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
-    if (handle == NULL) {
+    void *h = gk_dlopen_loaded(path);
+    if (h == NULL) {
         return "dlopen";
     }
-#define GK_RESOLVE(field, name)                                \
-    do {                                                       \
-        *(void **)(&api->field) = dlsym(handle, name);         \
-        if (api->field == NULL) return name;                   \
-    } while (0)
-    GK_RESOLVE(msg_init, "zmq_msg_init");
-    GK_RESOLVE(msg_init_size, "zmq_msg_init_size");
-    GK_RESOLVE(msg_close, "zmq_msg_close");
-    GK_RESOLVE(msg_recv, "zmq_msg_recv");
-    GK_RESOLVE(msg_send, "zmq_msg_send");
-    GK_RESOLVE(msg_more, "zmq_msg_more");
-    GK_RESOLVE(msg_size, "zmq_msg_size");
-    GK_RESOLVE(msg_data, "zmq_msg_data");
-    GK_RESOLVE(msg_gets, "zmq_msg_gets");
-    GK_RESOLVE(send, "zmq_send");
-    GK_RESOLVE(poll, "zmq_poll");
-    GK_RESOLVE(getsockopt, "zmq_getsockopt");
-    GK_RESOLVE(errno_, "zmq_errno");
-#undef GK_RESOLVE
-    /* The handle stays open for the life of the process, like pyzmq itself. */
+    GK_RESOLVE(h, api->msg_init, "zmq_msg_init");
+    GK_RESOLVE(h, api->msg_init_size, "zmq_msg_init_size");
+    GK_RESOLVE(h, api->msg_close, "zmq_msg_close");
+    GK_RESOLVE(h, api->msg_recv, "zmq_msg_recv");
+    GK_RESOLVE(h, api->msg_send, "zmq_msg_send");
+    GK_RESOLVE(h, api->msg_more, "zmq_msg_more");
+    GK_RESOLVE(h, api->msg_size, "zmq_msg_size");
+    GK_RESOLVE(h, api->msg_data, "zmq_msg_data");
+    GK_RESOLVE(h, api->msg_gets, "zmq_msg_gets");
+    GK_RESOLVE(h, api->send, "zmq_send");
+    GK_RESOLVE(h, api->poll, "zmq_poll");
+    GK_RESOLVE(h, api->getsockopt, "zmq_getsockopt");
+    GK_RESOLVE(h, api->errno_, "zmq_errno");
     return NULL;
 }
 

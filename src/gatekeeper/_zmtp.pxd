@@ -59,6 +59,7 @@ cdef enum:
     ZMTP_MAX_IDENTITY = 255          # RFC 23 "The Identity Property": 0*255OCTET
     ZMTP_MAX_ERROR_REASON = 255      # RFC 23 error-reason: short-size 0*255VCHAR
     ZMTP_PING_MAX_CONTEXT = 16       # RFC 37 ping-context: 0*16OCTET
+    ZMTP_ROUTER_METADATA_SIZE = 35   # what zmtp_router_metadata writes
     ZMTP_READY_SIZE = 43             # what zmtp_ready writes
     ZMTP_ERROR_MAX = 9 + 7 + 255     # what zmtp_error writes at most (long frame)
     ZMTP_PING_MAX = 2 + 7 + 16
@@ -173,6 +174,21 @@ cdef struct ZmtpEvent:
     size_t reason_len
 
 
+# Network byte order: RFC 23's long frame sizes, and RFC 26's short nonces (_curve).
+cdef inline uint64_t get_be64(const uint8_t *p) noexcept nogil:
+    cdef uint64_t v = 0
+    cdef int i
+    for i in range(8):
+        v = (v << 8) | p[i]
+    return v
+
+
+cdef inline void put_be64(uint8_t *p, uint64_t v) noexcept nogil:
+    cdef int i
+    for i in range(8):
+        p[7 - i] = <uint8_t>(v >> (8 * i))
+
+
 # Decoder
 cdef void zmtp_decoder_init(ZmtpDecoder *d, uint64_t max_frame_size, bint allow_zmtp2) noexcept nogil
 cdef ssize_t zmtp_next(ZmtpDecoder *d, const uint8_t *buf, size_t n, ZmtpEvent *ev) noexcept nogil
@@ -195,6 +211,12 @@ cdef size_t zmtp_signature(uint8_t *out) noexcept nogil
 cdef size_t zmtp_greeting_major(uint8_t *out) noexcept nogil
 cdef size_t zmtp_greeting_rest(uint8_t *out, uint8_t revision, int mechanism) noexcept nogil
 cdef size_t zmtp_ready(uint8_t *out) noexcept nogil
+# The metadata of our READY (Socket-Type ROUTER, empty Identity), also what a CURVE READY
+# box holds.
+cdef size_t zmtp_router_metadata(uint8_t *out) noexcept nogil
+# A command frame's header for a body of `size` bytes, name included: 2 bytes, or
+# ZMTP_FRAME_HEADER_MAX above 255.
+cdef size_t zmtp_command_header(uint8_t *out, size_t size) noexcept nogil
 # 0 (nothing written) if reason_len > ZMTP_MAX_ERROR_REASON
 cdef size_t zmtp_error(uint8_t *out, const uint8_t *reason, size_t reason_len) noexcept nogil
 # 0 if context_len > ZMTP_PING_MAX_CONTEXT

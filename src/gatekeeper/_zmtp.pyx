@@ -63,22 +63,8 @@ cdef const char *socket_type_name(uint8_t num) noexcept nogil:
 # ---------------------------------------------------------------------------------------
 # Wire helpers
 
-cdef inline uint64_t get_be64(const uint8_t *p) noexcept nogil:
-    cdef uint64_t v = 0
-    cdef int i
-    for i in range(8):
-        v = (v << 8) | p[i]
-    return v
-
-
 cdef inline uint32_t get_be32(const uint8_t *p) noexcept nogil:
     return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
-
-
-cdef inline void put_be64(uint8_t *p, uint64_t v) noexcept nogil:
-    cdef int i
-    for i in range(8):
-        p[7 - i] = <uint8_t>(v >> (8 * i))
 
 
 cdef inline void put_be32(uint8_t *p, uint32_t v) noexcept nogil:
@@ -510,19 +496,20 @@ cdef size_t zmtp_greeting_rest(uint8_t *out, uint8_t revision, int mechanism) no
     return ZMTP_GREETING_REST_MAX
 
 
-cdef size_t command_header(uint8_t *out, const char *name, size_t body_len) noexcept nogil:
-    """A command frame's header and name; body_len counts what follows the name."""
-    cdef size_t name_len = strlen(name)
-    cdef size_t size = 1 + name_len + body_len
-    cdef size_t h
+cdef size_t zmtp_command_header(uint8_t *out, size_t size) noexcept nogil:
     if size > SHORT_SIZE_MAX:
         out[0] = FLAG_COMMAND | FLAG_LONG
         put_be64(out + 1, size)
-        h = 9
-    else:
-        out[0] = FLAG_COMMAND
-        out[1] = <uint8_t>size
-        h = 2
+        return ZMTP_FRAME_HEADER_MAX
+    out[0] = FLAG_COMMAND
+    out[1] = <uint8_t>size
+    return 2
+
+
+cdef size_t command_header(uint8_t *out, const char *name, size_t body_len) noexcept nogil:
+    """A command frame's header and name; body_len counts what follows the name."""
+    cdef size_t name_len = strlen(name)
+    cdef size_t h = zmtp_command_header(out, 1 + name_len + body_len)
     out[h] = <uint8_t>name_len
     memcpy(out + h + 1, name, name_len)
     return h + 1 + name_len
@@ -538,15 +525,16 @@ cdef size_t put_property(uint8_t *out, const char *name, const char *value) noex
     return 1 + name_len + 4 + value_len
 
 
-cdef size_t zmtp_ready(uint8_t *out) noexcept nogil:
+cdef size_t zmtp_router_metadata(uint8_t *out) noexcept nogil:
     # mechanism.cpp add_basic_properties: a ROUTER sends its Socket-Type and its own
     # Identity, which is empty for a ROUTER without ZMQ_ROUTING_ID.
-    cdef size_t head = 2 + 1 + 5  # a short frame's header and "\x05READY"
-    cdef size_t n = head
-    n += put_property(out + n, "Socket-Type", "ROUTER")
-    n += put_property(out + n, "Identity", "")
-    command_header(out, "READY", n - head)
-    return n
+    cdef size_t n = put_property(out, "Socket-Type", "ROUTER")
+    return n + put_property(out + n, "Identity", "")
+
+
+cdef size_t zmtp_ready(uint8_t *out) noexcept nogil:
+    cdef size_t head = command_header(out, "READY", ZMTP_ROUTER_METADATA_SIZE)
+    return head + zmtp_router_metadata(out + head)
 
 
 cdef size_t zmtp_error(uint8_t *out, const uint8_t *reason, size_t reason_len) noexcept nogil:
