@@ -26,7 +26,7 @@ The kinds alternate within each round, so drift on a shared machine hits all of 
 
     python bench/e2e.py [--rounds 3] [--seconds 3] [--connections 4] [--depth 64]
                         [--size 64] [--latency-requests 5000] [--only proxy,gatekeeper]
-                        [--require-all] [--json results.json] [--baseline DIR]
+                        [--require-all] [--json results.json] [--baseline DIR] [--curve]
     python bench/e2e.py --smoke     # CI: seconds long; checks that it works, not numbers
 """
 
@@ -177,8 +177,10 @@ class Server:
 
 
 def spawn(role: str, frontend: str, backend: str, workdir: Path, size: int,
-          baseline: Path | None = None, redis_port: int | None = None) -> Server:
-    """Start one server process of any role: echo, redis, proxy or a gatekeeper kind."""
+          baseline: Path | None = None, redis_port: int | None = None,
+          curve: tuple[bytes, bytes] | None = None) -> Server:
+    """Start one server process of any role: echo, redis, proxy or a gatekeeper kind.
+    `curve`: the frontend's CURVE server key pair (Z85), for --curve."""
     env = dict(os.environ)
     if role == "echo":
         argv = [sys.executable, str(THIS), "_echo", backend]
@@ -191,11 +193,20 @@ def spawn(role: str, frontend: str, backend: str, workdir: Path, size: int,
         except RuntimeError as exc:
             raise StartFailure(str(exc)) from None
     elif role == "proxy":
-        argv = [sys.executable, str(THIS), "_proxy", frontend, backend]
+        argv = [sys.executable, str(THIS), "_proxy", frontend, backend,
+                *([curve[1].decode()] if curve else [])]
     else:
         config = workdir / "policy.toml"
-        config.write_text(policy_toml(frontend, backend, f"ipc://{workdir}/gk.ctl", size,
-                                      GATEKEEPER_KINDS[role][1], redis_port))
+        text = policy_toml(frontend, backend, f"ipc://{workdir}/gk.ctl", size,
+                           GATEKEEPER_KINDS[role][1], redis_port)
+        if curve:
+            key_file = workdir / "server.key_secret"
+            key_file.write_text(f'metadata\ncurve\n    public-key = "{curve[0].decode()}"\n'
+                                f'    secret-key = "{curve[1].decode()}"\n')
+            key_file.chmod(0o600)
+            text = text.replace("\n[backend]\n", f'\n[frontend.curve]\nsecret_key_file = '
+                                f'"{key_file}"\n\n[backend]\n', 1)
+        config.write_text(text)
         argv = [sys.executable, "-m", "gatekeeper", "--config", str(config),
                 "--log-format", "text"]
         env = gatekeeper_env(role, baseline)
@@ -210,13 +221,11 @@ def spawn(role: str, frontend: str, backend: str, workdir: Path, size: int,
     return Server(role, proc, log)
 
 
-def wait_ready(ctx: zmq.Context, endpoint: str, servers: list[Server]) -> None:
+def wait_ready(ctx: zmq.Context, endpoint: str, servers: list[Server],
+               curve: loadgen.CurveKeys | None = None) -> None:
     """Ready means a request through `endpoint` comes back, for every kind alike."""
     deadline = time.monotonic() + READY_TIMEOUT_S
-    probe = ctx.socket(zmq.DEALER)
-    probe.linger = 0
-    probe.routing_id = loadgen.IDENTITY_PREFIX + b"probe"
-    probe.connect(endpoint)
+    probe = loadgen.dealer(ctx, endpoint, loadgen.IDENTITY_PREFIX + b"probe", curve=curve)
     next_send = 0.0
     try:
         while (now := time.monotonic()) < deadline:
@@ -273,12 +282,17 @@ def run_one(kind: str, args: argparse.Namespace, ctx: zmq.Context) -> dict:
         control = f"ipc://{workdir}/gk.ctl"
         servers = []
         roles = ["echo"] + (["redis"] if redis_port else []) + ([] if kind == "direct" else [kind])
+        # --curve: a CURVE frontend, and CURVE clients (the generator straight to the
+        # plaintext broker stays plaintext: it measures the generator's headroom)
+        curve = args.curve_keys if kind != "direct" else None
         for role in roles:
-            server = spawn(role, frontend, backend, workdir, args.size, args.baseline, redis_port)
+            server = spawn(role, frontend, backend, workdir, args.size, args.baseline, redis_port,
+                           curve and curve["server"])
             stack.callback(server.stop)  # LIFO: the proxy stops before its broker
             servers.append(server)
         target = backend if kind == "direct" else frontend
-        wait_ready(ctx, target, servers)
+        client_keys = curve and curve["client"]
+        wait_ready(ctx, target, servers, client_keys)
         implementation = None
         if kind in GATEKEEPER_KINDS:
             stats = reported_stats(ctx, control)
@@ -300,7 +314,7 @@ def run_one(kind: str, args: argparse.Namespace, ctx: zmq.Context) -> dict:
         cpu_before = _cpu_seconds(proxy)
         load = loadgen.throughput(
             ctx, target, connections=args.connections, depth=args.depth, size=args.size,
-            warmup_s=args.warmup, seconds=args.seconds)
+            warmup_s=args.warmup, seconds=args.seconds, curve=client_keys)
         # CPU per message of the proxy process (all its threads, libzmq's I/O thread too):
         # unlike msgs/s it does not depend on how the two cores are shared out.
         if proxy is not None and load["received_total"]:
@@ -308,7 +322,8 @@ def run_one(kind: str, args: argparse.Namespace, ctx: zmq.Context) -> dict:
                 1e6 * (_cpu_seconds(proxy) - cpu_before) / load["received_total"])
         else:
             load["cpu_us_per_msg"] = None
-        single = loadgen.latency(ctx, target, requests=args.latency_requests, size=args.size)
+        single = loadgen.latency(ctx, target, requests=args.latency_requests, size=args.size,
+                                 curve=client_keys)
         for s in servers:  # numbers from a run during which a server died mean nothing
             if (rc := s.exited()) is not None:
                 raise RuntimeError(f"{s.role} died during the run (code {rc}):\n{s.tail()}")
@@ -436,7 +451,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--baseline", type=Path, metavar="DIR",
                    help="a source tree (with src/gatekeeper and its extension built in "
                    "place) to run as the kind `baseline`")
+    p.add_argument("--curve", action="store_true",
+                   help="a CURVE frontend (zmq.proxy's and the gatekeeper's), CURVE clients")
     args = p.parse_args(argv)
+    args.curve_keys = None
+    if args.curve:
+        args.curve_keys = {"server": zmq.curve_keypair(), "client": None}
+        public, secret = zmq.curve_keypair()
+        args.curve_keys["client"] = (public, secret, args.curve_keys["server"][0])
     for key, value in PRESETS["smoke" if args.smoke else "full"].items():
         if getattr(args, key) is None:  # explicit options win over the preset
             setattr(args, key, value)
@@ -469,7 +491,8 @@ def main(argv: list[str]) -> int:
           f"{gk.origin if gk else SRC / 'gatekeeper'}")
     print(f"rounds {args.rounds} x {','.join(args.kinds)}: {args.connections} connections x "
           f"{args.depth} in flight, {args.size} B, {args.warmup:g} s warmup + "
-          f"{args.seconds:g} s; single flight {args.latency_requests} round trips")
+          f"{args.seconds:g} s; single flight {args.latency_requests} round trips"
+          + ("; CURVE frontend and clients" if args.curve else ""))
     runs: dict[str, list[dict]] = {k: [] for k in args.kinds}
     skipped: dict[str, str] = {}
     ctx = zmq.Context()
@@ -547,9 +570,12 @@ def serve_echo(endpoint: str) -> None:
     zmq.proxy(sock, sock)  # frontend == backend: libzmq echoes each message to its sender
 
 
-def serve_proxy(frontend: str, backend: str) -> None:
+def serve_proxy(frontend: str, backend: str, curve_secret: str | None = None) -> None:
     ctx = zmq.Context()
     front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    if curve_secret is not None:  # --curve: libzmq's CURVE server, no ZAP (any key)
+        front.curve_server = True
+        front.curve_secretkey = curve_secret.encode()
     front.bind(frontend)
     back.connect(backend)
     zmq.proxy(front, back)

@@ -105,23 +105,28 @@ def load() -> ModuleType:
     return module
 
 
-def _dealers(ctx: zmq.Context, endpoint: str, identities: list[bytes], depth: int) -> list:
-    socks = []
-    for ident in identities:
-        s = ctx.socket(zmq.DEALER)
-        socks.append(s)
-        s.linger = 0
-        s.routing_id = ident
-        # The generator, not its own queues, must bound what is in flight.
-        s.sndhwm = s.rcvhwm = max(1000, 2 * depth)
-        s.connect(endpoint)
-    return socks
+# (client public, client secret, server public), Z85: the generator's DEALERs as CURVE
+# clients (bench/e2e.py --curve)
+CurveKeys = tuple[bytes, bytes, bytes]
+
+
+def dealer(ctx: zmq.Context, endpoint: str, identity: bytes, depth: int = 1,
+           curve: CurveKeys | None = None) -> zmq.Socket:
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    s.routing_id = identity
+    # The generator, not its own queues, must bound what is in flight.
+    s.sndhwm = s.rcvhwm = max(1000, 2 * depth)
+    if curve is not None:
+        s.curve_publickey, s.curve_secretkey, s.curve_serverkey = curve
+    s.connect(endpoint)
+    return s
 
 
 def _drive(ctx: zmq.Context, endpoint: str, identities: list[bytes], depth: int,
-           **kwargs) -> dict:
+           curve: CurveKeys | None = None, **kwargs) -> dict:
     lg = load()
-    socks = _dealers(ctx, endpoint, identities, depth)
+    socks = [dealer(ctx, endpoint, ident, depth, curve) for ident in identities]
     try:
         return lg.run([s.underlying for s in socks], depth=depth, **kwargs)
     finally:
@@ -131,18 +136,21 @@ def _drive(ctx: zmq.Context, endpoint: str, identities: list[bytes], depth: int,
 
 def throughput(ctx: zmq.Context, endpoint: str, *, connections: int = 4, depth: int = 64,
                size: int = 64, warmup_s: float = 0.5, seconds: float = 3.0,
-               drain_s: float = 2.0, prefix: bytes = IDENTITY_PREFIX) -> dict:
+               drain_s: float = 2.0, prefix: bytes = IDENTITY_PREFIX,
+               curve: CurveKeys | None = None) -> dict:
     """`connections` DEALERs (routing ids prefix+N), `depth` requests in flight each."""
     return _drive(ctx, endpoint, [prefix + str(i).encode() for i in range(connections)],
-                  depth, size=size, warmup_s=warmup_s, duration_s=seconds, drain_s=drain_s)
+                  depth, curve, size=size, warmup_s=warmup_s, duration_s=seconds,
+                  drain_s=drain_s)
 
 
 def latency(ctx: zmq.Context, endpoint: str, *, requests: int = 5000, size: int = 64,
             warmup_s: float = 0.1, timeout_s: float = 30.0,
-            identity: bytes = IDENTITY_PREFIX + b"latency") -> dict:
+            identity: bytes = IDENTITY_PREFIX + b"latency",
+            curve: CurveKeys | None = None) -> dict:
     """One DEALER, one request in flight, `requests` measured round trips (every one
     sampled); stops early after `timeout_s`."""
-    return _drive(ctx, endpoint, [identity], 1, size=size, warmup_s=warmup_s,
+    return _drive(ctx, endpoint, [identity], 1, curve, size=size, warmup_s=warmup_s,
                   duration_s=timeout_s, max_requests=requests, sample_cap=requests)
 
 

@@ -268,8 +268,8 @@ def loadgen_main(endpoint: str) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     ctx = zmq.Context()
     depth = 4
-    socks = loadgen._dealers(ctx, endpoint, [LOADGEN_PREFIX.encode() + b"%d" % i
-                                             for i in range(2)], depth)
+    socks = [loadgen.dealer(ctx, endpoint, LOADGEN_PREFIX.encode() + b"%d" % i, depth)
+             for i in range(2)]
     while not stop:
         r = loadgen.load().run([s.underlying for s in socks], depth=depth, size=64,
                                warmup_s=0.0, duration_s=10.0, drain_s=2.0)

@@ -23,8 +23,7 @@ from gatekeeper.sockets import apply_options, control_options
 from handshake import FAILED_AUTH, SUCCEEDED
 from harness import EchoBroker, free_port
 
-# [frontend.curve] is served by a libzmq ROUTER until the native engine speaks CURVE.
-pytestmark = [pytest.mark.timeout(60), pytest.mark.engines("libzmq")]
+pytestmark = pytest.mark.timeout(60)
 
 REPLY = [b"", b"ping"]
 SOCKETS = ('[frontend]\nbind = ["tcp://127.0.0.1:5555"]\n'
@@ -348,3 +347,18 @@ def test_reload_rereads_client_keys(keys, ctx):
         assert "client_keys_not_reloaded" in log.getvalue()
     finally:
         zap.close()
+
+
+def test_reload_admits_a_key_added_to_the_directory(gatekeeper_factory, peers, keys, engine):
+    d, allowed, pairs = keys
+    gk = gatekeeper_factory(frontend_curve(keys))
+    assert gk.ctl("STATS")["engine"] == engine
+    server = pairs["server"][0]
+    mallory = peers.connect(gk.frontend, curve=pairs["mallory"], server_key=server)
+    assert mallory.verdict() == FAILED_AUTH  # both engines: the client sees libzmq's "400"
+    mallory.close()
+    (allowed / "mallory.key").write_bytes((d / "mallory.key").read_bytes())
+    assert gk.ctl("RELOAD")["ok"]
+    again = peers.connect(gk.frontend, curve=pairs["mallory"], server_key=server)
+    assert again.request(REPLY) == REPLY
+    assert gk.ctl("STATS")["violations"]["key_not_allowed"] >= 1

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import zmq
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -19,14 +20,24 @@ def _run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def c_client(tmp_path_factory) -> Path:
+def _build_c_client(tmp_path_factory, name: str) -> Path:
+    """tests/interop/NAME.c, linked against the system's libzmq."""
     if shutil.which("gcc") is None or not Path("/usr/include/zmq.h").exists():
         pytest.skip("needs gcc and the system libzmq headers (apt-get install libzmq3-dev)")
-    binary = tmp_path_factory.mktemp("interop") / "echo_client"
-    built = _run(["gcc", "-O2", "-o", str(binary), str(HERE / "echo_client.c"), "-lzmq"])
+    binary = tmp_path_factory.mktemp("interop") / name
+    built = _run(["gcc", "-O2", "-o", str(binary), str(HERE / f"{name}.c"), "-lzmq"])
     assert built.returncode == 0, built.stderr
     return binary
+
+
+@pytest.fixture(scope="module")
+def c_client(tmp_path_factory) -> Path:
+    return _build_c_client(tmp_path_factory, "echo_client")
+
+
+@pytest.fixture(scope="module")
+def c_curve_client(tmp_path_factory) -> Path:
+    return _build_c_client(tmp_path_factory, "curve_client")
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +82,25 @@ def test_jeromq_is_refused_when_legacy_is_off(gatekeeper_factory, java_client):
                  "jeromq-client"])
     assert done.returncode == 1
     assert gk.ctl("STATS")["violations"]["legacy_protocol"] >= 1
+
+
+def test_a_second_libzmq_as_a_curve_client(gatekeeper_factory, c_curve_client, tmp_path):
+    """Debian's libzmq with its own libsodium against the gatekeeper's CURVE (the native
+    engine's own, or libzmq's): the key it made is the User-Id the policy sees."""
+    public, secret = zmq.curve_keypair()
+    key_file = tmp_path / "server.key_secret"
+    key_file.write_text(f'metadata\ncurve\n    public-key = "{public.decode()}"\n'
+                        f'    secret-key = "{secret.decode()}"\n')
+    key_file.chmod(0o600)
+    gk = gatekeeper_factory(f'[frontend.curve]\nsecret_key_file = "{key_file}"\n'
+                            '[rate_limit]\nkey = "user_id"\n')
+    done = _run([str(c_curve_client), gk.frontend, public.decode(), "200"])
+    assert done.returncode == 0, done.stderr
+    first, last = done.stdout.splitlines()[0], done.stdout.splitlines()[-1]
+    client_key = first.split()[2]
+    assert last == "ok 200"
+    stats = gk.ctl("STATS")
+    assert stats["forwarded"] == stats["replied"] == 200
+    assert stats["tracked_keys"] == 1  # one bucket: the client's key
+    assert first.split()[1] != stats["libzmq"]
+    assert len(client_key) == 40

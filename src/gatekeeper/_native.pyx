@@ -77,6 +77,28 @@ from gatekeeper._zmq_abi cimport (
     gk_zmq_api,
     gk_zmq_msg_t,
 )
+from gatekeeper._curve cimport (
+    CURVE_COOKIE_KEY_PERIOD_S,
+    CURVE_EXPECT_HELLO,
+    CURVE_FLAG_COMMAND,
+    CURVE_FLAG_MORE,
+    CURVE_INITIATE_OUT_SIZE,
+    CURVE_KEY_SIZE,
+    CURVE_MESSAGE_HEADER,
+    CURVE_MESSAGE_OVERHEAD,
+    CURVE_WELCOME_FRAME_SIZE,
+    CurveKeys,
+    CurveState,
+    curve_decrypt,
+    curve_encrypt,
+    curve_keys_clear,
+    curve_keys_init,
+    curve_keys_rotate,
+    curve_on_hello,
+    curve_on_initiate,
+    curve_state_clear,
+    curve_state_init,
+)
 from gatekeeper._zmtp cimport (
     ZMTP_COMMAND,
     ZMTP_CMD_ERROR,
@@ -88,10 +110,12 @@ from gatekeeper._zmtp cimport (
     ZMTP_FRAME_HEADER_MAX,
     ZMTP_GREETING,
     ZMTP_GREETING_REST_MAX,
+    ZMTP_MECH_CURVE,
     ZMTP_MECH_NULL,
     ZMTP_MECHANISM_SIZE,
     ZMTP_NEED_MORE,
     ZMTP_PING_MAX,
+    ZMTP_PING_MAX_CONTEXT,
     ZMTP_PONG_MAX,
     ZMTP_READY,
     ZMTP_READY_SIZE,
@@ -102,13 +126,16 @@ from gatekeeper._zmtp cimport (
     ZmtpDecoder,
     ZmtpEvent,
     zmtp_decoder_free,
+    zmtp_decoder_handshake_done,
     zmtp_decoder_held,
     zmtp_decoder_init,
+    zmtp_decoder_set_mechanism,
     zmtp_error,
     zmtp_frame_header,
     zmtp_greeting_major,
     zmtp_greeting_rest,
     zmtp_next,
+    zmtp_parse_metadata,
     zmtp_ping,
     zmtp_pong,
     zmtp_ready,
@@ -290,6 +317,11 @@ cdef struct Conn:
     bint discarding           # the message in progress passed a limit: counted, not held
     bint filling              # frames[nheld] is a frame still arriving
     bint envelope_done        # discarding: the envelope to echo is held (or there is none)
+    bint broken               # output could not be queued (no memory): cut at the next flush
+    bint curve                # a CURVE connection: every frame after READY is a box
+    CurveState cs
+    uint8_t *box              # a box still arriving (CURVE): held whole, then opened
+    size_t box_len, box_size
     int prev_throttled, next_throttled   # the list of connections read no more for now
     ZmtpDecoder dec
     uint8_t family            # AF_INET, AF_INET6, AF_UNIX
@@ -393,6 +425,12 @@ cdef class NativeRelay:
     cdef Bucket rate_overflow
     cdef uint32_t rate_hand
     cdef bint rate_on
+    cdef bint curve_on                # [frontend.curve]: every client speaks CURVE
+    cdef CurveKeys curve_keys
+    cdef double next_rotation         # of the cookie key
+    cdef KeyIndex curve_allowed       # client keys allowed in (raw 32 bytes)
+    cdef bint curve_any               # no allowed_clients_dir: any key, encryption only
+    cdef uint8_t *curve_scratch       # what curve_on_initiate writes
     cdef Cidr *allow
     cdef Cidr *deny
     cdef int nallow, ndeny
@@ -494,6 +532,15 @@ cdef class NativeRelay:
         ki_init(&self.ids, self.max_conns, sizeof(uint32_t))
         ki_init(&self.per_address, self.max_conns, sizeof(uint32_t))
         ki_init(&self.rates, 1, sizeof(Bucket))
+        ki_init(&self.curve_allowed, 1, 0)
+        if settings.curve_secret_key is not None:
+            self.curve_scratch = <uint8_t *>malloc(CURVE_INITIATE_OUT_SIZE)
+            if self.curve_scratch == NULL:
+                raise MemoryError()
+            if curve_keys_init(&self.curve_keys, settings.curve_secret_key) != 0:
+                raise ValueError("frontend.curve: the secret key is not a CURVE key")
+            self.curve_on = True
+            self.next_rotation = monotonic() + CURVE_COOKIE_KEY_PERIOD_S
         self.set_access(settings)
         self.outer = epoll_create1(EPOLL_CLOEXEC)
         self.inner = epoll_create1(EPOLL_CLOEXEC)
@@ -534,6 +581,12 @@ cdef class NativeRelay:
             memcpy(self.deny[i].net, PyBytes_AS_STRING(net), length)
         self.nallow, self.ndeny = len(allow), len(deny)
         self.max_per_address = settings.max_connections_per_address
+        keys = settings.curve_allowed_keys
+        self.curve_any = keys is None
+        ki_free(&self.curve_allowed)
+        ki_init(&self.curve_allowed, max(1, len(keys or ())), 0)
+        for key in keys or ():
+            ki_add(&self.curve_allowed, <const uint8_t *>PyBytes_AS_STRING(key), len(key))
         if self.samples == NULL or self.log_per_second != settings.log_per_second:
             free(self.samples)
             self.log_per_second = settings.log_per_second
@@ -583,6 +636,9 @@ cdef class NativeRelay:
         free(self.allow)
         free(self.deny)
         free(self.samples)
+        free(self.curve_scratch)
+        curve_keys_clear(&self.curve_keys)
+        ki_free(&self.curve_allowed)
         ki_free(&self.ids)
         ki_free(&self.per_address)
         ki_free(&self.rates)
@@ -788,7 +844,8 @@ cdef class NativeRelay:
         if c.ip_len:
             self.count_address(c, 1)
             self.tune_tcp(fd)
-        zmtp_decoder_init(&c.dec, self.max_frame_size, self.legacy_zmtp2)
+        # CURVE has no ZMTP 2.0 form: such a peer is a legacy_protocol refusal
+        zmtp_decoder_init(&c.dec, self.max_frame_size, self.legacy_zmtp2 and not self.curve_on)
         c.state = ST_GREETING
         c.deadline = now + self.handshake_timeout
         c.last_recv = now
@@ -916,7 +973,10 @@ cdef class NativeRelay:
         self.unthrottle_one(c)
         self.release_message(c)
         self.release_out(c)
+        self.release_box(c)
         zmtp_decoder_free(&c.dec)
+        if c.curve:
+            curve_state_clear(&c.cs)  # wipes the session key
         close(c.fd)  # also leaves both epoll sets
         c.fd = -1
         c.state = ST_FREE
@@ -944,7 +1004,8 @@ cdef class NativeRelay:
 
     cdef inline bint holding(self, Conn *c) noexcept nogil:
         """Whether the next bytes of `c` may be held: a message (or command) under way."""
-        return c.held > 0 or (c.nframes > 0 and not c.discarding) or zmtp_decoder_held(&c.dec) > 0
+        return (c.held > 0 or c.box != NULL or (c.nframes > 0 and not c.discarding)
+                or zmtp_decoder_held(&c.dec) > 0)
 
     cdef void read_conn(self, Conn *c, double now) noexcept nogil:
         cdef size_t left = self.max_buffered - self.buffered if self.max_buffered > self.buffered else 0
@@ -956,6 +1017,10 @@ cdef class NativeRelay:
                 return
             want = min(<size_t>READ_SLICE, left)
         elif left < READ_SLICE:
+            if c.curve:
+                # whole messages are inside boxes, which only the real read may open
+                self.throttle(c)
+                return
             # The budget cannot take a whole slice: read only the messages the bytes
             # waiting hold in full, so that this connection starts nothing it must keep.
             n = recv(c.fd, self.rbuf, READ_SLICE, MSG_PEEK)
@@ -1077,25 +1142,66 @@ cdef class NativeRelay:
         if ev.kind == ZMTP_SIGNATURE:
             self.append(c, out, zmtp_greeting_major(out))
         elif ev.kind == ZMTP_REVISION:
-            n = zmtp_greeting_rest(out, ev.revision, ZMTP_MECH_NULL)
+            n = zmtp_greeting_rest(out, ev.revision,
+                                   ZMTP_MECH_CURVE if self.curve_on else ZMTP_MECH_NULL)
             c.v2 = ev.revision < 3
             if c.v2:
                 n += zmtp_v2_identity(out + n)
             self.append(c, out, n)
         elif ev.kind == ZMTP_GREETING:
-            if not is_mechanism(ev.mechanism, "NULL"):
-                self.drop(c, HS_PROTOCOL_ERROR)  # libzmq too closes on a mechanism mismatch
+            # libzmq too closes on a mechanism mismatch, without an ERROR
+            if not is_mechanism(ev.mechanism, "CURVE" if self.curve_on else "NULL"):
+                self.drop(c, HS_PROTOCOL_ERROR)
                 return
+            if self.curve_on:
+                zmtp_decoder_set_mechanism(&c.dec, ZMTP_MECH_CURVE)
+                curve_state_init(&c.cs)
+                c.curve = True
             # PINGs go to 3.0 peers too, as libzmq sends them (stream_engine_base.cpp
             # mechanism_ready): they ignore commands they do not know
             c.heartbeats = True
         elif ev.kind == ZMTP_READY:
-            self.on_ready(c, ev, now)
+            self.admit_peer(c, ev, now, NULL, 0)
             return
         self.flush(c)
 
-    cdef void on_ready(self, Conn *c, ZmtpEvent *ev, double now) noexcept nogil:
-        cdef uint8_t ready[ZMTP_READY_SIZE]
+    cdef void on_curve_handshake(self, Conn *c, ZmtpEvent *ev, double now) noexcept nogil:
+        """HELLO, then INITIATE: the whole command, name included, to the CURVE layer."""
+        cdef const uint8_t *cmd = ev.name - 1
+        cdef size_t n = 1 + ev.name_len + ev.len, out_len = 0
+        cdef uint8_t welcome[CURVE_WELCOME_FRAME_SIZE]
+        cdef uint8_t client_key[CURVE_KEY_SIZE]
+        cdef const uint8_t *metadata
+        cdef size_t metadata_len
+        cdef ZmtpEvent peer
+        if c.cs.phase == CURVE_EXPECT_HELLO:
+            if curve_on_hello(&c.cs, &self.curve_keys, cmd, n, welcome, &out_len) != 0:
+                self.drop(c, HS_PROTOCOL_ERROR)
+                return
+            self.append(c, welcome, out_len)
+            self.flush(c)
+            return
+        if curve_on_initiate(&c.cs, &self.curve_keys, cmd, n, client_key, &metadata,
+                             &metadata_len, self.curve_scratch, &out_len) != 0:
+            self.drop(c, HS_PROTOCOL_ERROR)
+            return
+        if not self.curve_any and ki_find(&self.curve_allowed, client_key, CURVE_KEY_SIZE) < 0:
+            self.refuse(c, HS_KEY_NOT_ALLOWED)
+            return
+        memset(&peer, 0, sizeof(ZmtpEvent))
+        if zmtp_parse_metadata(metadata, metadata_len, &peer) != 0:
+            self.drop(c, HS_PROTOCOL_ERROR)
+            return
+        # User-Id, as the ZAP handler sets it for CURVE: the client's key in Z85
+        z85_encode(client_key, c.user)
+        c.user_len = 40
+        self.admit_peer(c, &peer, now, self.curve_scratch, out_len)
+
+    cdef void admit_peer(self, Conn *c, ZmtpEvent *ev, double now, const uint8_t *ready,
+                         size_t ready_len) noexcept nogil:
+        """The peer's socket type and routing id decide (READY, a ZMTP 2.0 identity, or a
+        CURVE INITIATE's metadata); `ready` is the READY to send, NULL for the NULL one."""
+        cdef uint8_t null_ready[ZMTP_READY_SIZE]
         cdef int slot = <int>(c - self.conns)
         cdef int entry
         if not is_client_type(ev.socket_type, ev.socket_type_len):
@@ -1124,9 +1230,12 @@ cdef class NativeRelay:
         (<uint32_t *>self.ids.payload)[entry] = <uint32_t>slot
         c.state = ST_OPEN
         self.count_handshake(HS_ACCEPTED, c)
-        if not c.v2:
-            self.append(c, ready, zmtp_ready(ready))
-            self.flush(c)
+        if ready != NULL:
+            self.append(c, ready, ready_len)
+            zmtp_decoder_handshake_done(&c.dec)
+        elif not c.v2:
+            self.append(c, null_ready, zmtp_ready(null_ready))
+        self.flush(c)
         if c.heartbeats and self.hb_interval > 0:
             c.next_ping = now + self.hb_interval
 
@@ -1149,9 +1258,13 @@ cdef class NativeRelay:
 
     cdef void refuse(self, Conn *c, int result) noexcept nogil:
         """A refusal that will not change for this peer: ZMTP 3 peers get an ERROR
-        naming it, which makes a libzmq client stop reconnecting."""
+        naming it, which makes a libzmq client stop reconnecting. A refused CURVE key is
+        "400", as libzmq's ZAP path says it (curve_server.cpp produce_error): a libzmq
+        client then reports an authentication failure, as with a libzmq ROUTER."""
         cdef uint8_t out[ZMTP_ERROR_MAX]
         cdef const char *text = HS_TEXT[result]
+        if result == HS_KEY_NOT_ALLOWED:
+            text = "400"
         if not c.v2:
             self.append(c, out, zmtp_error(out, <const uint8_t *>text, strlen(text)))
             self.flush(c)
@@ -1167,13 +1280,23 @@ cdef class NativeRelay:
             self.drop(c, HS_PROTOCOL_ERROR)
 
     cdef void on_command(self, Conn *c, ZmtpEvent *ev, double now) noexcept nogil:
+        if c.curve:
+            if c.state == ST_OPEN:
+                self.drop(c, -1)  # commands travel in boxes now: one in clear is an error
+            else:
+                self.on_curve_handshake(c, ev, now)
+            return
+        self.on_peer_command(c, ev.command, ev.ping_ttl, ev.context, ev.context_len)
+
+    cdef void on_peer_command(self, Conn *c, int command, uint16_t ttl, const uint8_t *context,
+                              size_t context_len) noexcept nogil:
         cdef uint8_t out[ZMTP_PONG_MAX]
-        if ev.command == ZMTP_CMD_PING:
+        if command == ZMTP_CMD_PING:
             if self.may_queue_command(c):
-                self.append(c, out, zmtp_pong(out, ev.context, ev.context_len))
+                self.send_command(c, out, zmtp_pong(out, context, context_len))
                 self.mark_dirty(c)
-            c.ttl = ev.ping_ttl * 0.1
-        elif ev.command == ZMTP_CMD_ERROR:
+            c.ttl = ttl * 0.1
+        elif command == ZMTP_CMD_ERROR:
             self.drop(c, -1)
         # PONG: any traffic answers a PING; other commands are ignored, as libzmq does
 
@@ -1195,6 +1318,80 @@ cdef class NativeRelay:
                 and c.total <= self.engine.max_message_bytes)
 
     cdef void on_frame(self, Conn *c, ZmtpEvent *ev, double now) noexcept nogil:
+        if c.curve:
+            self.on_box(c, ev, now)
+        else:
+            self.on_message_frame(c, ev, now)
+
+    cdef void on_box(self, Conn *c, ZmtpEvent *ev, double now) noexcept nogil:
+        """A CURVE frame: one MESSAGE box, held whole (MORE is inside it), then opened in
+        place and taken as the frame (or command) it holds."""
+        cdef uint8_t *box
+        cdef size_t size
+        cdef ssize_t n
+        cdef uint8_t flags
+        cdef ZmtpEvent frame
+        if ev.more:
+            self.drop(c, -1)  # libzmq never sets MORE outside a box
+            return
+        if ev.begin and ev.end:
+            box = <uint8_t *>ev.data  # wholly in our read buffer: opened where it lies
+            size = ev.len
+        else:
+            if ev.begin:
+                c.box = <uint8_t *>malloc(ev.frame_size if ev.frame_size else 1)
+                if c.box == NULL:
+                    self.drop(c, -1)
+                    return
+                c.box_size, c.box_len = ev.frame_size, 0
+            memcpy(c.box + c.box_len, ev.data, ev.len)
+            c.box_len += ev.len
+            self.buffered += ev.len
+            if not ev.end:
+                return
+            box, size = c.box, c.box_len
+        n = curve_decrypt(&c.cs, box, size, box, &flags)
+        if n < 0:
+            self.drop(c, -1)  # a replayed nonce or a forged box: the session is over
+            return
+        if flags & CURVE_FLAG_COMMAND:
+            self.on_boxed_command(c, box, <size_t>n)
+        else:
+            memset(&frame, 0, sizeof(ZmtpEvent))
+            frame.kind = ZMTP_FRAME
+            frame.data, frame.len, frame.frame_size = box, n, n
+            frame.begin = frame.end = True
+            frame.more = (flags & CURVE_FLAG_MORE) != 0
+            self.on_message_frame(c, &frame, now)
+        if c.fd >= 0 and box == c.box:
+            self.release_box(c)
+
+    cdef void release_box(self, Conn *c) noexcept nogil:
+        cdef size_t n = c.box_len
+        free(c.box)
+        c.box = NULL
+        c.box_len = c.box_size = 0
+        if n:
+            self.release_budget(n)
+
+    cdef void on_boxed_command(self, Conn *c, const uint8_t *p, size_t n) noexcept nogil:
+        """A command from inside a box (libzmq sends its heartbeats so): name length,
+        name, body, as a command frame's (RFC 23); PING's body is TTL and context."""
+        cdef size_t name_len
+        if n == 0 or p[0] + 1 > n:
+            self.drop(c, -1)
+            return
+        name_len = p[0]
+        if name_len == 4 and memcmp(p + 1, b"PING", 4) == 0:
+            if n < 7:
+                self.drop(c, -1)
+                return
+            self.on_peer_command(c, ZMTP_CMD_PING, (<uint16_t>p[5] << 8) | p[6], p + 7,
+                                 min(n - 7, <size_t>ZMTP_PING_MAX_CONTEXT))
+        elif name_len == 5 and memcmp(p + 1, b"ERROR", 5) == 0:
+            self.drop(c, -1)
+
+    cdef void on_message_frame(self, Conn *c, ZmtpEvent *ev, double now) noexcept nogil:
         cdef bint hold
         if ev.begin:
             c.nframes += 1
@@ -1430,13 +1627,11 @@ cdef class NativeRelay:
                 break
         for i in range(envelope):
             nbytes += Z.msg_size(&c.frames[i])
-            self.append(c, header, zmtp_frame_header(header, Z.msg_size(&c.frames[i]), True))
-            self.append(c, <const uint8_t *>Z.msg_data(&c.frames[i]), Z.msg_size(&c.frames[i]))
+            self.append_frame(c, <const uint8_t *>Z.msg_data(&c.frames[i]),
+                              Z.msg_size(&c.frames[i]), True)
         text = reason_text(reason, &text_len)
-        self.append(c, header, zmtp_frame_header(header, 10, True))
-        self.append(c, <const uint8_t *>"GATEKEEPER", 10)
-        self.append(c, header, zmtp_frame_header(header, text_len, False))
-        self.append(c, <const uint8_t *>text, text_len)
+        self.append_frame(c, <const uint8_t *>"GATEKEEPER", 10, True)
+        self.append_frame(c, <const uint8_t *>text, text_len, False)
         c.queued += 1
         self.mark_dirty(c)
         self.counts[REJECTS_SENT] += 1
@@ -1483,8 +1678,7 @@ cdef class NativeRelay:
                 nbytes += size
                 more = Z.msg_more(m)
                 if c != NULL:
-                    self.append(c, header, zmtp_frame_header(header, size, more))
-                    self.append(c, <const uint8_t *>Z.msg_data(m), size)
+                    self.append_frame(c, <const uint8_t *>Z.msg_data(m), size, more)
             Z.msg_close(m)
             Z.msg_init(m)
             self.counts[BE_MSGS_IN] += 1
@@ -1500,22 +1694,60 @@ cdef class NativeRelay:
     # -- writing ---------------------------------------------------------------------
 
     cdef void append(self, Conn *c, const uint8_t *p, size_t n) noexcept nogil:
+        if self.reserve(c, n):
+            memcpy(c.out + c.out_len, p, n)
+            c.out_len += n
+
+    cdef bint reserve(self, Conn *c, size_t n) noexcept nogil:
+        """Room for `n` more bytes of output; False when there is no memory for them (the
+        connection's stream is broken then: it is cut at the next flush)."""
         cdef size_t cap
         cdef uint8_t *grown
-        if c.out_len + n > c.out_cap:
-            if c.out == NULL and n <= OUT_KEEP:
-                c.out = <uint8_t *>pool_take(&self.out_buffers)
-                c.out_cap = OUT_KEEP if c.out != NULL else 0
-            if c.out_len + n > c.out_cap:
-                cap = c.out_cap if c.out_cap else OUT_KEEP
-                while cap < c.out_len + n:
-                    cap *= 2
-                grown = <uint8_t *>realloc(c.out, cap)
-                if grown == NULL:
-                    return  # the connection is cut at the next flush: its stream is broken
-                c.out, c.out_cap = grown, cap
-        memcpy(c.out + c.out_len, p, n)
-        c.out_len += n
+        if c.out_len + n <= c.out_cap:
+            return True
+        if c.out == NULL and n <= OUT_KEEP:
+            c.out = <uint8_t *>pool_take(&self.out_buffers)
+            c.out_cap = OUT_KEEP if c.out != NULL else 0
+            if c.out_len + n <= c.out_cap:
+                return True
+        cap = c.out_cap if c.out_cap else OUT_KEEP
+        while cap < c.out_len + n:
+            cap *= 2
+        grown = <uint8_t *>realloc(c.out, cap)
+        if grown == NULL:
+            c.broken = True
+            return False
+        c.out, c.out_cap = grown, cap
+        return True
+
+    cdef void append_frame(self, Conn *c, const uint8_t *data, size_t n, bint more) noexcept nogil:
+        """A data frame to the client: as it is, or for CURVE in a MESSAGE box (MORE
+        inside it, the frame's own flags clear, as libzmq frames them)."""
+        cdef uint8_t header[ZMTP_FRAME_HEADER_MAX]
+        if not c.curve:
+            self.append(c, header, zmtp_frame_header(header, n, more))
+            self.append(c, data, n)
+            return
+        self.append_box(c, data, n, CURVE_FLAG_MORE if more else 0)
+
+    cdef void append_box(self, Conn *c, const uint8_t *data, size_t n, uint8_t flags) noexcept nogil:
+        cdef uint8_t header[ZMTP_FRAME_HEADER_MAX]
+        cdef size_t h = zmtp_frame_header(header, n + CURVE_MESSAGE_OVERHEAD, False)
+        cdef size_t boxed
+        if not self.reserve(c, h + n + CURVE_MESSAGE_OVERHEAD):
+            return
+        memcpy(c.out + c.out_len, header, h)
+        boxed = curve_encrypt(&c.cs, data, n, flags, c.out + c.out_len + h)
+        if boxed:
+            c.out_len += h + boxed
+
+    cdef void send_command(self, Conn *c, const uint8_t *frame, size_t n) noexcept nogil:
+        """A command frame of ours (PING, PONG): for CURVE its body goes in a box with the
+        COMMAND flag, as libzmq sends its heartbeats (curve_mechanism_base.cpp)."""
+        if not c.curve:
+            self.append(c, frame, n)
+        elif c.state == ST_OPEN:
+            self.append_box(c, frame + 2, n - 2, CURVE_FLAG_COMMAND)  # short commands
 
     cdef inline void mark_dirty(self, Conn *c) noexcept nogil:
         if not c.dirty:
@@ -1537,6 +1769,9 @@ cdef class NativeRelay:
         cdef ssize_t n
         cdef epoll_event ev
         if c.fd < 0:
+            return
+        if c.broken:
+            self.drop(c, -1)  # output that could not be queued: its stream has a hole
             return
         while c.out_sent < c.out_len:
             n = send(c.fd, c.out + c.out_sent, c.out_len - c.out_sent,
@@ -1573,10 +1808,14 @@ cdef class NativeRelay:
     # -- timers ----------------------------------------------------------------------
 
     cdef void sweep(self, double now) noexcept nogil:
-        """Handshake timeouts, heartbeats and the peers' TTLs."""
+        """Handshake timeouts, heartbeats, the peers' TTLs, and the CURVE cookie key (RFC
+        26: discarded after a short interval; a cookie opens under the last two)."""
         cdef int i
         cdef Conn *c
         cdef uint8_t out[ZMTP_PING_MAX]
+        if self.curve_on and now >= self.next_rotation:
+            curve_keys_rotate(&self.curve_keys)
+            self.next_rotation = now + CURVE_COOKIE_KEY_PERIOD_S
         for i in range(self.max_conns):
             c = &self.conns[i]
             if c.fd < 0:
@@ -1594,7 +1833,7 @@ cdef class NativeRelay:
                 self.drop(c, -1)  # a dead peer: its routing id is free again
                 continue
             if now >= c.next_ping and self.may_queue_command(c):
-                self.append(c, out, zmtp_ping(out, self.hb_ttl_ds, NULL, 0))
+                self.send_command(c, out, zmtp_ping(out, self.hb_ttl_ds, NULL, 0))
                 self.flush(c)
                 if c.fd < 0:
                     continue
@@ -1681,3 +1920,21 @@ cdef void peer_identity(Conn *c, int fd, sockaddr_storage *addr) noexcept nogil:
     else:
         memcpy(c.user, c.addr, c.addr_len + 1)
     c.user_len = <uint8_t>strlen(c.user)
+
+
+cdef const char *Z85_DIGITS = (b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                               b".-:+=^!/*?&<>()[]{}@%$#")
+
+
+cdef void z85_encode(const uint8_t *key, char *out) noexcept nogil:
+    """A 32-byte key as its 40 Z85 characters and a NUL (ZeroMQ RFC 32), as the User-Id
+    the ZAP handler gives a CURVE client."""
+    cdef int i, j
+    cdef uint32_t value
+    for i in range(8):
+        value = ((<uint32_t>key[4 * i] << 24) | (<uint32_t>key[4 * i + 1] << 16)
+                 | (<uint32_t>key[4 * i + 2] << 8) | key[4 * i + 3])
+        for j in range(4, -1, -1):
+            out[5 * i + j] = Z85_DIGITS[value % 85]
+            value //= 85
+    out[40] = 0

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import zmq
+from zmq.utils import z85
 
 from . import _impl, sockets
 from .auth import MAX_RATE_ADDRESSES, IPAddress, ZapHandler, client_ip, network
@@ -172,7 +173,11 @@ def engine_for(policy: Policy) -> tuple[str, str]:
     if inproc:
         return "libzmq", f"{inproc[0]}: only a libzmq ROUTER serves inproc endpoints"
     if policy.frontend.curve is not None:
-        return "libzmq", "[frontend.curve] is served by a libzmq ROUTER for now"
+        from . import _curve
+
+        if not _curve.curve_available():
+            return "libzmq", ("native CURVE needs the libsodium of pyzmq's libzmq: "
+                              f"{_curve.unavailable_reason()}")
     return "native", ""
 
 
@@ -199,12 +204,20 @@ class NativeSettings:
     max_connections_per_address: int
     connections_per_second_per_address: float
     log_per_second: int
+    curve_secret_key: bytes | None = None  # [frontend.curve]: our 32-byte secret key
+    curve_allowed_keys: frozenset[bytes] | None = None  # clients' 32-byte keys; None: any
     max_rate_addresses: int = MAX_RATE_ADDRESSES
 
 
-def native_settings(policy: Policy) -> NativeSettings:
-    a = policy.access
+def native_settings(policy: Policy, client_keys: frozenset[bytes] | None = None
+                    ) -> NativeSettings:
+    """`client_keys`: the Z85 keys allowed in (ZapHandler.frontend_keys, which a reload
+    re-reads), None for any."""
+    a, curve = policy.access, policy.frontend.curve
     taken = {field: getattr(policy.frontend, field) for field in _FROM_FRONTEND}
+    secret = None
+    if curve is not None:
+        secret = z85.decode(sockets.load_secret_key(curve.secret_key_file))
     return NativeSettings(
         **taken,
         allow_addresses=tuple(_cidr(c) for c in a.allow_addresses),
@@ -212,6 +225,9 @@ def native_settings(policy: Policy) -> NativeSettings:
         max_connections_per_address=a.max_connections_per_address,
         connections_per_second_per_address=a.connections_per_second_per_address,
         log_per_second=policy.violations.log_per_second,
+        curve_secret_key=secret,
+        curve_allowed_keys=None if client_keys is None or curve is None
+        else frozenset(z85.decode(k) for k in client_keys),
     )
 
 

@@ -74,7 +74,8 @@ class Gatekeeper:
                 self.relay = Relay(self.frontend, self.backend, services, self.engine)
             else:
                 self.relay = NativeRelay(listeners, self.backend, services, self.engine,
-                                         frontend.native_settings(policy))
+                                         frontend.native_settings(policy,
+                                                                  self.zap.frontend_keys))
                 self.frontend_engine = frontend.NativeFrontend(self.relay)
                 self._listener_files = self.relay.listener_files
             self.metrics = MetricsServer(self, policy.metrics.listen)
@@ -223,7 +224,7 @@ class Gatekeeper:
             self._run_cluster(cluster)  # the buckets stay as they are
         self.zap.set_policy(policy)
         if self.engine_name == "native":
-            self.relay.set_access(frontend.native_settings(policy))
+            self.relay.set_access(frontend.native_settings(policy, self.zap.frontend_keys))
         self.loaded = dataclasses.replace(new, policy=policy)
         self.reloads["ok"] += 1
         self.log.info("reloaded", source=source, sha256=new.sha256, changed=changed,

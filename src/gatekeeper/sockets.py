@@ -111,6 +111,13 @@ def _key_pair(path: str, need_secret: bool = False) -> tuple[bytes, bytes | None
         raise SocketSetupError(str(e)) from None
 
 
+def load_secret_key(path: str) -> bytes:
+    """The Z85 secret key of a `.key_secret` certificate; SocketSetupError if it cannot."""
+    secret = _key_pair(path, need_secret=True)[1]
+    assert secret is not None
+    return secret
+
+
 def frontend_options(p: Policy) -> list[SocketOption]:
     f = p.frontend
     opts = _queues(f, "client")
