@@ -1,7 +1,8 @@
 """The frontend: which engine serves the clients, and what the Gatekeeper reads of it.
 
 `engine = "native"` is the gatekeeper's own ZMTP engine (`_native.pyx`); it runs where it
-can: on Linux, with the compiled data plane, on tcp and ipc endpoints, without CURVE.
+can: on Linux, with the compiled data plane, on tcp and ipc endpoints, and with CURVE
+where pyzmq's libzmq has libsodium.
 Elsewhere a libzmq ROUTER (`LibzmqFrontend`) serves the clients, and the reason is logged
 and shown by `gatekeeper check`. Either is read through `FrontendEngine`: connections now
 and handshake results. Backend round trips are not here: the data plane's `RoundTrips`
