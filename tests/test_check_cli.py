@@ -93,3 +93,23 @@ def test_check_names_every_error_in_one_run(tmp_path):
     assert [line.split(": ")[2] for line in lines] == [
         "frontend.sndhmw", "limits.max_frame_bytes", "frontend.bind[0]"]
     assert all(line.startswith(f"gatekeeper: {path}: ") for line in lines)
+
+
+def test_check_shows_native_curve_settings_and_no_secret(tmp_path):
+    import zmq.auth
+
+    from gatekeeper import _impl
+
+    if _impl.NATIVE_UNAVAILABLE:
+        pytest.skip(f"no native engine: {_impl.NATIVE_UNAVAILABLE}")
+    public_file, secret_file = zmq.auth.create_certificates(str(tmp_path), "server")
+    Path(secret_file).chmod(0o600)
+    path = tmp_path / "policy.toml"
+    path.write_text(merge_sections(MINIMAL + f'[frontend.curve]\nsecret_key_file = "{secret_file}"\n'))
+    out = check(path)
+    assert out.returncode == 0, out.stderr
+    assert "# frontend engine native\n" in out.stdout
+    row = next(line for line in out.stdout.splitlines() if line.startswith("  curve.secret_key_file"))
+    assert secret_file in row
+    assert zmq.auth.load_certificate(secret_file)[1].decode() not in out.stdout
+    assert "any client key" in out.stdout

@@ -283,6 +283,14 @@ def native_rows(policy: Policy) -> list[Setting]:
     if f.tcp_keepalive:
         rows += [row(name, "keepalive timing") for name in
                  ("tcp_keepalive_idle_s", "tcp_keepalive_interval_s", "tcp_keepalive_count")]
+    if f.curve is not None:
+        rows += [
+            Setting("curve.secret_key_file", f.curve.secret_key_file, "clients must pass a "
+                    "CURVE handshake: encrypted, authenticated (RFC 26, pyzmq's libsodium)"),
+            Setting("curve.allowed_clients_dir", f.curve.allowed_clients_dir or "-",
+                    "only these client keys get in (key_not_allowed)" if
+                    f.curve.allowed_clients_dir else "any client key: encryption only"),
+        ]
     rows += [
         Setting("ROUTER_MANDATORY", "1", "as libzmq's: an unroutable reply is counted "
                 "(unroutable), not dropped unsaid"),
