@@ -1051,19 +1051,21 @@ cdef class NativeRelay:
             self.conns[self.throttled_head].prev_throttled = slot
         self.throttled_head = slot
 
-    cdef void unthrottle_one(self, Conn *c) noexcept nogil:
-        cdef int slot = <int>(c - self.conns)
-        if c.reading or c.state == ST_FREE:
-            return
+    cdef inline bint throttled(self, Conn *c) noexcept nogil:
+        return not c.reading and (c.prev_throttled >= 0 or self.throttled_head == <int>(c - self.conns))
+
+    cdef bint unthrottle_one(self, Conn *c) noexcept nogil:
+        """Take `c` off the throttled list; False if it was not on it."""
+        if not self.throttled(c):
+            return False
         if c.prev_throttled >= 0:
             self.conns[c.prev_throttled].next_throttled = c.next_throttled
-        elif self.throttled_head == slot:
-            self.throttled_head = c.next_throttled
         else:
-            return  # not in the list
+            self.throttled_head = c.next_throttled
         if c.next_throttled >= 0:
             self.conns[c.next_throttled].prev_throttled = c.prev_throttled
         c.prev_throttled = c.next_throttled = -1
+        return True
 
     cdef void release_budget(self, size_t n) noexcept nogil:
         """Bytes of partial messages given back: read the throttled connections again."""
@@ -1074,7 +1076,8 @@ cdef class NativeRelay:
         while self.throttled_head >= 0 and self.buffered < self.max_buffered:
             slot = self.throttled_head
             c = &self.conns[slot]
-            self.unthrottle_one(c)
+            if not self.unthrottle_one(c):
+                break  # a list out of order must not hang the loop
             ev.events = EPOLLIN | EPOLLRDHUP
             ev.data.u64 = tag(TAG_CONN, slot)
             if epoll_ctl(self.inner, EPOLL_CTL_ADD, c.fd, &ev) == 0:
@@ -1824,6 +1827,12 @@ cdef class NativeRelay:
                 if now > c.deadline:
                     self.drop(c, HS_TIMEOUT)
                 continue
+            if self.throttled(c) and not self.holding(c):
+                # Waiting for the budget with nothing held: bytes wait for it in the
+                # kernel (its PONGs among them), so it is alive. One that holds part of a
+                # message is not spared: when every holder waits on the others, the
+                # heartbeat cutting them is what frees the budget again.
+                c.last_recv = now
             if c.ttl > 0.0 and now > c.last_recv + c.ttl:
                 self.drop(c, -1)
                 continue

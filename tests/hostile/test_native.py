@@ -294,3 +294,48 @@ def test_connection_limit_closes_at_accept(gatekeeper_factory, ctx):
              message="the held connections were not seen going")
     assert_serving(gk, ctx)
 
+
+
+HEARTBEAT_FAST = "heartbeat_interval_ms = 100\nheartbeat_timeout_ms = 300\n"
+
+
+def test_a_connection_waiting_for_the_budget_is_not_cut_as_dead(gatekeeper_factory, ctx,
+                                                                  raw_peers):
+    """A connection that holds nothing but cannot start its message for want of budget
+    waits (its bytes, heartbeat answers among them, wait in the kernel) and is served
+    once the budget frees."""
+    gk = gatekeeper_factory("[frontend]\nmax_buffered_bytes = 400000\n" + HEARTBEAT_FAST
+                            + "[limits]\nmax_frames = 64\nmax_message_bytes = 400000\n")
+    holder, waiter = raw_peers(gk.frontend_port), raw_peers(gk.frontend_port)
+    holder.handshake(b"holder")
+    waiter.handshake(b"waiter")
+    holder.send(zmtp.frame(b"", more=True) + zmtp.frame(b"h" * 60000, more=True) * 6
+                + zmtp.frame(b"h" * 30000, more=True))
+    wait_for(lambda: gk.ctl("STATS")["buffered"]["bytes"] >= 390000, timeout=10,
+             message="the holder's partial message was not held")
+    waiter.send(zmtp.message([b"", b"w" * 60000, b"w" * 60000]))  # cannot start beside it
+    deadline = time.monotonic() + 1.5  # five heartbeat timeouts
+    while time.monotonic() < deadline:
+        assert holder.send(zmtp.frame(b".", more=True))  # the holder stays busy: alive
+        time.sleep(0.05)
+    assert gk.ctl("STATS")["connections"] == 2, "the waiting connection was cut"
+    holder.send(zmtp.frame(b"end"))  # the budget frees: the waiter is read
+    assert waiter.recv_message() == [b"", b"w" * 60000, b"w" * 60000]
+
+
+def test_holders_that_wait_on_each_other_are_cut_and_free_the_budget(gatekeeper_factory,
+                                                                     ctx, raw_peers):
+    """Two partial messages that fill the budget together: neither can be read on, and
+    neither answers a PING meanwhile; the heartbeat cuts them, and the budget is free."""
+    gk = gatekeeper_factory("[frontend]\nmax_buffered_bytes = 400000\n" + HEARTBEAT_FAST
+                            + "[limits]\nmax_message_bytes = 400000\n")
+    first, second = raw_peers(gk.frontend_port), raw_peers(gk.frontend_port)
+    first.handshake(b"first")
+    second.handshake(b"second")
+    part = zmtp.frame(b"", more=True) + zmtp.frame(b"p" * 60000, more=True) * 4
+    first.send(part)
+    second.send(part)
+    assert first.closed_within(10.0) and second.closed_within(10.0)
+    wait_for(lambda: gk.ctl("STATS")["buffered"]["bytes"] == 0, timeout=10,
+             message="the budget was not given back")
+    assert_serving(gk, ctx)
