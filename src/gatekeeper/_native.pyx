@@ -817,6 +817,7 @@ cdef class NativeRelay:
         """Access at accept, before a byte is read: refusals are a plain close."""
         cdef Conn *c
         cdef int slot, refusal
+        cdef bint dirty
         cdef epoll_event ev
         cdef uint8_t sig[ZMTP_SIGNATURE_SIZE]
         if self.nconns >= self.max_conns:
@@ -828,7 +829,9 @@ cdef class NativeRelay:
         slot = self.free_head
         c = &self.conns[slot]
         self.free_head = c.next_throttled
+        dirty = c.dirty  # the slot may still be on this wake-up's flush list: once only
         memset(c, 0, sizeof(Conn))
+        c.dirty = dirty
         c.fd = fd
         c.prev_throttled = c.next_throttled = -1
         peer_identity(c, fd, addr)
