@@ -361,9 +361,10 @@ cdef inline void *pool_take(Pool *p) noexcept nogil:
     return p.blocks[p.count]
 
 
-cdef inline void pool_give(Pool *p, void *block) noexcept nogil:
-    """Keep `block` for reuse, or free it when the pool is full."""
-    if p.count < POOL_SIZE:
+cdef inline void pool_give(Pool *p, void *block, bint fits) noexcept nogil:
+    """Keep `block` for reuse if it `fits` the pool's size and the pool has room; else
+    free it."""
+    if fits and p.count < POOL_SIZE:
         p.blocks[p.count] = block
         p.count += 1
     else:
@@ -1499,10 +1500,7 @@ cdef class NativeRelay:
         c.nheld = 0
         c.frame_off = 0
         if c.frames != NULL:
-            if c.cap == FRAME_ARRAY:
-                pool_give(&self.frame_arrays, c.frames)
-            else:
-                free(c.frames)
+            pool_give(&self.frame_arrays, c.frames, c.cap == FRAME_ARRAY)
             c.frames = NULL
             c.cap = 0
         if c.held:
@@ -1803,10 +1801,7 @@ cdef class NativeRelay:
 
     cdef void release_out(self, Conn *c) noexcept nogil:
         if c.out != NULL:
-            if c.out_cap == OUT_KEEP:
-                pool_give(&self.out_buffers, c.out)
-            else:
-                free(c.out)
+            pool_give(&self.out_buffers, c.out, c.out_cap == OUT_KEEP)
         c.out = NULL
         c.out_len = c.out_cap = c.out_sent = 0
         c.queued = 0

@@ -496,14 +496,19 @@ cdef size_t zmtp_greeting_rest(uint8_t *out, uint8_t revision, int mechanism) no
     return ZMTP_GREETING_REST_MAX
 
 
-cdef size_t zmtp_command_header(uint8_t *out, size_t size) noexcept nogil:
+cdef inline size_t put_header(uint8_t *out, uint64_t size, uint8_t flags) noexcept nogil:
+    # v2_encoder.cpp message_ready: the 8-byte size only above 255
     if size > SHORT_SIZE_MAX:
-        out[0] = FLAG_COMMAND | FLAG_LONG
+        out[0] = flags | FLAG_LONG
         put_be64(out + 1, size)
         return ZMTP_FRAME_HEADER_MAX
-    out[0] = FLAG_COMMAND
+    out[0] = flags
     out[1] = <uint8_t>size
     return 2
+
+
+cdef size_t zmtp_command_header(uint8_t *out, size_t size) noexcept nogil:
+    return put_header(out, size, FLAG_COMMAND)
 
 
 cdef size_t command_header(uint8_t *out, const char *name, size_t body_len) noexcept nogil:
@@ -565,15 +570,7 @@ cdef size_t zmtp_pong(uint8_t *out, const uint8_t *context, size_t context_len) 
 
 
 cdef size_t zmtp_frame_header(uint8_t *out, uint64_t size, bint more) noexcept nogil:
-    # v2_encoder.cpp message_ready: the 8-byte size only above 255
-    cdef uint8_t flags = FLAG_MORE if more else 0
-    if size > SHORT_SIZE_MAX:
-        out[0] = flags | FLAG_LONG
-        put_be64(out + 1, size)
-        return ZMTP_FRAME_HEADER_MAX
-    out[0] = flags
-    out[1] = <uint8_t>size
-    return 2
+    return put_header(out, size, FLAG_MORE if more else 0)
 
 
 cdef size_t zmtp_v2_identity(uint8_t *out) noexcept nogil:
