@@ -18,6 +18,7 @@ cdef enum:
     FE_MSGS_IN, FE_BYTES_IN, FE_MSGS_OUT, FE_BYTES_OUT
     BE_MSGS_IN, BE_BYTES_IN, BE_MSGS_OUT, BE_BYTES_OUT
     FORWARDED, REPLIED, REJECTS_SENT, REJECT_DROPPED, UNROUTABLE, REPLY_DROPPED
+    SLOW_READER, LATE_REPLY, TIMED_OUT
     NCOUNTERS
 
 cdef enum:
@@ -56,7 +57,7 @@ cdef const gk_zmq_api *zmq_api() noexcept
 cdef const char *reason_text(int reason, size_t *length) noexcept nogil
 
 cdef enum:
-    NREASONS = 11
+    NREASONS = 12
     # reason codes, as in rules.py
     R_BANNED = 1
     R_IDENTITY_DENIED = 2
@@ -69,6 +70,7 @@ cdef enum:
     R_RATE_LIMITED = 9
     R_BACKEND_UNAVAILABLE = 10
     R_IDENTITY_NOT_KEY = 11
+    R_TOO_MANY_IN_FLIGHT = 12
     KEY_IDENTITY_ = 0
     KEY_PEER_ADDRESS_ = 1
 

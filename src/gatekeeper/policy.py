@@ -90,6 +90,10 @@ class Frontend(_SocketSection, kw_only=True):
     engine: Literal["native", "libzmq"] = "native"
     max_connections: Annotated[int, Meta(gt=0, le=MAX_CONNECTIONS_LIMIT)] = 10000
     max_buffered_bytes: Count = 268435456
+    # Replies waiting to be written (native engine; SPEC "Replies"): per client, for all.
+    max_queued_bytes: Count = 4194304
+    max_queued_total_bytes: Annotated[int, Meta(gt=0, le=2**48)] = 268435456
+    slow_reader_timeout_ms: NonNegative = 30000  # 0: never
     legacy_zmtp2: bool = True
     handshake_timeout_ms: Count = 5000
     backlog: Count = 100
@@ -156,6 +160,15 @@ class Protocol(_Section, kw_only=True):
     allowed_commands: list[str] = []
 
 
+class Requests(_Section, kw_only=True):
+    """Requests between forwarding and their reply (SPEC "Requests in flight")."""
+
+    timeout_ms: NonNegative = 0  # 0: a request stays in flight until its reply
+    answer_timeouts: bool = True
+    max_in_flight_per_key: NonNegative = 0  # 0: unlimited
+    max_in_flight: NonNegative = 0
+
+
 class Violations(_Section, kw_only=True):
     action: Literal["drop", "reject"] = "drop"
     dry_run: bool = False
@@ -186,6 +199,7 @@ class Policy(_Section, kw_only=True):
     rate_limit: RateLimit | None = None  # absent section: no rate limit
     access: Access = field(default_factory=Access)
     protocol: Protocol = field(default_factory=Protocol)
+    requests: Requests = field(default_factory=Requests)
     violations: Violations = field(default_factory=Violations)
     backpressure: Backpressure = field(default_factory=Backpressure)
     control: Control = field(default_factory=Control)

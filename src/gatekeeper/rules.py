@@ -25,12 +25,14 @@ REASONS: tuple[str, ...] = (
     # Not a SPEC step: with access.require_identity_is_key the data plane checks this one
     # first (before `banned`). It is appended so that the ten codes above keep SPEC order.
     "identity_not_key",
+    # SPEC step 9, checked before rate_limited; appended so that the codes above stay.
+    "too_many_in_flight",
 )
 FORWARD = 0
 REASON_CODES: Mapping[str, int] = MappingProxyType({r: i + 1 for i, r in enumerate(REASONS)})
 BANNED, IDENTITY_DENIED, IDENTITY_NOT_ALLOWED, TOO_MANY_FRAMES, FRAME_TOO_LARGE = 1, 2, 3, 4, 5
 MESSAGE_TOO_LARGE, MALFORMED_ENVELOPE, COMMAND_NOT_ALLOWED, RATE_LIMITED = 6, 7, 8, 9
-BACKEND_UNAVAILABLE, IDENTITY_NOT_KEY = 10, 11
+BACKEND_UNAVAILABLE, IDENTITY_NOT_KEY, TOO_MANY_IN_FLIGHT = 10, 11, 12
 
 # Refusals before any message exists, at accept or in the handshake. The native engine
 # decides all of them; with a libzmq frontend the ZAP handler decides the first five (at
@@ -63,7 +65,8 @@ HANDSHAKE_RESULTS: tuple[str, ...] = (
 )
 
 # Data-plane events that are not refusals of a client message.
-EVENTS: tuple[str, ...] = ("reject_dropped", "unroutable", "reply_dropped")
+EVENTS: tuple[str, ...] = (
+    "reject_dropped", "unroutable", "reply_dropped", "slow_reader", "late_reply")
 
 # The relay's traffic counters, in the order the compiled data plane keeps them.
 COUNTER_NAMES = (
@@ -81,6 +84,9 @@ COUNTER_NAMES = (
     "reject_dropped",
     "unroutable",
     "reply_dropped",
+    "slow_reader",      # clients cut for not reading their replies (SPEC "Replies")
+    "late_reply",       # replies to a request already answered `timeout`
+    "timed_out",        # requests forgotten at requests.timeout_ms
 )
 
 KEY_IDENTITY, KEY_PEER_ADDRESS, KEY_USER_ID = 0, 1, 2
