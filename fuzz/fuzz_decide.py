@@ -1,7 +1,7 @@
 """Fuzz target: the compiled and the pure-Python PolicyEngine, fed the same random policy
 and message sequence, must make the same decision at every step and end in the same state
 (violations, tracked keys, top offenders, bans, log samples, the usage a shared budget
-syncs).
+syncs, the requests in flight as forwards, replies and deadlines come).
 
     python fuzz/fuzz_decide.py -atheris_runs=1000000 [CORPUS_DIR] [libFuzzer flags]
 
@@ -48,6 +48,8 @@ RULE_FIELDS = {f.name for f in dataclasses.fields(Rules)}
 # Newer engines take the message's User-Id metadata (access.require_identity_is_key).
 HAS_USER_ID = "user_id" in inspect.signature(_fast_py.PolicyEngine.decide).parameters
 MODULES = (_fast, _fast_py)
+# Newer engines count requests in flight ([requests]).
+HAS_IN_FLIGHT = "request_timeout" in RULE_FIELDS
 
 IDS = [b"", b"a", b"b", b"svc-1", b"svc-2", b"vip", b"\x00\xff", b"x" * 255, b"x" * 254,
        b"rJ9@x3kQ" * 5]
@@ -99,6 +101,11 @@ def make_rules(fd: Bytes):
         log_per_second=fd.int(0, 3),
         require_identity_is_key=fd.int(0, 3) == 0,
         shared_budget=fd.bool(),
+        rate_key=fd.int(0, 2),
+        request_timeout=fd.pick([0.0, 0.0, 1e-3, 0.5, 30.0]),
+        answer_timeouts=fd.bool(),
+        max_in_flight_per_key=fd.pick([0, 0, 1, 2, 8]),
+        max_in_flight=fd.pick([0, 0, 1, 3, 100]),
     )
     try:
         return Rules(**{k: v for k, v in kwargs.items() if k in RULE_FIELDS})
@@ -107,7 +114,9 @@ def make_rules(fd: Bytes):
 
 
 def observe(engine):
-    return (engine.violations(), engine.tracked_keys, engine.top_offenders(), engine.banned())
+    in_flight = (engine.round_trips.in_flight, engine.round_trips.timed_out) if HAS_IN_FLIGHT else ()
+    return (engine.violations(), engine.tracked_keys, engine.top_offenders(), engine.banned(),
+            in_flight)
 
 
 def _both(what: str, call):
@@ -178,6 +187,12 @@ def TestOneInput(data: bytes) -> None:
                     for _ in range(fd.int(0, 3))]
             TRACE.append(("apply", now, left))
             _both("apply_remaining", lambda e: e.apply_remaining(now, left))
+        elif op in (8, 9) and HAS_IN_FLIGHT:
+            TRACE.append(("replied", now, identity))
+            _both("replied", lambda e: e.round_trips.replied(identity, now))
+        elif op == 10 and HAS_IN_FLIGHT:
+            TRACE.append(("expire", now))
+            _both("expire", lambda e: e.round_trips.expire(now))
         r = fd.int(0, 7)
         key = identity[:MAX_KEY_BYTES] if r else fd.pick([b"127.0.0.1", b"", b"k" * 300])
         frames = [fd.pick(FRAMES) if fd.bool() else fd.bytes(fd.pick([4, 16, 90]))
@@ -192,6 +207,10 @@ def TestOneInput(data: bytes) -> None:
                                                      **kwargs))
         if verdict[0] != "ok":
             raise AssertionError(f"decide raised {verdict[1]}: {TRACE[-1]!r}")
+        if HAS_IN_FLIGHT and ready and (verdict[1] == 0 or ENGINES[1].rules.dry_run):
+            lockstep = frames[0] == b""  # forwarded, as the relays record it
+            _both("sent", lambda e: e.round_trips.sent(identity, now, lockstep, key))
+            _both("key_in_flight", lambda e: e.round_trips.key_in_flight(identity, key))
     _both("final state", observe)
     _both("final samples", lambda e: e.take_samples())
     _both("final usage", lambda e: e.take_usage())

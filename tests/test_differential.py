@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gatekeeper import _fast_py
-from gatekeeper.rules import MAX_KEY_BYTES, Limits, Rules
+from gatekeeper.rules import KEY_IDENTITY, KEY_PEER_ADDRESS, MAX_KEY_BYTES, Limits, Rules
 
 _fast = pytest.importorskip("gatekeeper._fast") if not os.environ.get(
     "GATEKEEPER_NO_EXTENSIONS") else None
@@ -47,6 +47,10 @@ rules = st.builds(
     log_per_second=st.integers(0, 3),
     require_identity_is_key=st.booleans(),
     shared_budget=st.booleans(),
+    rate_key=st.sampled_from([KEY_IDENTITY, KEY_PEER_ADDRESS]),
+    request_timeout=st.sampled_from([0.0, 0.5, 2.0]),
+    max_in_flight_per_key=st.sampled_from([0, 0, 1, 2]),
+    max_in_flight=st.sampled_from([0, 0, 1, 3]),
 )
 # What a sync may bring back: (key, tokens left, byte tokens left); keys the engine does
 # not hold and values that are not finite are to be skipped alike.
@@ -60,14 +64,23 @@ step = st.tuples(
     ident,
     st.lists(frame, min_size=1, max_size=6),
     st.booleans(),  # backend ready
-    st.sampled_from([None, None, None, "ban", "unban", "samples", "usage", "apply"]),
+    st.sampled_from([None, None, None, "ban", "unban", "samples", "usage", "apply", "reply",
+                     "reply", "expire"]),
     st.one_of(st.none(), ident, st.just("same")),  # User-Id metadata; "same": = identity
     remaining,
 )
 
 
 def observe(engine):
-    return (engine.violations(), engine.tracked_keys, engine.top_offenders(), engine.banned())
+    return (engine.violations(), engine.tracked_keys, engine.top_offenders(), engine.banned(),
+            engine.round_trips.in_flight, engine.round_trips.timed_out)
+
+
+def key_of(rules, identity):
+    """As a relay keys a message: by routing id, or (here) by an address several ids share."""
+    if rules.rate_key == KEY_IDENTITY:
+        return identity[:MAX_KEY_BYTES]
+    return b"10.0.0." + identity[:1]
 
 
 def replay(module, policy, steps, reload_to=None):
@@ -75,6 +88,7 @@ def replay(module, policy, steps, reload_to=None):
     now, trace = 0.0, []
     for i, (dt, identity, frames, ready, op, user_id, left) in enumerate(steps):
         now += dt
+        key = key_of(engine.rules, identity)
         if op == "ban":
             trace.append(("ban", engine.ban(identity)))
         elif op == "unban":
@@ -85,13 +99,21 @@ def replay(module, policy, steps, reload_to=None):
             trace.append(("usage", engine.take_usage()))
         elif op == "apply":
             trace.append(("apply", engine.apply_remaining(now, left)))
+        elif op == "reply":
+            engine.round_trips.replied(identity, now)
+        elif op == "expire":
+            trace.append(("expire", engine.round_trips.expire(now)))
         if reload_to is not None and i == len(steps) // 2:
             engine.set_rules(reload_to, now=now)
         if user_id == "same":
             user_id = identity
-        trace.append(
-            engine.decide(now, identity, identity[:MAX_KEY_BYTES], frames, ready, user_id)
-        )
+        reason = engine.decide(now, identity, key, frames, ready, user_id)
+        trace.append(reason)
+        if ready and (reason == 0 or engine.rules.dry_run):
+            # forwarded: a lockstep sender now and then, as a REQ client's first frame is empty
+            engine.round_trips.sent(identity, now, frames[0] == b"", key)
+        trace.append((engine.round_trips.in_flight,
+                      engine.round_trips.key_in_flight(identity, key)))
     return trace, observe(engine), engine.take_samples(), engine.take_usage()
 
 

@@ -175,3 +175,59 @@ def _by_client(items):
         key, rest = (item[0], item[1]) if isinstance(item, tuple) else (item[0], item[1:])
         groups.setdefault((key, b"GATEKEEPER" in rest), []).append(rest)
     return groups
+
+
+class HoldingBroker(RecordingBroker):
+    """Keeps every request and answers none: what is in flight stays so."""
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                self.received.append(self.socket.recv_multipart()[1:])
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            self.socket.close(0)
+
+
+def _run_in_flight(gatekeeper_factory, ctx, engine: str) -> dict:
+    """Clients in turn, each pipelining ten requests to a broker that answers none: which
+    are forwarded and which refused `too_many_in_flight` is fixed by the limits alone."""
+    policy = """
+        [requests]
+        timeout_ms = 60000
+        max_in_flight_per_key = 3
+        max_in_flight = 8
+        [violations]
+        action = "reject"
+        """
+    gk = gatekeeper_factory(policy, broker=False, start=False)
+    gk.engine = engine
+    gk.write_policy(policy)
+    broker = HoldingBroker(gk.backend)
+    names = [b"alice", b"bob", b"carol", b"dave"]
+    try:
+        gk.start()
+        replies = []
+        for name in names:
+            sock = client(ctx, gk.frontend, identity=name, timeout_ms=3000)
+            for i in range(10):
+                sock.send_multipart([b"", b"%d" % i])
+            expected = 10 - min(3, max(0, 8 - 3 * names.index(name)))
+            replies.append([sock.recv_multipart() for _ in range(expected)])
+            sock.close(0)
+        stats = gk.ctl("STATS")
+    finally:
+        gk.stop()
+        broker.close()
+    return {"replies": replies, "received": broker.received, "in_flight": stats["in_flight"],
+            "violations": stats["violations"], "forwarded": stats["forwarded"]}
+
+
+@pytest.mark.engines("native")  # runs both engines itself
+def test_same_requests_in_flight_same_refusals(gatekeeper_factory, ctx):
+    native = _run_in_flight(gatekeeper_factory, ctx, "native")
+    libzmq = _run_in_flight(gatekeeper_factory, ctx, "libzmq")
+    assert native == libzmq
+    assert native["in_flight"] == native["forwarded"] == 8  # 3 + 3 + 2 + 0
+    assert native["violations"]["too_many_in_flight"] == 32

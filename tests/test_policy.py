@@ -220,6 +220,9 @@ CROSS_KEY_ERRORS = [
         "access.require_identity_is_key",
         "frontend.curve",
     ),
+    (make(extra="[requests]\nmax_in_flight_per_key = 4"), "requests.max_in_flight_per_key",
+     "timeout_ms > 0"),
+    (make(extra="[requests]\nmax_in_flight = 4"), "requests.max_in_flight", "timeout_ms > 0"),
 ]
 
 

@@ -45,6 +45,70 @@ def test_replies_meet_their_own_requests_in_order(impl):
     assert rt.snapshot()["unmatched_replies"] == 1
 
 
+def test_requests_in_flight_are_counted_per_id_per_key_and_in_all(impl):
+    rt = impl.RoundTrips()
+    rt.configure(0.0, True)  # keyed: ids a and b share one address
+    rt.sent(b"a", 0.0, key=b"10.0.0.1")
+    rt.sent(b"a", 0.0, key=b"10.0.0.1")
+    rt.sent(b"b", 0.0, key=b"10.0.0.1")
+    rt.sent(b"c", 0.0, key=b"10.0.0.2")
+    assert rt.in_flight == 4
+    assert rt.key_in_flight(b"a", b"10.0.0.1") == 3
+    assert rt.key_in_flight(b"c", b"10.0.0.2") == 1
+    rt.replied(b"a", 0.1)
+    rt.replied(b"c", 0.1)
+    assert rt.in_flight == 2
+    assert rt.key_in_flight(b"b", b"10.0.0.1") == 2
+    assert rt.key_in_flight(b"c", b"10.0.0.2") == 0
+    rt.configure(0.0, False)  # by routing id: the id's own entry counts
+    assert rt.key_in_flight(b"a", b"10.0.0.1") == 1
+    rt.configure(0.0, True)  # counted per key again, from the entries
+    assert rt.key_in_flight(b"a", b"10.0.0.1") == 2
+
+
+def test_the_deadline_forgets_requests_and_names_the_lockstep_senders(impl):
+    rt = impl.RoundTrips()
+    rt.configure(1.0, False)
+    rt.sent(b"req", 0.0, lockstep=True)
+    rt.sent(b"dealer", 0.0)
+    rt.sent(b"dealer", 0.5)
+    assert rt.expire(0.9) == (0, [])
+    assert rt.expire(1.0) == (2, [b"req"])  # one of each; the dealer's second is younger
+    assert rt.in_flight == 1 and rt.timed_out == 2
+    assert rt.key_in_flight(b"dealer", b"dealer") == 1
+    rt.replied(b"dealer", 1.2)  # matched in order: to the dealer's request still in flight
+    assert rt.in_flight == 0 and rt.snapshot()["ids"] == 0
+    rt.replied(b"req", 1.3)  # the late reply finds nothing
+    assert rt.snapshot()["unmatched_replies"] == 1
+
+
+def test_untimed_requests_expire_no_earlier_than_their_deadline(impl):
+    rt = impl.RoundTrips()
+    rt.configure(1.0, False)
+    for _ in range(ROUND_TRIP_DEPTH + 2):  # the last two are not timed
+        rt.sent(b"a", 0.0)
+    rt.sent(b"a", 0.8)  # nor this one: the queue is full
+    # the timed ones go; the untimed are taken to be as old as the id's newest send
+    assert rt.expire(1.0) == (ROUND_TRIP_DEPTH, [])
+    assert rt.in_flight == 3
+    assert rt.expire(1.8) == (3, [])
+    assert rt.in_flight == 0
+
+
+def test_too_many_in_flight_comes_before_the_rate_limit(impl):
+    from gatekeeper.rules import REASON_CODES, Limits
+
+    engine = impl.PolicyEngine(Rules(rate_limit=Limits(1.0, 1.0), request_timeout=1.0,
+                                     max_in_flight_per_key=1), now=0.0)
+    assert engine.decide(0.0, b"a", b"a", [b"x"]) == 0
+    engine.round_trips.sent(b"a", 0.0)
+    # refused for the request in flight, and no token taken for it
+    assert engine.decide(0.0, b"a", b"a", [b"x"]) == REASON_CODES["too_many_in_flight"]
+    engine.round_trips.replied(b"a", 0.1)
+    assert engine.decide(0.2, b"a", b"a", [b"x"]) == REASON_CODES["rate_limited"]
+    assert engine.decide(1.1, b"a", b"a", [b"x"]) == 0
+
+
 def test_a_full_queue_leaves_the_newest_untimed_and_keeps_the_order(impl):
     rt = impl.RoundTrips()
     for _ in range(ROUND_TRIP_DEPTH):

@@ -1,7 +1,7 @@
 # What the compiled modules share of the data plane: the policy engine's state and its
 # C-level decision calls, for the native frontend engine to make the same decisions.
 
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 from gatekeeper._tables cimport KEY_STRIDE, Bucket, KeyIndex, Limits
 from gatekeeper._zmq_abi cimport gk_zmq_api
@@ -34,22 +34,37 @@ cdef struct InFlight:
     double last           # newest send: RT_STALE_S of silence and its requests are lost
     uint32_t seq[RT_DEPTH]    # which request (its `sent` number) each time belongs to
     double stamp[RT_DEPTH]
+    bint lockstep         # a REQ sent them
+    uint8_t rate_key[KEY_STRIDE]  # the key they count against: length, then the bytes
 
 
-# Backend round trips: either frontend's loop calls on_sent and on_replied.
+# Requests in flight and backend round trips: either frontend's loop calls on_sent,
+# on_replied and expire; the policy engine reads the counts.
 cdef class RoundTrips:
     cdef KeyIndex ids
+    cdef KeyIndex per_key         # rate-limit key -> requests in flight (uint32), if keyed
+    cdef bint keyed
+    cdef readonly double timeout
+    cdef readonly uint64_t in_flight, timed_out
     cdef uint32_t hand
     cdef uint64_t counts[RT_NBUCKETS + 1]
     cdef double total
     cdef uint64_t queue_full, table_full, lost, unmatched
 
-    cdef void on_sent(self, const uint8_t *identity, size_t n, double now,
-                      bint lockstep) noexcept nogil
+    cdef void on_sent(self, const uint8_t *identity, size_t n, const uint8_t *key,
+                      size_t key_len, double now, bint lockstep) noexcept nogil
     cdef int new_entry(self, const uint8_t *identity, size_t n, double now) noexcept nogil
     cdef void on_replied(self, const uint8_t *identity, size_t n, double now) noexcept nogil
+    cdef void forget(self, InFlight *e, uint32_t n) noexcept nogil
+    cdef void count_key(self, const uint8_t *key, int64_t delta) noexcept nogil
+    cdef uint32_t key_count(self, const uint8_t *identity, size_t n, const uint8_t *key,
+                                size_t key_len) noexcept nogil
+    cdef uint32_t expire_due(self, double now, uint8_t *lockstep_ids, int *nlockstep) noexcept nogil
     cdef void observe(self, double elapsed) noexcept nogil
 
+
+cdef enum:
+    TIMEOUT_ANSWERS_ = 64     # rules.TIMEOUT_ANSWERS: lockstep ids one expire() gives
 
 # pyzmq's libzmq, resolved once (by _fast's import)
 cdef const gk_zmq_api *zmq_api() noexcept
@@ -89,6 +104,9 @@ cdef struct Sample:
 
 cdef class PolicyEngine:
     cdef readonly object rules
+    cdef readonly RoundTrips round_trips
+    cdef uint32_t max_in_flight, max_in_flight_per_key
+    cdef bint answer_timeouts
     cdef KeyIndex bans, deny, allow, commands, overrides, table
     cdef Limits *override_limits
     cdef Limits limits

@@ -48,6 +48,7 @@ from .rules import KEY_IDENTITY, KEY_PEER_ADDRESS, MAX_BANS, MAX_FRAMES_LIMIT, M
 from .rules import MAX_SYNC_KEYS
 from .rules import COUNTER_NAMES, REASONS, RECLAIM_SCAN, TOP_OFFENDERS
 from .rules import ROUND_TRIP_BUCKETS, ROUND_TRIP_DEPTH, ROUND_TRIP_IDS, ROUND_TRIP_STALE_S
+from .rules import EXPIRY_INTERVAL_S, TIMEOUT_ANSWERS
 
 from gatekeeper._zmq_abi cimport (
     GK_ZMQ_DONTWAIT,
@@ -82,6 +83,7 @@ cdef enum:
 
 BATCH = BATCH_
 assert NREASONS == len(REASONS) and KEY_STRIDE == MAX_KEY_BYTES + 1
+assert TIMEOUT_ANSWERS_ == TIMEOUT_ANSWERS
 assert FRAME_SLOTS == MAX_FRAMES_LIMIT + 1
 assert OFFENDER_SLOTS == 32 and RECLAIM_SCAN == RECLAIM_SCAN_ and KEY_IDENTITY == KEY_IDENTITY_
 assert RT_DEPTH == ROUND_TRIP_DEPTH and RT_NBUCKETS == len(ROUND_TRIP_BUCKETS)
@@ -118,6 +120,8 @@ cdef class PolicyEngine:
 
     def __cinit__(self):
         ki_init(&self.bans, MAX_BANS, 0)
+        # the relays count what they forward and what comes back here; `check` reads it
+        self.round_trips = RoundTrips()
 
     def __init__(self, rules, now=None):
         self.rules = None
@@ -161,6 +165,12 @@ cdef class PolicyEngine:
         self.rate_key = rules.rate_key
         self.allow_active = rules.allow_list_active
         self.require_identity_is_key = rules.require_identity_is_key
+        self.max_in_flight = rules.max_in_flight
+        self.max_in_flight_per_key = rules.max_in_flight_per_key
+        self.answer_timeouts = rules.answer_timeouts
+        self.round_trips.configure(
+            rules.request_timeout,
+            rules.max_in_flight_per_key > 0 and rules.rate_key != KEY_IDENTITY)
         ki_fill(&self.deny, rules.deny_identities)
         ki_fill(&self.allow, rules.allow_identities)
         ki_fill(&self.commands, rules.allowed_commands)
@@ -322,6 +332,11 @@ cdef class PolicyEngine:
             command == NULL or ki_find(&self.commands, command, command_len) < 0
         ):
             return R_COMMAND_NOT_ALLOWED
+        if self.max_in_flight and self.round_trips.in_flight >= self.max_in_flight:
+            return R_TOO_MANY_IN_FLIGHT
+        if self.max_in_flight_per_key and self.round_trips.key_count(
+                identity, identity_len, key, key_len) >= self.max_in_flight_per_key:
+            return R_TOO_MANY_IN_FLIGHT
         if self.rate_on:
             if key_len > MAX_KEY:
                 key_len = MAX_KEY
@@ -538,21 +553,78 @@ cdef double RT_BOUNDS[RT_NBUCKETS]
 for _i, _bound in enumerate(ROUND_TRIP_BUCKETS):
     RT_BOUNDS[_i] = _bound
 cdef double RT_STALE_S = ROUND_TRIP_STALE_S
+cdef double EXPIRY_INTERVAL = EXPIRY_INTERVAL_S
 
 
 cdef class RoundTrips:
-    """Send times per routing id (those with requests in flight), matched in order with
-    the replies, into a histogram of C counters read at scrape time."""
+    """Send times and counts per routing id (those with requests in flight), matched in
+    order with the replies, into a histogram of C counters read at scrape time; the
+    requests in flight per id, per rate-limit key and in all, forgotten at `timeout`."""
 
     def __cinit__(self, uint32_t max_ids=ROUND_TRIP_IDS):
         ki_init(&self.ids, max_ids, sizeof(InFlight))
+        ki_init(&self.per_key, max_ids, sizeof(uint32_t))
 
     def __dealloc__(self):
         ki_free(&self.ids)
+        ki_free(&self.per_key)
 
-    cdef void on_sent(self, const uint8_t *identity, size_t n, double now,
-                      bint lockstep) noexcept nogil:
+    def configure(self, double timeout, bint keyed):
+        """`timeout` in seconds (0: never); `keyed`: count per rate-limit key."""
+        cdef uint32_t slot
+        cdef InFlight *e
+        self.timeout = timeout
+        if keyed == self.keyed:
+            return
+        self.keyed = keyed
+        max_ids = self.per_key.max_entries
+        ki_free(&self.per_key)
+        ki_init(&self.per_key, max_ids, sizeof(uint32_t))
+        if keyed:
+            for slot in range(self.ids.count):
+                e = <InFlight *>self.ids.payload + slot
+                self.count_key(e.rate_key, e.sent - e.replied)
+
+    cdef void count_key(self, const uint8_t *key, int64_t delta) noexcept nogil:
+        """`key`: length byte, then the bytes. A key whose count reaches 0 leaves, so the
+        table holds at most one key per id in flight."""
+        cdef int slot = ki_find(&self.per_key, key + 1, key[0])
+        cdef uint32_t *count
+        if slot < 0:
+            if delta <= 0:
+                return
+            slot = ki_add(&self.per_key, key + 1, key[0])
+            if slot < 0:
+                return  # out of memory: that key is not limited, never refused for nothing
+            (<uint32_t *>self.per_key.payload)[slot] = 0
+        count = <uint32_t *>self.per_key.payload + slot
+        if delta < 0 and <int64_t>count[0] <= -delta:
+            ki_remove(&self.per_key, slot)
+        else:
+            count[0] = <uint32_t>(count[0] + delta)
+
+    cdef void forget(self, InFlight *e, uint32_t n) noexcept nogil:
+        self.in_flight -= n
+        if self.keyed:
+            self.count_key(e.rate_key, -<int64_t>n)
+
+    cdef uint32_t key_count(self, const uint8_t *identity, size_t n, const uint8_t *key,
+                                size_t key_len) noexcept nogil:
+        cdef int slot
+        cdef InFlight *e
+        if self.keyed:
+            slot = ki_find(&self.per_key, key, min(key_len, <size_t>MAX_KEY))
+            return (<uint32_t *>self.per_key.payload)[slot] if slot >= 0 else 0
+        slot = ki_find(&self.ids, identity, min(n, <size_t>MAX_KEY))
+        if slot < 0:
+            return 0
+        e = <InFlight *>self.ids.payload + slot
+        return e.sent - e.replied
+
+    cdef void on_sent(self, const uint8_t *identity, size_t n, const uint8_t *key,
+                      size_t key_len, double now, bint lockstep) noexcept nogil:
         n = min(n, <size_t>MAX_KEY)
+        key_len = min(key_len, <size_t>MAX_KEY)
         cdef int slot = ki_find(&self.ids, identity, n)
         cdef uint32_t i
         cdef InFlight *e
@@ -560,6 +632,7 @@ cdef class RoundTrips:
             e = <InFlight *>self.ids.payload + slot
             if lockstep or now - e.last >= RT_STALE_S:
                 self.lost += e.sent - e.replied
+                self.forget(e, e.sent - e.replied)
                 e.replied = e.sent
                 e.head = e.nstamps = 0
         else:
@@ -570,6 +643,12 @@ cdef class RoundTrips:
         e = <InFlight *>self.ids.payload + slot
         e.sent += 1
         e.last = now
+        e.lockstep = lockstep
+        e.rate_key[0] = <uint8_t>key_len
+        memcpy(e.rate_key + 1, key, key_len)
+        self.in_flight += 1
+        if self.keyed:
+            self.count_key(e.rate_key, 1)
         if e.nstamps == RT_DEPTH:
             self.queue_full += 1
             return
@@ -588,7 +667,9 @@ cdef class RoundTrips:
             for scanned in range(min(<uint32_t>RECLAIM_SCAN_, self.ids.max_entries)):
                 candidate = self.hand
                 self.hand = (self.hand + 1) % self.ids.max_entries
-                if now - (<InFlight *>self.ids.payload + candidate).last >= RT_STALE_S:
+                e = <InFlight *>self.ids.payload + candidate
+                if now - e.last >= RT_STALE_S:
+                    self.forget(e, e.sent - e.replied)
                     ki_rekey(&self.ids, candidate, identity, n)
                     slot = candidate
                     break
@@ -604,12 +685,50 @@ cdef class RoundTrips:
             return
         cdef InFlight *e = <InFlight *>self.ids.payload + slot
         e.replied += 1
+        self.forget(e, 1)
         if e.nstamps and e.seq[e.head] == e.replied:
             self.observe(max(0.0, now - e.stamp[e.head]))
             e.head = (e.head + 1) & (RT_DEPTH - 1)
             e.nstamps -= 1
         if e.replied == e.sent:
             ki_remove(&self.ids, slot)
+
+    cdef uint32_t expire_due(self, double now, uint8_t *lockstep_ids, int *nlockstep) noexcept nogil:
+        """As `expire` in the twin: the requests forgotten; the lockstep senders' ids among
+        them (KEY_STRIDE bytes each, at most TIMEOUT_ANSWERS_) in `lockstep_ids`."""
+        cdef uint32_t expired = 0, n
+        cdef int64_t slot
+        cdef double oldest
+        cdef InFlight *e
+        nlockstep[0] = 0
+        if self.timeout <= 0.0:
+            return 0
+        for slot in range(<int64_t>self.ids.count - 1, -1, -1):
+            if nlockstep[0] == TIMEOUT_ANSWERS_:
+                break
+            e = <InFlight *>self.ids.payload + slot
+            n = 0
+            while e.replied != e.sent:
+                oldest = e.stamp[e.head] if e.nstamps else e.last
+                if now - oldest < self.timeout:
+                    break
+                e.replied += 1
+                if e.nstamps and e.seq[e.head] == e.replied:
+                    e.head = (e.head + 1) & (RT_DEPTH - 1)
+                    e.nstamps -= 1
+                n += 1
+            if n == 0:
+                continue
+            expired += n
+            self.forget(e, n)
+            if e.lockstep:
+                memcpy(lockstep_ids + nlockstep[0] * KEY_STRIDE,
+                       self.ids.keys + <size_t>slot * KEY_STRIDE, KEY_STRIDE)
+                nlockstep[0] += 1
+            if e.replied == e.sent:
+                ki_remove(&self.ids, <uint32_t>slot)
+        self.timed_out += expired
+        return expired
 
     cdef void observe(self, double elapsed) noexcept nogil:
         cdef int i = 0
@@ -618,13 +737,28 @@ cdef class RoundTrips:
         self.counts[i] += 1
         self.total += elapsed
 
-    def sent(self, bytes identity, double now, bint lockstep=False):
+    def sent(self, bytes identity, double now, bint lockstep=False, bytes key=None):
+        if key is None:
+            key = identity
         self.on_sent(<const uint8_t *>PyBytes_AS_STRING(identity), PyBytes_GET_SIZE(identity),
-                     now, lockstep)
+                     <const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), now,
+                     lockstep)
 
     def replied(self, bytes identity, double now):
         self.on_replied(<const uint8_t *>PyBytes_AS_STRING(identity),
                         PyBytes_GET_SIZE(identity), now)
+
+    def expire(self, double now):
+        cdef uint8_t ids[TIMEOUT_ANSWERS_ * KEY_STRIDE]
+        cdef int n, i
+        cdef uint32_t expired = self.expire_due(now, ids, &n)
+        return expired, [PyBytes_FromStringAndSize(<const char *>ids + i * KEY_STRIDE + 1,
+                                                   ids[i * KEY_STRIDE]) for i in range(n)]
+
+    def key_in_flight(self, bytes identity, bytes key):
+        return self.key_count(<const uint8_t *>PyBytes_AS_STRING(identity),
+                                  PyBytes_GET_SIZE(identity),
+                                  <const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
 
     def snapshot(self):
         counts = [self.counts[i] for i in range(RT_NBUCKETS + 1)]
@@ -660,6 +794,7 @@ cdef class Relay:
     cdef public bint paused
     cdef readonly bint frontend_open
     cdef uint64_t counts[NCOUNTERS]
+    cdef double next_expiry
     cdef int error
 
     def __cinit__(self):
@@ -670,7 +805,6 @@ cdef class Relay:
         for i in range(self.nmsgs):
             Z.msg_init(&self.msgs[i])
         Z.msg_init(&self.scratch)
-        self.round_trips = RoundTrips()
 
     def __init__(self, frontend, backend, services, PolicyEngine engine):
         services = list(services)
@@ -678,6 +812,7 @@ cdef class Relay:
             raise ValueError(f"at most {MAX_SERVICES} service sockets")
         self.frontend, self.backend, self.services = frontend, backend, services
         self.engine = engine
+        self.round_trips = engine.round_trips
         self.fe = <void *><size_t>frontend.underlying
         self.be = <void *><size_t>backend.underlying
         self.nservices = len(services)
@@ -724,6 +859,7 @@ cdef class Relay:
         cdef int rc, i
         cdef bint reading
         while True:
+            self.expire(monotonic())
             reading = self.frontend_open and not self.paused and self.npending == 0
             self.items[0].events = GK_ZMQ_POLLIN if reading else 0
             self.items[1].events = GK_ZMQ_POLLIN | (GK_ZMQ_POLLOUT if self.npending else 0)
@@ -753,6 +889,30 @@ cdef class Relay:
         self.error = Z.errno_()
         return -1
 
+    cdef void expire(self, double now) noexcept nogil:
+        """As `Relay._expire` in the twin (which says why REQ clients get no answer)."""
+        cdef uint8_t ignored[TIMEOUT_ANSWERS_ * KEY_STRIDE]
+        cdef int nlockstep
+        if now < self.next_expiry:
+            return
+        self.next_expiry = now + EXPIRY_INTERVAL
+        self.counts[TIMED_OUT] += self.round_trips.expire_due(now, ignored, &nlockstep)
+
+    cdef const uint8_t *message_key(self, size_t *key_len) noexcept nogil:
+        """The rate-limit key of the message in msgs: its routing id, or its metadata
+        property (empty when it has none)."""
+        cdef const char *prop
+        if self.engine.rate_key == KEY_IDENTITY_:
+            key_len[0] = Z.msg_size(&self.msgs[0])
+            return <const uint8_t *>Z.msg_data(&self.msgs[0])
+        prop = Z.msg_gets(&self.msgs[1],
+                          "Peer-Address" if self.engine.rate_key == KEY_PEER_ADDRESS_ else "User-Id")
+        if prop == NULL:
+            key_len[0] = 0
+            return <const uint8_t *>""
+        key_len[0] = strlen(prop)
+        return <const uint8_t *>prop
+
     # -- client -> backend ---------------------------------------------------------
 
     cdef int relay_requests(self) noexcept nogil:
@@ -779,8 +939,6 @@ cdef class Relay:
         cdef const uint8_t *key
         cdef const uint8_t *command = NULL
         cdef size_t command_len = 0
-        cdef const char *prop
-        cdef const char *prop_name
         cdef const char *user_id = NULL
         cdef bint dry_run = self.engine.dry_run
         cdef bint whole = True
@@ -807,15 +965,7 @@ cdef class Relay:
         self.counts[FE_BYTES_IN] += identity_len + total
         if held == 0:
             return 0  # a ROUTER always has a body after the routing id
-        if self.engine.rate_key == KEY_IDENTITY_:
-            key, key_len = identity, identity_len
-        else:
-            prop_name = "Peer-Address" if self.engine.rate_key == KEY_PEER_ADDRESS_ else "User-Id"
-            prop = Z.msg_gets(&self.msgs[1], prop_name)
-            if prop == NULL:
-                key, key_len = identity, 0
-            else:
-                key, key_len = <const uint8_t *>prop, strlen(prop)
+        key = self.message_key(&key_len)
         if 0 <= self.engine.command_frame < min(held, self.engine.max_frames):
             command = <const uint8_t *>Z.msg_data(&self.msgs[1 + self.engine.command_frame])
             command_len = Z.msg_size(&self.msgs[1 + self.engine.command_frame])
@@ -897,6 +1047,9 @@ cdef class Relay:
         if Z.msg_size(&self.msgs[1]) == 0:
             kind = Z.msg_gets(&self.msgs[1], "Socket-Type")
         cdef bint lockstep = kind != NULL and strcmp(kind, "REQ") == 0
+        cdef uint8_t key[KEY_STRIDE]
+        cdef size_t key_len
+        memcpy(key, self.message_key(&key_len), min(key_len, <size_t>MAX_KEY))
         if Z.msg_send(&self.msgs[0], self.be, GK_ZMQ_DONTWAIT | GK_ZMQ_SNDMORE) < 0:
             if Z.errno_() == EAGAIN:
                 return 0
@@ -906,7 +1059,7 @@ cdef class Relay:
                 return self.fail()
         self.npending = 0
         self.trim_frames()
-        self.round_trips.on_sent(identity, identity_len, now, lockstep)
+        self.round_trips.on_sent(identity, identity_len, key, key_len, now, lockstep)
         self.counts[BE_MSGS_OUT] += 1
         self.counts[BE_BYTES_OUT] += nbytes
         self.counts[FORWARDED] += 1

@@ -17,6 +17,7 @@ import zmq
 
 from .rules import (
     COUNTER_NAMES,
+    EXPIRY_INTERVAL_S,
     BACKEND_UNAVAILABLE,
     BANNED,
     COMMAND_NOT_ALLOWED,
@@ -40,6 +41,8 @@ from .rules import (
     ROUND_TRIP_DEPTH,
     ROUND_TRIP_IDS,
     ROUND_TRIP_STALE_S,
+    TIMEOUT_ANSWERS,
+    TOO_MANY_IN_FLIGHT,
     TOO_MANY_FRAMES,
     TOP_OFFENDERS,
     Limits,
@@ -193,6 +196,8 @@ class PolicyEngine:
         self._offenders: list[list] = []  # [key, count], space-saving over OFFENDER_SLOTS
         self._table: _RateTable | None = None
         self._taken: tuple[_Bucket, int] | None = None
+        # the relays count what they forward and what comes back here; `check` reads it
+        self.round_trips = RoundTrips()
         self.rules = rules
         self.set_rules(rules, now)
         self._reset_samples()
@@ -216,6 +221,9 @@ class PolicyEngine:
             self._table = _RateTable(rules, now) if rules.rate_limit is not None else None
         if old.log_per_second != rules.log_per_second:
             self._reset_samples()
+        self.round_trips.configure(
+            rules.request_timeout,
+            rules.max_in_flight_per_key > 0 and rules.rate_key != KEY_IDENTITY)
 
     def ban(self, identity: bytes) -> bool:
         if identity not in self._bans and (
@@ -274,6 +282,11 @@ class PolicyEngine:
             return MALFORMED_ENVELOPE
         if r.command_frame >= 0 and (command is None or command not in r.allowed_commands):
             return COMMAND_NOT_ALLOWED
+        if r.max_in_flight and self.round_trips.in_flight >= r.max_in_flight:
+            return TOO_MANY_IN_FLIGHT
+        if (r.max_in_flight_per_key
+                and self.round_trips.key_in_flight(identity, key) >= r.max_in_flight_per_key):
+            return TOO_MANY_IN_FLIGHT
         if self._table is not None:
             bucket, limits = self._table.lookup(key[:MAX_KEY_BYTES], now)
             bucket.refill(limits, now)
@@ -426,9 +439,10 @@ def _property(frame: zmq.Frame, name: str) -> bytes | None:
 class _InFlight:
     """One routing id's requests in flight since its entry was made: how many were sent
     and answered, and the send times of at most ROUND_TRIP_DEPTH of them, oldest first,
-    each with its request's number, so that a reply only ever meets its own request."""
+    each with its request's number, so that a reply only ever meets its own request.
+    `rate_key` is the key its requests count against; `lockstep` says a REQ sent them."""
 
-    __slots__ = ("key", "sent", "replied", "stamps", "last")
+    __slots__ = ("key", "sent", "replied", "stamps", "last", "rate_key", "lockstep")
 
     def __init__(self, key: bytes) -> None:
         self.key = key
@@ -436,24 +450,31 @@ class _InFlight:
         self.replied = 0
         self.stamps: deque[tuple[int, float]] = deque()
         self.last = 0.0
+        self.rate_key = key
+        self.lockstep = False
 
 
 class RoundTrips:
-    """Backend round trips: from forwarding a request to its reply coming back, per
-    routing id in order (the n-th reply to an id answers its n-th request, as REQ
-    clients and in-order brokers have it), into a histogram over ROUND_TRIP_BUCKETS.
+    """Requests in flight and backend round trips: from forwarding a request to its reply
+    coming back, per routing id in order (the n-th reply to an id answers its n-th
+    request, as REQ clients and in-order brokers have it), into a histogram over
+    ROUND_TRIP_BUCKETS, and counted per id, per rate-limit key and in all for
+    `[requests]`.
 
     Bounded: an id has an entry only while it has requests in flight, at most `max_ids`
     of them; when the table is full, an entry idle for ROUND_TRIP_STALE_S (its replies
-    presumably lost) may go to the new id, else the request is not timed (`table_full`).
-    At most ROUND_TRIP_DEPTH times per id: past it the newest is not timed (`queue_full`),
-    so the oldest keep their place. A reply with no entry is `unmatched`.
+    presumably lost) may go to the new id, else the request is neither timed nor counted
+    in flight (`table_full`). At most ROUND_TRIP_DEPTH times per id: past it the newest is
+    not timed (`queue_full`), so the oldest keep their place. A reply with no entry is
+    `unmatched`.
 
     A request the broker never answers would leave its id one reply behind for good, every
     later sample running from the request before. So the requests in flight are taken as
     `lost` and the matching starts afresh when the id sends again after ROUND_TRIP_STALE_S
     of silence, or at once when the sender is `lockstep` (a REQ socket, which sends its
-    next request only when it has its reply or has given up on it). A DEALER whose broker
+    next request only when it has its reply or has given up on it). With a `timeout`,
+    `expire` forgets the requests older than it (`timed_out`); an untimed request is taken
+    to be as old as the timed one after it, or as the id's newest. A DEALER whose broker
     drops or reorders its replies, while it keeps sending, still skews its own samples.
     The 32-bit counts of the compiled twin are kept here too.
     """
@@ -467,14 +488,57 @@ class RoundTrips:
         self._sum = 0.0
         self._untimed = {"queue_full": 0, "table_full": 0, "lost": 0}
         self._unmatched = 0
+        self.in_flight = 0
+        self.timed_out = 0
+        self.timeout = 0.0
+        # requests in flight per rate-limit key, kept only while a limit asks for them and
+        # the key is not the routing id (whose entry counts them already)
+        self._keyed = False
+        self._per_key: dict[bytes, int] = {}
 
-    def sent(self, identity: bytes, now: float, lockstep: bool = False) -> None:
+    def configure(self, timeout: float, keyed: bool) -> None:
+        """`timeout` in seconds (0: never); `keyed`: count per rate-limit key."""
+        self.timeout = timeout
+        if keyed != self._keyed:
+            self._keyed = keyed
+            self._per_key = {}
+            if keyed:
+                for entry in self._slots:
+                    self._count_key(entry.rate_key, (entry.sent - entry.replied) & 0xFFFFFFFF)
+
+    def _count_key(self, key: bytes, delta: int) -> None:
+        n = self._per_key.get(key, 0) + delta
+        if n > 0:
+            self._per_key[key] = n
+        else:
+            self._per_key.pop(key, None)
+
+    def _forget(self, entry: _InFlight, n: int) -> None:
+        """`n` of the entry's requests are in flight no more (answered, lost, timed out)."""
+        self.in_flight -= n
+        if self._keyed:
+            self._count_key(entry.rate_key, -n)
+
+    def key_in_flight(self, identity: bytes, key: bytes) -> int:
+        """Requests in flight counted against `key` (the message's, from `identity`)."""
+        if self._keyed:
+            return self._per_key.get(key[:MAX_KEY_BYTES], 0)
+        slot = self._index.get(identity[:MAX_KEY_BYTES])
+        if slot is None:
+            return 0
+        entry = self._slots[slot]
+        return (entry.sent - entry.replied) & 0xFFFFFFFF
+
+    def sent(self, identity: bytes, now: float, lockstep: bool = False,
+             key: bytes | None = None) -> None:
         identity = identity[:MAX_KEY_BYTES]
         slot = self._index.get(identity)
         if slot is not None:
             entry = self._slots[slot]
             if lockstep or now - entry.last >= ROUND_TRIP_STALE_S:
-                self._untimed["lost"] += (entry.sent - entry.replied) & 0xFFFFFFFF
+                lost = (entry.sent - entry.replied) & 0xFFFFFFFF
+                self._untimed["lost"] += lost
+                self._forget(entry, lost)
                 entry.replied = entry.sent
                 entry.stamps.clear()
         else:
@@ -485,6 +549,11 @@ class RoundTrips:
         entry = self._slots[slot]
         entry.sent = (entry.sent + 1) & 0xFFFFFFFF
         entry.last = now
+        entry.lockstep = lockstep
+        entry.rate_key = identity if key is None else key[:MAX_KEY_BYTES]
+        self.in_flight += 1
+        if self._keyed:
+            self._count_key(entry.rate_key, 1)
         if len(entry.stamps) == ROUND_TRIP_DEPTH:
             self._untimed["queue_full"] += 1
             return
@@ -498,8 +567,10 @@ class RoundTrips:
             for _ in range(min(RECLAIM_SCAN, self.max_ids)):
                 slot = self._hand
                 self._hand = (self._hand + 1) % self.max_ids
-                if now - self._slots[slot].last >= ROUND_TRIP_STALE_S:
-                    del self._index[self._slots[slot].key]
+                stale = self._slots[slot]
+                if now - stale.last >= ROUND_TRIP_STALE_S:
+                    self._forget(stale, (stale.sent - stale.replied) & 0xFFFFFFFF)
+                    del self._index[stale.key]
                     self._slots[slot] = _InFlight(identity)
                     break
             else:
@@ -514,12 +585,45 @@ class RoundTrips:
             return
         entry = self._slots[slot]
         entry.replied = (entry.replied + 1) & 0xFFFFFFFF
+        self._forget(entry, 1)
         if entry.stamps and entry.stamps[0][0] == entry.replied:
             elapsed = max(0.0, now - entry.stamps.popleft()[1])
             self._counts[bisect.bisect_left(ROUND_TRIP_BUCKETS, elapsed)] += 1
             self._sum += elapsed
         if entry.replied == entry.sent:
             self._remove(slot)
+
+    def expire(self, now: float) -> tuple[int, list[bytes]]:
+        """Forgets the requests in flight for `timeout` or longer: how many, and the ids of
+        the lockstep senders among them (at most TIMEOUT_ANSWERS: the scan stops there and
+        the next call goes on). Entries are visited from the last slot down, so that one
+        moved into a freed slot has been visited already."""
+        if self.timeout <= 0.0:
+            return 0, []
+        expired, lockstep = 0, []
+        for slot in range(len(self._slots) - 1, -1, -1):
+            if len(lockstep) == TIMEOUT_ANSWERS:
+                break
+            entry = self._slots[slot]
+            n = 0
+            while entry.replied != entry.sent:
+                oldest = entry.stamps[0][1] if entry.stamps else entry.last
+                if now - oldest < self.timeout:
+                    break
+                entry.replied = (entry.replied + 1) & 0xFFFFFFFF
+                if entry.stamps and entry.stamps[0][0] == entry.replied:
+                    entry.stamps.popleft()
+                n += 1
+            if n == 0:
+                continue
+            expired += n
+            self._forget(entry, n)
+            if entry.lockstep:
+                lockstep.append(entry.key)
+            if entry.replied == entry.sent:
+                self._remove(slot)
+        self.timed_out += expired
+        return expired, lockstep
 
     def _remove(self, slot: int) -> None:
         """As the compiled key table does: the last entry moves into the freed slot."""
@@ -555,8 +659,9 @@ class Relay:
         self.paused = False
         self.frontend_open = True
         self._pending: list[zmq.Frame] | None = None
+        self._next_expiry = 0.0
         self._counts = dict.fromkeys(COUNTER_NAMES, 0)
-        self.round_trips = RoundTrips()
+        self.round_trips = engine.round_trips
 
     def counters(self) -> dict[str, int]:
         return dict(self._counts)
@@ -586,6 +691,7 @@ class Relay:
                 events = dict(poller.poll(wait))
             except InterruptedError:
                 return RUN_INTERRUPTED
+            self._expire(time.monotonic())
             if not events:
                 return RUN_TICK
             ev = events.get(self.backend, 0)
@@ -599,6 +705,16 @@ class Relay:
                 return RUN_SERVICE
             if time.monotonic() >= deadline:
                 return RUN_TICK
+
+    def _expire(self, now: float) -> None:
+        """Requests past `[requests] timeout_ms` leave the in-flight counts, every
+        EXPIRY_INTERVAL_S. A libzmq ROUTER gives no way to retire a REQ client's routing
+        id, so its late reply could not be told from the next: no `timeout` answers here."""
+        if now < self._next_expiry:
+            return
+        self._next_expiry = now + EXPIRY_INTERVAL_S
+        expired, _ = self.round_trips.expire(now)
+        self._counts["timed_out"] += expired
 
     # -- client -> backend ---------------------------------------------------------
 
@@ -655,11 +771,12 @@ class Relay:
             engine.record(reason, key, nframes, total)
         if reason == FORWARD or rules.dry_run:
             message = [id_frame, *held]
-            if self._send_backend(message, len(identity) + total, now):
+            if self._send_backend(message, len(identity) + total, key, now):
                 return
             if not rules.backend_full_reject:
                 self._pending = message
                 self._pending_bytes = len(identity) + total
+                self._pending_key = key
                 return
             if reason == FORWARD:
                 engine.give_back()
@@ -675,7 +792,8 @@ class Relay:
         value = _property(frame, KEY_PROPERTIES[kind].decode())
         return value if value is not None else b""
 
-    def _send_backend(self, message: list[zmq.Frame], nbytes: int, now: float) -> bool:
+    def _send_backend(self, message: list[zmq.Frame], nbytes: int, key: bytes,
+                      now: float) -> bool:
         """Try to hand the whole message to the backend without blocking. libzmq admits a
         multipart message whole or not at all at its first frame, so only that send can
         fail for lack of room. `now`: the batch's clock, as the round trip's start."""
@@ -689,7 +807,7 @@ class Relay:
         last = len(message) - 1
         for i in range(1, last + 1):
             self.backend.send(message[i], zmq.SNDMORE if i < last else 0, copy=False)
-        self.round_trips.sent(message[0].bytes, now, lockstep)
+        self.round_trips.sent(message[0].bytes, now, lockstep, key)
         c = self._counts
         c["backend_messages_out"] += 1
         c["backend_bytes_out"] += nbytes
@@ -697,7 +815,8 @@ class Relay:
         return True
 
     def _flush_pending(self) -> None:
-        if self._send_backend(self._pending, self._pending_bytes, time.monotonic()):
+        if self._send_backend(self._pending, self._pending_bytes, self._pending_key,
+                              time.monotonic()):
             self._pending = None
 
     def _send_reject(self, id_frame: zmq.Frame, held: list[zmq.Frame], reason: int) -> None:

@@ -47,6 +47,9 @@ from gatekeeper._fast cimport (
     REJECTS_SENT,
     REPLIED,
     REPLY_DROPPED,
+    LATE_REPLY,
+    TIMED_OUT,
+    TIMEOUT_ANSWERS_,
     UNROUTABLE,
     PolicyEngine,
     RoundTrips,
@@ -54,6 +57,8 @@ from gatekeeper._fast cimport (
     zmq_api,
 )
 from gatekeeper._tables cimport (
+    KEY_STRIDE,
+    MAX_KEY,
     Bucket,
     KeyIndex,
     Limits,
@@ -261,7 +266,10 @@ cdef enum:
     ANON_ID_SIZE = 5        # a zero byte, then 4 random bytes, as libzmq's auto ids
     ADDR_TEXT = 64          # "localhost:uid:gid:pid" or an IPv6 address, NUL included
     ID_ATTEMPTS = 64
-    SWEEP_MS = 100          # timers (handshake, heartbeat, TTL) are checked this often
+    SWEEP_MS = 100          # timers (handshake, heartbeat, TTL, deadlines) are checked this often
+    REJECT_MARKER_LEN = 10
+
+cdef const char *REJECT_MARKER_TEXT = "GATEKEEPER"   # the twin's REJECT_MARKER
 
 # epoll tags: what an event is about, in the top byte of its u64; the rest is an index.
 cdef enum:
@@ -420,6 +428,12 @@ cdef class NativeRelay:
     cdef Conn *conns
     cdef int max_conns, nconns, free_head
     cdef KeyIndex ids                 # routing id -> connection index (uint32 payload)
+    # ids taken from REQ clients answered `timeout`: a reply to one is late, delivered to
+    # no one; at most max_conns, then the oldest-placed slot gives way (its late reply
+    # then counts as unroutable, still delivered to no one)
+    cdef KeyIndex retired
+    cdef uint32_t retired_hand
+    cdef uint8_t *expired_ids         # TIMEOUT_ANSWERS_ ids, as RoundTrips.expire_due gives
     cdef KeyIndex per_address         # client IP -> connections (uint32 payload)
     cdef KeyIndex rates               # client IP -> handshake bucket
     cdef Limits rate_limits
@@ -455,6 +469,7 @@ cdef class NativeRelay:
     cdef uint32_t npending, pending_cap
     cdef size_t pending_bytes
     cdef bint pending_lockstep
+    cdef uint8_t pending_key[KEY_STRIDE]  # its rate-limit key: length, then the bytes
     cdef uint8_t *stash
     cdef size_t stash_len
     cdef int stash_conn
@@ -502,7 +517,7 @@ cdef class NativeRelay:
         if not 0 < len(listeners) <= MAX_LISTENERS:
             raise ValueError(f"1 to {MAX_LISTENERS} listening sockets")
         self.backend, self.services, self.engine = backend, services, engine
-        self.round_trips = RoundTrips()
+        self.round_trips = engine.round_trips
         self.be = <void *><size_t>backend.underlying
         self.nservices = len(services)
         for i, s in enumerate(services):
@@ -531,6 +546,10 @@ cdef class NativeRelay:
             self.conns[i].next_throttled = self.free_head  # the free list, while free
             self.free_head = i
         ki_init(&self.ids, self.max_conns, sizeof(uint32_t))
+        ki_init(&self.retired, self.max_conns, 0)
+        self.expired_ids = <uint8_t *>malloc(TIMEOUT_ANSWERS_ * KEY_STRIDE)
+        if self.expired_ids == NULL:
+            raise MemoryError()
         ki_init(&self.per_address, self.max_conns, sizeof(uint32_t))
         ki_init(&self.rates, 1, sizeof(Bucket))
         ki_init(&self.curve_allowed, 1, 0)
@@ -641,6 +660,8 @@ cdef class NativeRelay:
         curve_keys_clear(&self.curve_keys)
         ki_free(&self.curve_allowed)
         ki_free(&self.ids)
+        ki_free(&self.retired)
+        free(self.expired_ids)
         ki_free(&self.per_address)
         ki_free(&self.rates)
         Z.msg_close(&self.scratch)
@@ -1259,7 +1280,8 @@ cdef class NativeRelay:
                 self.random_left = RANDOM_POOL
             self.random_left -= ANON_ID_SIZE - 1
             memcpy(c.id + 2, self.random + self.random_left, ANON_ID_SIZE - 1)
-            if ki_find(&self.ids, c.id + 1, ANON_ID_SIZE) < 0:
+            if (ki_find(&self.ids, c.id + 1, ANON_ID_SIZE) < 0
+                    and ki_find(&self.retired, c.id + 1, ANON_ID_SIZE) < 0):
                 return True
         return False
 
@@ -1526,10 +1548,7 @@ cdef class NativeRelay:
         cdef bint whole = not c.discarding
         self.counts[FE_MSGS_IN] += 1
         self.counts[FE_BYTES_IN] += identity_len + c.total
-        if self.engine.rate_key == KEY_PEER_ADDRESS_:
-            key, key_len = <const uint8_t *>c.addr, c.addr_len
-        elif self.engine.rate_key != KEY_IDENTITY_:
-            key, key_len = <const uint8_t *>c.user, c.user_len
+        key = self.rate_key_of(c, &key_len)
         if whole and 0 <= command_frame < min(<int>c.nheld, self.engine.max_frames):
             command = <const uint8_t *>Z.msg_data(&c.frames[command_frame])
             command_len = Z.msg_size(&c.frames[command_frame])
@@ -1552,6 +1571,17 @@ cdef class NativeRelay:
             self.send_reject(c, reason)
         self.release_message(c)
 
+    cdef inline const uint8_t *rate_key_of(self, Conn *c, size_t *key_len) noexcept nogil:
+        """What `c`'s messages count against, as `[rate_limit].key` names it."""
+        if self.engine.rate_key == KEY_PEER_ADDRESS_:
+            key_len[0] = c.addr_len
+            return <const uint8_t *>c.addr
+        if self.engine.rate_key != KEY_IDENTITY_:
+            key_len[0] = c.user_len
+            return <const uint8_t *>c.user
+        key_len[0] = c.id[0]
+        return c.id + 1
+
     cdef int send_message(self, Conn *c, double now) noexcept nogil:
         """To the backend, `[routing id, frames...]`: 1 sent; 0 no room, the message then
         pending (wait mode) or left in `c` (reject mode); -1 an error (it is lost).
@@ -1560,6 +1590,8 @@ cdef class NativeRelay:
         cdef gk_zmq_msg_t routing_id
         cdef gk_zmq_msg_t *p
         cdef uint32_t i, n = c.nheld
+        cdef size_t key_len
+        cdef const uint8_t *key = self.rate_key_of(c, &key_len)
         Z.msg_init_size(&routing_id, c.id[0])
         memcpy(Z.msg_data(&routing_id), c.id + 1, c.id[0])
         self.backend_due = True  # a call on the socket: its signal may be gone
@@ -1580,12 +1612,14 @@ cdef class NativeRelay:
             self.npending = n + 1
             self.pending_bytes = c.id[0] + c.total
             self.pending_lockstep = c.lockstep
+            self.pending_key[0] = <uint8_t>min(key_len, <size_t>MAX_KEY)
+            memcpy(self.pending_key + 1, key, self.pending_key[0])
             return 0
         for i in range(n):
             Z.msg_send(&c.frames[i], self.be, GK_ZMQ_SNDMORE if i < n - 1 else 0)
         c.nheld = 0  # sent: libzmq has them
         self.backend_due = True
-        self.round_trips.on_sent(c.id + 1, c.id[0], now, c.lockstep)
+        self.round_trips.on_sent(c.id + 1, c.id[0], key, key_len, now, c.lockstep)
         self.count_forwarded(c.id[0] + c.total)
         return 1
 
@@ -1607,7 +1641,8 @@ cdef class NativeRelay:
             Z.msg_send(&self.pending[i], self.be, GK_ZMQ_SNDMORE if i < n - 1 else 0)
         self.npending = 0
         self.count_forwarded(self.pending_bytes)
-        self.round_trips.on_sent(identity, identity_len, now, self.pending_lockstep)
+        self.round_trips.on_sent(identity, identity_len, self.pending_key + 1,
+                                 self.pending_key[0], now, self.pending_lockstep)
         return 1
 
     cdef inline void count_forwarded(self, size_t nbytes) noexcept nogil:
@@ -1634,13 +1669,13 @@ cdef class NativeRelay:
             self.append_frame(c, <const uint8_t *>Z.msg_data(&c.frames[i]),
                               Z.msg_size(&c.frames[i]), True)
         text = reason_text(reason, &text_len)
-        self.append_frame(c, <const uint8_t *>"GATEKEEPER", 10, True)
+        self.append_frame(c, <const uint8_t *>REJECT_MARKER_TEXT, REJECT_MARKER_LEN, True)
         self.append_frame(c, <const uint8_t *>text, text_len, False)
         c.queued += 1
         self.mark_dirty(c)
         self.counts[REJECTS_SENT] += 1
         self.counts[FE_MSGS_OUT] += 1
-        self.counts[FE_BYTES_OUT] += c.id[0] + nbytes + 10 + text_len
+        self.counts[FE_BYTES_OUT] += c.id[0] + nbytes + REJECT_MARKER_LEN + text_len
 
     # -- replies ---------------------------------------------------------------------
 
@@ -1670,7 +1705,7 @@ cdef class NativeRelay:
                 if slot >= 0:
                     c = &self.conns[(<uint32_t *>self.ids.payload)[slot]]
             if c == NULL:
-                self.counts[UNROUTABLE] += 1  # gone, or a routing id with nothing after it
+                self.count_unroutable(<const uint8_t *>Z.msg_data(m), nbytes, more)
             elif c.queued >= self.sndhwm:
                 self.counts[REPLY_DROPPED] += 1
                 c = NULL
@@ -1694,6 +1729,65 @@ cdef class NativeRelay:
                 self.counts[FE_MSGS_OUT] += 1
                 self.counts[FE_BYTES_OUT] += nbytes
         return 1
+
+    cdef void count_unroutable(self, const uint8_t *identity, size_t n, bint more) noexcept nogil:
+        """A reply that finds no client: late (to an id retired at a deadline), or for a
+        client gone, or a routing id with nothing after it."""
+        cdef int slot = ki_find(&self.retired, identity, n) if more else -1
+        if slot >= 0:
+            ki_remove(&self.retired, slot)
+            self.counts[LATE_REPLY] += 1
+        else:
+            self.counts[UNROUTABLE] += 1
+
+    # -- deadlines -------------------------------------------------------------------
+
+    cdef void expire(self, double now) noexcept nogil:
+        """Requests past `[requests] timeout_ms` leave the in-flight counts; a REQ client
+        with an id of ours is answered `timeout` and gets a fresh id toward the broker."""
+        cdef int i, n
+        self.counts[TIMED_OUT] += self.round_trips.expire_due(now, self.expired_ids, &n)
+        if not self.engine.answer_timeouts:
+            return
+        for i in range(n):
+            self.answer_timeout(self.expired_ids + i * KEY_STRIDE)
+
+    cdef void answer_timeout(self, const uint8_t *identity) noexcept nogil:
+        """`identity`: length, then the bytes. Only ids the gatekeeper assigned (a zero
+        byte first) are answered: their owner cannot tell, and the broker sees what a
+        client that reconnected would show it, so the late reply can never meet the next
+        request. A chosen id is the client's name to the broker; without a frame the broker
+        returns, its late reply could not be told from the next one, so it is not
+        answered, only forgotten."""
+        cdef int slot = ki_find(&self.ids, identity + 1, identity[0])
+        cdef Conn *c
+        if slot < 0 or identity[0] != ANON_ID_SIZE or identity[1] != 0:
+            return
+        c = &self.conns[(<uint32_t *>self.ids.payload)[slot]]
+        if not c.lockstep:
+            return
+        if self.retired.count == self.retired.max_entries:
+            ki_remove(&self.retired, self.retired_hand % self.retired.count)
+            self.retired_hand += 1
+        if ki_find(&self.retired, identity + 1, identity[0]) < 0:
+            ki_add(&self.retired, identity + 1, identity[0])
+        ki_remove(&self.ids, slot)
+        slot = ki_add(&self.ids, c.id + 1, c.id[0]) if self.anonymous_id(c) else -1
+        if slot < 0:
+            self.drop(c, -1)  # no id to give it: its REQ socket reconnects, as after a drop
+            return
+        (<uint32_t *>self.ids.payload)[slot] = <uint32_t>(c - self.conns)
+        if c.queued >= self.sndhwm:
+            self.counts[REJECT_DROPPED] += 1
+            return
+        # a REQ envelope is the empty delimiter alone
+        self.append_frame(c, <const uint8_t *>"", 0, True)
+        self.append_frame(c, <const uint8_t *>REJECT_MARKER_TEXT, REJECT_MARKER_LEN, True)
+        self.append_frame(c, <const uint8_t *>"timeout", 7, False)
+        c.queued += 1
+        self.mark_dirty(c)
+        self.counts[FE_MSGS_OUT] += 1
+        self.counts[FE_BYTES_OUT] += c.id[0] + REJECT_MARKER_LEN + 7
 
     # -- writing ---------------------------------------------------------------------
 
@@ -1814,6 +1908,7 @@ cdef class NativeRelay:
         cdef int i
         cdef Conn *c
         cdef uint8_t out[ZMTP_PING_MAX]
+        self.expire(now)
         if self.curve_on and now >= self.next_rotation:
             curve_keys_rotate(&self.curve_keys)
             self.next_rotation = now + CURVE_COOKIE_KEY_PERIOD_S

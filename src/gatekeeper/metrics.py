@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 
 class _RoundTrips(Protocol):
+    in_flight: int
+
     def snapshot(self) -> dict[str, Any]: ...
 
 
@@ -106,6 +108,11 @@ class GatekeeperCollector:
         for result, count in front.handshakes().items():
             handshakes.add_metric([result], count)
         yield handshakes
+        yield GaugeMetricFamily("gatekeeper_requests_in_flight", "Requests forwarded and "
+                                "neither answered nor past requests.timeout_ms",
+                                value=gk.relay.round_trips.in_flight)
+        yield CounterMetricFamily("gatekeeper_requests_timed_out", "Requests forgotten at "
+                                  "requests.timeout_ms", value=c["timed_out"])
         yield from _round_trips(gk.relay.round_trips.snapshot())
         build = GaugeMetricFamily("gatekeeper_build_info", "Always 1: what runs, in its labels",
                                   labels=["version", "implementation", "engine", "libzmq"])

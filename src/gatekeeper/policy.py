@@ -371,6 +371,7 @@ def _validate(p: Policy, base_dir: str, errors: _Errors) -> Policy:
                  _check_max_message_size, p)
     errors.check(("frontend.max_buffered_bytes", "limits.max_message_bytes"),
                  _check_max_buffered_bytes, p)
+    errors.check(("requests",), _check_requests, p.requests)
     if errors.sound("protocol", "limits.max_frames"):
         _check_protocol(p.protocol, p.limits, errors)
     rate_limit = p.rate_limit
@@ -409,6 +410,16 @@ def _check_max_message_size(p: Policy) -> None:
             f"({p.limits.max_frame_bytes}), so libzmq would cut peers before the frame check "
             "refuses them; allowed: >= max_frame_bytes",
         )
+
+
+def _check_requests(r: Requests) -> None:
+    for name in ("max_in_flight_per_key", "max_in_flight"):
+        if getattr(r, name) and not r.timeout_ms:
+            raise _Invalid(
+                f"requests.{name}",
+                "needs requests.timeout_ms > 0: without a deadline a request the broker "
+                "loses would hold its place in flight for good; allowed: 0, or set timeout_ms",
+            )
 
 
 def _check_max_buffered_bytes(p: Policy) -> None:

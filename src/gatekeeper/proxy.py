@@ -254,6 +254,8 @@ class Gatekeeper:
             "replied": c["replied"],
             "violations": self.violations(),
             "dropped": {e: c[e] for e in EVENTS},
+            "in_flight": self.relay.round_trips.in_flight,
+            "timed_out": c["timed_out"],
             "tracked_keys": self.engine.tracked_keys,
             "top_offenders": [{"key": printable_key(k), "count": n}
                               for k, n in self.engine.top_offenders()],

@@ -134,6 +134,10 @@ ROUND_TRIP_DEPTH = 8
 # them, or restarted): its next request starts the matching afresh, and with the id table
 # full its entry may go to a new id. A reply later than this may so be matched wrongly.
 ROUND_TRIP_STALE_S = 60.0
+# How often requests past `[requests] timeout_ms` are looked for: deadlines keep to this.
+EXPIRY_INTERVAL_S = 0.1
+# REQ clients answered `timeout` by one look at most; the rest are answered by the next.
+TIMEOUT_ANSWERS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +176,11 @@ class Rules:
     require_identity_is_key: bool = False
     # [rate_limit.cluster]: record what each key takes, for the sync to share it.
     shared_budget: bool = False
+    # [requests]: 0 = off for each
+    request_timeout: float = 0.0
+    answer_timeouts: bool = True
+    max_in_flight_per_key: int = 0
+    max_in_flight: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_frames <= MAX_FRAMES_LIMIT:
@@ -180,6 +189,8 @@ class Rules:
             raise ValueError(f"max_keys must be in 1..{MAX_KEYS_LIMIT}")
         if self.log_per_second < 0:
             raise ValueError("log_per_second must be >= 0")
+        if self.request_timeout < 0 or self.max_in_flight_per_key < 0 or self.max_in_flight < 0:
+            raise ValueError("[requests] values must be >= 0")
         # The compiled twin keeps these in key slots of MAX_KEY_BYTES; longer entries are
         # refused here, so that both twins refuse the same rules.
         for name in ("deny_identities", "allow_identities", "allow_identity_prefixes",
@@ -230,6 +241,10 @@ def rules_from_policy(policy) -> Rules:
         log_per_second=policy.violations.log_per_second,
         require_identity_is_key=access.require_identity_is_key,
         shared_budget=rl is not None and rl.cluster is not None,
+        request_timeout=policy.requests.timeout_ms / 1000.0,
+        answer_timeouts=policy.requests.answer_timeouts,
+        max_in_flight_per_key=policy.requests.max_in_flight_per_key,
+        max_in_flight=policy.requests.max_in_flight,
     )
 
 
