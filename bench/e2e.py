@@ -21,6 +21,8 @@ Kinds:
   cluster-stopped
               the same with that redis-server stopped by SIGSTOP once the gatekeeper has
               synced: it hangs rather than refuses, and every sync runs into timeout_ms
+  requests    gatekeeper with [requests] on (a deadline, in-flight limits per key and in
+              all, far above what the load holds): what counting requests in flight costs
 
 The kinds alternate within each round, so drift on a shared machine hits all of them.
 
@@ -60,13 +62,14 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
 THIS = Path(__file__).resolve()
 SRC = THIS.parent.parent / "src"
 KINDS = ("direct", "proxy", "gatekeeper", "libzmq", "python", "cluster", "cluster-stopped",
-         "baseline")
+         "requests", "baseline")
 # The gatekeeper kinds and the (implementation, engine) each must report in STATS: a
 # missing extension silently falling back would otherwise make the A/B compare B to B.
 # The baseline runs its own tree's default engine (None: not set, not checked).
 GATEKEEPER_KINDS = {"gatekeeper": ("cython", "native"), "libzmq": ("cython", "libzmq"),
                     "python": ("python", "libzmq"), "cluster": ("cython", "native"),
-                    "cluster-stopped": ("cython", "native"), "baseline": ("cython", None)}
+                    "cluster-stopped": ("cython", "native"), "requests": ("cython", "native"),
+                    "baseline": ("cython", None)}
 # The kinds with a redis-server, and whether it is stopped (SIGSTOP) during the run.
 CLUSTER_KINDS = {"cluster": False, "cluster-stopped": True}
 READY_TIMEOUT_S = 10.0
@@ -86,11 +89,17 @@ class StartFailure(Exception):
 # -- servers -------------------------------------------------------------------------
 
 def policy_toml(frontend: str, backend: str, control: str, size: int, engine: str | None,
-                redis_port: int | None = None) -> str:
+                redis_port: int | None = None, requests: bool = False) -> str:
     frame = max(65536, size)
     cluster = "" if redis_port is None else f"""
 [rate_limit.cluster]
 redis = "redis://127.0.0.1:{redis_port}/0"
+"""
+    in_flight = "" if not requests else """
+[requests]
+timeout_ms = 10000
+max_in_flight_per_key = 100000
+max_in_flight = 1000000
 """
     # [protocol] stays off: require_delimiter and command_frame need an envelope, and the
     # load generator's single frame starts with a timestamp.
@@ -119,6 +128,7 @@ bytes_per_second = 2000000000   # far above the offered load; the schema caps it
 allow_identity_prefixes = ["{loadgen.IDENTITY_PREFIX.decode()}"]
 deny_identities = ["{loadgen.IDENTITY_PREFIX.decode()}denied"]
 
+{in_flight}
 [violations]
 action = "reject"
 
@@ -198,7 +208,7 @@ def spawn(role: str, frontend: str, backend: str, workdir: Path, size: int,
     else:
         config = workdir / "policy.toml"
         text = policy_toml(frontend, backend, f"ipc://{workdir}/gk.ctl", size,
-                           GATEKEEPER_KINDS[role][1], redis_port)
+                           GATEKEEPER_KINDS[role][1], redis_port, role == "requests")
         if curve:
             key_file = workdir / "server.key_secret"
             key_file.write_text(f'metadata\ncurve\n    public-key = "{curve[0].decode()}"\n'
@@ -396,6 +406,8 @@ def ratios(summary: dict) -> dict:
                                                      "load_p99_us"),
         "gatekeeper/libzmq cpu_per_msg": ratio("gatekeeper", "libzmq", "cpu_us_per_msg"),
         "gatekeeper/baseline cpu_per_msg": ratio("gatekeeper", "baseline", "cpu_us_per_msg"),
+        "requests/gatekeeper cpu_per_msg": ratio("requests", "gatekeeper", "cpu_us_per_msg"),
+        "requests/gatekeeper msgs_per_s": ratio("requests", "gatekeeper", "msgs_per_s"),
         "gatekeeper/baseline msgs_per_s": ratio("gatekeeper", "baseline", "msgs_per_s"),
     }
 

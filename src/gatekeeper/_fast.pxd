@@ -35,14 +35,17 @@ cdef struct InFlight:
     uint32_t seq[RT_DEPTH]    # which request (its `sent` number) each time belongs to
     double stamp[RT_DEPTH]
     bint lockstep         # a REQ sent them
-    uint8_t rate_key[KEY_STRIDE]  # the key they count against: length, then the bytes
+    uint64_t rate_key     # the key they count against, by its keyed hash (RoundTrips.k0, k1)
 
 
 # Requests in flight and backend round trips: either frontend's loop calls on_sent,
 # on_replied and expire; the policy engine reads the counts.
 cdef class RoundTrips:
     cdef KeyIndex ids
-    cdef KeyIndex per_key         # rate-limit key -> requests in flight (uint32), if keyed
+    # rate-limit key, by its keyed hash (8 bytes, which no peer can make collide) ->
+    # requests in flight (uint32), while keyed
+    cdef KeyIndex per_key
+    cdef uint64_t k0, k1
     cdef bint keyed
     cdef readonly double timeout
     cdef readonly uint64_t in_flight, timed_out
@@ -56,7 +59,8 @@ cdef class RoundTrips:
     cdef int new_entry(self, const uint8_t *identity, size_t n, double now) noexcept nogil
     cdef void on_replied(self, const uint8_t *identity, size_t n, double now) noexcept nogil
     cdef void forget(self, InFlight *e, uint32_t n) noexcept nogil
-    cdef void count_key(self, const uint8_t *key, int64_t delta) noexcept nogil
+    cdef uint64_t key_hash(self, const uint8_t *key, size_t n) noexcept nogil
+    cdef void count_key(self, uint64_t key, int64_t delta) noexcept nogil
     cdef uint32_t key_count(self, const uint8_t *identity, size_t n, const uint8_t *key,
                                 size_t key_len) noexcept nogil
     cdef uint32_t expire_due(self, double now, uint8_t *lockstep_ids, int *nlockstep) noexcept nogil

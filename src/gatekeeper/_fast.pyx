@@ -38,6 +38,7 @@ from gatekeeper._tables cimport (
     ki_rekey,
     ki_remove,
     ki_set_key,
+    load_le64,
     ki_unlink,
     make_limits,
     monotonic,
@@ -564,6 +565,9 @@ cdef class RoundTrips:
     def __cinit__(self, uint32_t max_ids=ROUND_TRIP_IDS):
         ki_init(&self.ids, max_ids, sizeof(InFlight))
         ki_init(&self.per_key, max_ids, sizeof(uint32_t))
+        seed = os.urandom(16)
+        self.k0 = load_le64(<const uint8_t *>PyBytes_AS_STRING(seed))
+        self.k1 = load_le64(<const uint8_t *>PyBytes_AS_STRING(seed) + 8)
 
     def __dealloc__(self):
         ki_free(&self.ids)
@@ -585,15 +589,18 @@ cdef class RoundTrips:
                 e = <InFlight *>self.ids.payload + slot
                 self.count_key(e.rate_key, e.sent - e.replied)
 
-    cdef void count_key(self, const uint8_t *key, int64_t delta) noexcept nogil:
-        """`key`: length byte, then the bytes. A key whose count reaches 0 leaves, so the
-        table holds at most one key per id in flight."""
-        cdef int slot = ki_find(&self.per_key, key + 1, key[0])
+    cdef uint64_t key_hash(self, const uint8_t *key, size_t n) noexcept nogil:
+        return siphash13(self.k0, self.k1, key, min(n, <size_t>MAX_KEY))
+
+    cdef void count_key(self, uint64_t key, int64_t delta) noexcept nogil:
+        """A key whose count reaches 0 leaves, so the table holds at most one key per id
+        in flight."""
+        cdef int slot = ki_find(&self.per_key, <const uint8_t *>&key, sizeof(key))
         cdef uint32_t *count
         if slot < 0:
             if delta <= 0:
                 return
-            slot = ki_add(&self.per_key, key + 1, key[0])
+            slot = ki_add(&self.per_key, <const uint8_t *>&key, sizeof(key))
             if slot < 0:
                 return  # out of memory: that key is not limited, never refused for nothing
             (<uint32_t *>self.per_key.payload)[slot] = 0
@@ -612,8 +619,10 @@ cdef class RoundTrips:
                                 size_t key_len) noexcept nogil:
         cdef int slot
         cdef InFlight *e
+        cdef uint64_t h
         if self.keyed:
-            slot = ki_find(&self.per_key, key, min(key_len, <size_t>MAX_KEY))
+            h = self.key_hash(key, key_len)
+            slot = ki_find(&self.per_key, <const uint8_t *>&h, sizeof(h))
             return (<uint32_t *>self.per_key.payload)[slot] if slot >= 0 else 0
         slot = ki_find(&self.ids, identity, min(n, <size_t>MAX_KEY))
         if slot < 0:
@@ -644,8 +653,7 @@ cdef class RoundTrips:
         e.sent += 1
         e.last = now
         e.lockstep = lockstep
-        e.rate_key[0] = <uint8_t>key_len
-        memcpy(e.rate_key + 1, key, key_len)
+        e.rate_key = self.key_hash(key, key_len)
         self.in_flight += 1
         if self.keyed:
             self.count_key(e.rate_key, 1)
