@@ -3,6 +3,10 @@
     python bench/soak.py [--minutes 10] [--out DIR] [--rate 2000] [--loadgen]
                          [--warmup 60] [--python-twin]
 
+It soaks the `gatekeeper` installed in the environment it runs in (`pip install .` first),
+never the source tree beside it, and refuses to run (exit 2) unless that is the compiled
+data plane on the native engine, or with --python-twin the pure-Python twin.
+
 Every box is its own process:
 
     legit clients (paced DEALERs; --loadgen adds the C load generator)  --+
@@ -29,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -43,6 +48,10 @@ E2E = HERE / "e2e.py"
 ATTACKERS = ROOT / "tests" / "hostile" / "attackers.py"
 LEGIT_PREFIX = "legit-"
 LOADGEN_PREFIX = "legit-lg-"
+
+
+class NotTheDataPlane(Exception):
+    """The gatekeeper that answered is not the data plane the soak was asked for."""
 
 
 def free_ports(n: int) -> list[int]:
@@ -343,12 +352,18 @@ def main(argv: list[str]) -> int:
     config = workdir / "policy.toml"
     config.write_text(policy_toml(frontend, backend, control, args.rate / args.clients,
                                  args.clients))
+    # The console script of this interpreter's environment: what `pip install` built, not
+    # src/ (without its extension built in place, src/ is the twin on libzmq).
+    gatekeeper = Path(sysconfig.get_path("scripts")) / "gatekeeper"
+    if not gatekeeper.exists():
+        print(f"soak: no {gatekeeper}: install the gatekeeper into this environment "
+              f"({sys.executable} -m pip install .)", file=sys.stderr)
+        return 2
+    expected = ("python", None) if args.python_twin else ("cython", "native")
     env = dict(os.environ)
     env.pop("GATEKEEPER_NO_EXTENSIONS", None)
     if args.python_twin:
         env["GATEKEEPER_NO_EXTENSIONS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"),
-                                                       env.get("PYTHONPATH")]))
     children: list[Child] = []
     attacks = None
     ctx = zmq.Context()
@@ -357,13 +372,20 @@ def main(argv: list[str]) -> int:
     try:
         children.append(Child("echo", [sys.executable, str(E2E), "_echo", backend],
                               out / "echo.log"))
-        gk = Child("gatekeeper", [sys.executable, "-m", "gatekeeper", "--config", str(config)],
+        gk = Child("gatekeeper", [str(gatekeeper), "--config", str(config)],
                    out / "gatekeeper.log", env=env)
         children.append(gk)
         deadline = time.monotonic() + 15
-        while control_request(ctx, control, b"STATS", 500) is None:
+        while (first := control_request(ctx, control, b"STATS", 500)) is None:
             if not gk.alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"gatekeeper did not start; see {out / 'gatekeeper.log'}")
+        running = (first["implementation"], first["engine"])
+        if running[0] != expected[0] or expected[1] not in (None, running[1]):
+            raise NotTheDataPlane(
+                f"{gatekeeper} runs implementation {running[0]} on the {running[1]} engine, "
+                f"not {expected[0]}" + (f" on the {expected[1]} engine" if expected[1] else "")
+                + ("" if args.python_twin else " (is the extension built? --python-twin "
+                   "soaks the twin)"))
         # psutil on the gatekeeper itself, not on the _exec trampoline (it execs, same pid)
         proc = psutil.Process(gk.proc.pid)
         proc.cpu_percent()
@@ -383,7 +405,8 @@ def main(argv: list[str]) -> int:
         attacks = Attacks(workdir, frontend, fport)
         started = time.monotonic()
         prev = None
-        print(f"soak: {args.minutes:g} min, warm-up {warmup:g} s, legit {args.rate:g} msg/s"
+        print(f"soak: {gatekeeper}, implementation {running[0]}, {running[1]} engine; "
+              f"{args.minutes:g} min, warm-up {warmup:g} s, legit {args.rate:g} msg/s"
               f"{' + C load generator' if args.loadgen else ''}; writing {out}", flush=True)
         next_sample = started + 1.0
         while (elapsed := time.monotonic() - started) < duration:
@@ -435,6 +458,9 @@ def main(argv: list[str]) -> int:
                           f"{r['legit_p99_ms']} ms", flush=True)
             prev = cur
         final_stats = control_request(ctx, control, b"STATS")
+    except NotTheDataPlane as exc:
+        print(f"soak: {exc}", file=sys.stderr)
+        return 2
     finally:
         if attacks is not None:
             attacks.stop()
@@ -453,7 +479,7 @@ def main(argv: list[str]) -> int:
         failures.append("C load generator: lost or refused requests: "
                         + json.dumps([{k: r[k] for k in ("sent", "lost", "bad")}
                                       for r in loadgen_runs if r["lost"] or r["bad"]]))
-    summary = write_results(out, rows, warmup, args, legit_totals, loadgen_runs,
+    summary = write_results(out, rows, warmup, args, running, legit_totals, loadgen_runs,
                             final_stats, attacks)
     if summary["rss_growth_mib"] is not None and summary["rss_growth_mib"] > args.rss_slack_mb:
         failures.append(f"RSS grew {summary['rss_growth_mib']:.1f} MiB after warm-up")
@@ -464,8 +490,9 @@ def main(argv: list[str]) -> int:
     return 1 if failures else 0
 
 
-def write_results(out: Path, rows: list[dict], warmup: float, args, legit_totals: dict,
-                  loadgen_runs: list[dict], final_stats: dict | None, attacks) -> dict:
+def write_results(out: Path, rows: list[dict], warmup: float, args,
+                  running: tuple[str, str], legit_totals: dict, loadgen_runs: list[dict],
+                  final_stats: dict | None, attacks) -> dict:
     with open(out / "samples.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
@@ -492,8 +519,8 @@ def write_results(out: Path, rows: list[dict], warmup: float, args, legit_totals
         f"# Soak: {args.minutes:g} min, {time.strftime('%Y-%m-%d %H:%M:%S')}",
         "",
         f"python {sys.version.split()[0]}, pyzmq {zmq.__version__}, libzmq "
-        f"{zmq.zmq_version()}, {os.cpu_count()} CPUs; implementation "
-        f"{(final_stats or {}).get('implementation', '?')}; legit {args.rate:g} msg/s over "
+        f"{zmq.zmq_version()}, {os.cpu_count()} CPUs; implementation {running[0]}, "
+        f"{running[1]} engine; legit {args.rate:g} msg/s over "
         f"{args.clients} DEALERs{' + C load generator' if args.loadgen else ''}; warm-up "
         f"{warmup:g} s",
         "",
