@@ -1,37 +1,70 @@
 """Soak: the real gatekeeper for minutes under legitimate and hostile traffic at once.
 
     python bench/soak.py [--minutes 10] [--out DIR] [--rate 2000] [--loadgen]
-                         [--warmup 60] [--python-twin]
+                         [--warmup 60] [--python-twin] [--no-unread] [--no-lossy]
+
+It soaks the `gatekeeper` installed in the environment it runs in (`pip install .` first),
+never the source tree beside it, and refuses to run (exit 2) unless that is the compiled
+data plane on the native engine, or with --python-twin the pure-Python twin.
 
 Every box is its own process:
 
     legit clients (paced DEALERs; --loadgen adds the C load generator)  --+
-    flood (bursts from one identity), garbage connections, identity        +-> gatekeeper -> echo
-    churn, oversized frames (tests/hostile/attackers.py)                 --+
+    flood (bursts from one identity), garbage connections, identity        +-> gatekeeper -> broker
+    churn, oversized frames, unread replies, lossy requests             --+
+    (tests/hostile/attackers.py)
+
+The attackers on the return path (each on by default):
+- unread (--no-unread): four DEALERs at a time ask for 32 replies of 256 KiB each and never
+  read them (a receive HWM of 1, a 4 KiB ZMQ_RCVBUF), under fresh ids every 10 s. The
+  policy's reply budgets (2 MiB a client, 6 MiB in all, 5 s for a stalled reader) must
+  hold them: replies dropped (`reply_dropped`) and clients cut (`slow_reader`), RSS flat.
+- lossy (--no-lossy): two DEALERs pipelining up to 16 requests each and one REQ, against a
+  broker that loses 2% of their requests and holds 3% past `requests.timeout_ms` (2 s).
+  With `max_in_flight_per_key = 8` the lost ones hold their places until the deadline
+  (`timed_out`), the rest is refused `too_many_in_flight`; the REQ gets `[GATEKEEPER,
+  timeout]`, the broker's late answer is never delivered (`late_reply`), and a REQ that
+  gets another request's answer fails the soak.
+
+The broker echoes every request, answers [BIG_REPLY, size] with that many bytes, and loses
+or delays only the requests marked LOSSY (attackers.py): it never drops a legit request, so
+a legit loss is the gatekeeper's. It is Python: with --loadgen it, not the gatekeeper,
+bounds the load generator's rate. The legit DEALERs keep at most `max_in_flight_per_key`
+requests unanswered each (a request not sent for that is counted `held`), so a refusal of
+theirs is a finding too.
 
 Once a second the sampler records the gatekeeper's throughput and refusals (from STATS),
-its RSS, open descriptors and CPU (psutil), and the legit clients' answers, losses and
-p99 latency. Written to DIR (default bench/results/soak-<time>/): samples.csv, summary.md
-(the table of start / after warm-up / end, and whether RSS and descriptors stayed flat)
-and soak.png (matplotlib, only needed here: `pip install matplotlib`).
+its RSS, open descriptors and CPU (psutil), reply bytes queued and requests in flight
+(STATS, once the gatekeeper has them), the return path's drops, `timed_out` (the metric
+gatekeeper_requests_timed_out_total, scraped every 15 s), and the legit clients' answers,
+losses and p99 latency. Written to DIR (default bench/results/soak-<time>/): samples.csv,
+summary.md (the table of start / after warm-up / end, whether RSS and descriptors stayed
+flat, the RSS slope after warm-up) and soak.png (matplotlib, only needed here:
+`pip install matplotlib`).
 
-Exit status 1 if the gatekeeper died, a legit request was lost or refused, or RSS grew
-after warm-up by more than --rss-slack-mb.
+Exit status 1 if the gatekeeper died, a legit request was lost, refused or misanswered, a
+lossy REQ got another request's answer, or RSS grew after warm-up by more than
+--rss-slack-mb.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import heapq
 import json
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -41,8 +74,24 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 E2E = HERE / "e2e.py"
 ATTACKERS = ROOT / "tests" / "hostile" / "attackers.py"
+sys.path.insert(1, str(ATTACKERS.parent))
+from attackers import BIG_REPLY, LOSSY  # noqa: E402  (the requests the broker treats apart)
+
 LEGIT_PREFIX = "legit-"
 LOADGEN_PREFIX = "legit-lg-"
+LEGIT_COUNTS = ("sent", "answered", "refused", "lost", "misanswered", "held")
+# [requests]: lost requests hold a client's places until the deadline, no longer.
+TIMEOUT_MS = 2000
+IN_FLIGHT_PER_KEY = 8
+# The broker, on LOSSY requests only: lost, held past the deadline (so that REQ clients are
+# answered `timeout` before the broker's own answer comes), the rest delayed up to 50 ms.
+LOSS, LATE, LATE_S, DELAY_S = 0.02, 0.03, 1.5 * TIMEOUT_MS / 1000, 0.05
+# Prometheus's default scrape interval
+SCRAPE_S = 15.0
+
+
+class NotTheDataPlane(Exception):
+    """The gatekeeper that answered is not the data plane the soak was asked for."""
 
 
 def free_ports(n: int) -> list[int]:
@@ -56,8 +105,8 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def policy_toml(frontend: str, backend: str, control: str, legit_rate: float,
-                clients: int) -> str:
+def policy_toml(frontend: str, backend: str, control: str, metrics: str,
+                legit_rate: float, clients: int) -> str:
     # Legit identities get a per-key allowance far above what they send: every refusal of
     # theirs is a finding. Everyone else: 200 msg/s, 1000 keys, frames up to 64 KiB.
     per_key = "\n".join(
@@ -73,6 +122,10 @@ bind = ["{frontend}"]
 max_message_size = 65536
 handshake_timeout_ms = 1000
 backlog = 512
+# the unread attackers hold 4 x 8 MiB: a client's budget drops, the total cuts
+max_queued_bytes = 2097152
+max_queued_total_bytes = 6291456
+slow_reader_timeout_ms = 5000
 
 [backend]
 connect = ["{backend}"]
@@ -91,6 +144,10 @@ max_keys = 1000
 [access]
 deny_identities = ["denied"]
 
+[requests]
+timeout_ms = {TIMEOUT_MS}
+max_in_flight_per_key = {IN_FLIGHT_PER_KEY}
+
 [violations]
 action = "reject"
 log_per_second = 5
@@ -99,7 +156,7 @@ log_per_second = 5
 bind = "{control}"
 
 [metrics]
-listen = ""
+listen = "{metrics}"
 
 [shutdown]
 drain_timeout_ms = 2000
@@ -141,13 +198,15 @@ class Attacks:
     """Keeps each kind of attacker running (restarting it when a run ends), floods in
     bursts: `flood_on` seconds out of every `flood_period`."""
 
-    def __init__(self, workdir: Path, frontend: str, port: int, flood_on: float = 20.0,
-                 flood_period: float = 60.0) -> None:
+    KINDS = ("garbage", "churn", "oversize", "flood", "unread", "lossy")
+
+    def __init__(self, workdir: Path, frontend: str, port: int, kinds: list[str],
+                 flood_on: float = 20.0, flood_period: float = 60.0) -> None:
         self.workdir, self.frontend, self.port = workdir, frontend, port
         self.flood_on, self.flood_period = flood_on, flood_period
         self.children: dict[str, Child] = {}
         self.started = time.monotonic()
-        self.runs = {k: 0 for k in ("garbage", "churn", "oversize", "flood")}
+        self.runs = {k: 0 for k in kinds}
 
     def _argv(self, kind: str) -> list[str]:
         n = self.runs[kind]
@@ -156,7 +215,27 @@ class Attacks:
             "churn": ["churn", str(self.port), "2000", f"churn{n}"],
             "oversize": ["oversize", str(self.port), "30", str(100_000)],
             "flood": ["flood", self.frontend, "flooder", str(self.flood_on)],
+            "unread": ["unread", self.frontend, f"unread{n}", "60", "4", str(256 * 1024),
+                       "32", "10"],
+            "lossy": ["lossy", self.frontend, f"lossy{n}", "60", "16", "100"],
         }[kind]
+
+    def lossy_counts(self) -> dict:
+        """The lossy attacker's counts, summed over its runs (one JSON line each)."""
+        total: dict = {}
+        log = self.workdir / "attack-lossy.log"
+        for line in log.read_text().splitlines() if log.exists() else []:
+            if not line.startswith("{"):
+                continue
+            for kind, counts in json.loads(line).items():
+                into = total.setdefault(kind, {"refused": {}})
+                for name, n in counts.items():
+                    if name == "refused":
+                        for reason, m in n.items():
+                            into["refused"][reason] = into["refused"].get(reason, 0) + m
+                    else:
+                        into[name] = into.get(name, 0) + n
+        return total
 
     def tick(self) -> None:
         in_burst = (time.monotonic() - self.started) % self.flood_period < self.flood_on
@@ -183,12 +262,59 @@ class Attacks:
             child.stop()
 
 
-# -- legit clients (a child process: `soak.py _legit ENDPOINT RATE CLIENTS`) -----------
+# -- the broker (a child process: `soak.py _broker ENDPOINT`) ---------------------------
 
-def legit_main(endpoint: str, rate: float, clients: int) -> None:
-    """Paced DEALERs: `rate` requests a second in all, spread evenly; prints one JSON line
-    a second: sent, answered, refused (a GATEKEEPER reply), lost (no answer in 5 s),
-    p50/p99 of that second's round trips in ms."""
+def broker_main(endpoint: str) -> None:
+    """Echoes every request; answers [BIG_REPLY, size] with `size` bytes; of the LOSSY
+    requests loses LOSS, holds LATE for LATE_S and delays the rest up to DELAY_S. A request's
+    marker is its first frame after the envelope (REQ clients send an empty frame first)."""
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.linger = 0
+    sock.sndhwm = sock.rcvhwm = 0  # the broker must never be what drops
+    sock.bind(endpoint)
+    rng = random.Random(0)
+    held: list[tuple[float, int, list[bytes]]] = []  # a heap of (due, seq, reply)
+    big: dict[int, bytes] = {}
+    seq = 0
+    while not stop:
+        wait = held[0][0] - time.monotonic() if held else 0.1
+        if sock.poll(max(0, min(100, int(wait * 1000)) + 1)):
+            for _ in range(1000):  # then the held replies that are due get their turn
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                body = frames[2:]  # after the gatekeeper's connection and the client's id
+                marker = body[body.index(b"") + 1:][:1] if b"" in body else body[:1]
+                if marker == [BIG_REPLY]:
+                    size = int(body[-1])
+                    frames[-1] = big.setdefault(size, b"b" * size)
+                elif marker == [LOSSY]:
+                    draw = rng.random()
+                    if draw < LOSS:
+                        continue
+                    seq += 1
+                    delay = LATE_S if draw < LOSS + LATE else rng.uniform(0, DELAY_S)
+                    heapq.heappush(held, (time.monotonic() + delay, seq, frames))
+                    continue
+                sock.send_multipart(frames)
+        while held and held[0][0] <= time.monotonic():
+            sock.send_multipart(heapq.heappop(held)[2])
+    sock.close(0)
+    ctx.term()
+
+
+# -- legit clients (a child process: `soak.py _legit ENDPOINT RATE CLIENTS WINDOW`) -----
+
+def legit_main(endpoint: str, rate: float, clients: int, window: int) -> None:
+    """Paced DEALERs: `rate` requests a second in all, spread evenly, each with at most
+    `window` unanswered; prints one JSON line a second: sent, answered, refused (a
+    GATEKEEPER reply), lost (no answer in 5 s), misanswered (a reply that is not the echo of
+    a request outstanding), held (not sent: the window was full), p50/p99 of that second's
+    round trips in ms."""
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     ctx = zmq.Context()
@@ -203,22 +329,35 @@ def legit_main(endpoint: str, rate: float, clients: int) -> None:
     for s in socks:
         poller.register(s, zmq.POLLIN)
     interval = clients / rate
-    pending: dict[int, float] = {}
+    pending: dict[int, tuple[float, zmq.Socket]] = {}
+    unanswered = dict.fromkeys(socks, 0)
     seq = 0
     nxt = time.monotonic()
-    window = {"sent": 0, "answered": 0, "refused": 0, "lost": 0}
+    second = dict.fromkeys(LEGIT_COUNTS, 0)
     lat: list[float] = []
     report_at = time.monotonic() + 1.0
+
+    def body(n: int) -> bytes:
+        return b"%d:" % n + b"l" * 54
+
+    def settle(n: int) -> None:
+        unanswered[pending.pop(n)[1]] -= 1
+
     while not stop:
         now = time.monotonic()
         while now >= nxt:
             for s in socks:
-                pending[seq] = time.monotonic()
+                if unanswered[s] >= window:
+                    second["held"] += 1
+                    continue
                 try:
-                    s.send(b"%d:" % seq + b"l" * 54, zmq.NOBLOCK)
-                    window["sent"] += 1
+                    s.send(body(seq), zmq.NOBLOCK)
                 except zmq.Again:
-                    del pending[seq]
+                    second["held"] += 1
+                    continue
+                pending[seq] = (time.monotonic(), s)
+                unanswered[s] += 1
+                second["sent"] += 1
                 seq += 1
             nxt += interval
         for s, _ in poller.poll(max(0, int((min(nxt, report_at) - time.monotonic()) * 1000))):
@@ -227,25 +366,26 @@ def legit_main(endpoint: str, rate: float, clients: int) -> None:
                     reply = s.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                if reply[0] == b"GATEKEEPER" or reply[-2:-1] == [b"GATEKEEPER"]:
-                    window["refused"] += 1
-                    continue
-                n = int(reply[-1].split(b":", 1)[0])
-                started = pending.pop(n, None)
-                if started is not None:
-                    window["answered"] += 1
-                    lat.append(time.monotonic() - started)
+                n = int(m[1]) if (m := re.match(rb"(\d+):", reply[0])) else -1
+                if reply[:1] == [b"GATEKEEPER"] or reply[-2:-1] == [b"GATEKEEPER"]:
+                    second["refused"] += 1  # names no request: its place frees at `lost`
+                elif n in pending and pending[n][1] is s and reply == [body(n)]:
+                    lat.append(time.monotonic() - pending[n][0])
+                    settle(n)
+                    second["answered"] += 1
+                else:
+                    second["misanswered"] += 1
         now = time.monotonic()
         if now >= report_at:
-            for n in [n for n, t in pending.items() if now - t > 5.0]:
-                del pending[n]
-                window["lost"] += 1
+            for n in [n for n, (t, _) in pending.items() if now - t > 5.0]:
+                settle(n)
+                second["lost"] += 1
             lat.sort()
-            window["p50_ms"] = round(1000 * lat[len(lat) // 2], 3) if lat else None
-            window["p99_ms"] = round(1000 * lat[(len(lat) - 1) * 99 // 100], 3) if lat else None
-            window["t"] = time.time()
-            print(json.dumps(window), flush=True)
-            window = {"sent": 0, "answered": 0, "refused": 0, "lost": 0}
+            second["p50_ms"] = round(1000 * lat[len(lat) // 2], 3) if lat else None
+            second["p99_ms"] = round(1000 * lat[(len(lat) - 1) * 99 // 100], 3) if lat else None
+            second["t"] = time.time()
+            print(json.dumps(second), flush=True)
+            second = dict.fromkeys(LEGIT_COUNTS, 0)
             lat = []
             report_at += 1.0
     for s in socks:
@@ -311,10 +451,24 @@ def control_request(ctx: zmq.Context, endpoint: str, request: bytes,
         req.close(0)
 
 
+def scraped(url: str, name: str) -> float | None:
+    """A metric's value from the Prometheus text at `url`; None when it is not exported."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    match = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(match[1]) if match else None
+
+
+# The return path: gauges, then totals (empty where this gatekeeper does not have them yet).
+RETURN_PATH = ["queued_bytes", "in_flight", "slow_reader", "late_reply", "timed_out",
+               "too_many_in_flight"]
 FIELDS = ["t_s", "forwarded_per_s", "refused_per_s", "cut_or_dropped_per_s",
           "frontend_in_per_s", "rss_mib", "fds", "cpu_percent", "tracked_keys",
-          "legit_sent", "legit_answered", "legit_refused", "legit_lost", "legit_p99_ms",
-          "flooding"]
+          *RETURN_PATH, "legit_sent", "legit_answered", "legit_refused", "legit_lost",
+          "legit_misanswered", "legit_held", "legit_p99_ms", "flooding"]
 
 
 def main(argv: list[str]) -> int:
@@ -328,7 +482,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--warmup", type=float, help="seconds before RSS is expected flat "
                    "(default: 10%% of the run, 30 to 120 s)")
     p.add_argument("--rss-slack-mb", type=float, default=8.0)
-    p.add_argument("--python-twin", action="store_true", help="GATEKEEPER_NO_EXTENSIONS=1")
+    p.add_argument("--python-twin", action="store_true",
+                   help="soak the pure-Python twin (GATEKEEPER_NO_EXTENSIONS=1)")
+    p.add_argument("--no-unread", action="store_true",
+                   help="no clients that ask for big replies and never read them")
+    p.add_argument("--no-lossy", action="store_true",
+                   help="no pipelining clients whose requests the broker loses or delays")
     args = p.parse_args(argv)
     duration = args.minutes * 60
     warmup = args.warmup if args.warmup is not None else min(120.0, max(30.0, duration / 10))
@@ -337,38 +496,54 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     workdir = Path(tempfile.mkdtemp(prefix="gk-soak-"))
-    fport, bport = free_ports(2)
+    fport, bport, mport = free_ports(3)
     frontend, backend = f"tcp://127.0.0.1:{fport}", f"tcp://127.0.0.1:{bport}"
     control = f"ipc://{workdir}/gk.ctl"
+    metrics = f"http://127.0.0.1:{mport}/metrics"
     config = workdir / "policy.toml"
-    config.write_text(policy_toml(frontend, backend, control, args.rate / args.clients,
-                                 args.clients))
+    config.write_text(policy_toml(frontend, backend, control, f"127.0.0.1:{mport}",
+                                  args.rate / args.clients, args.clients))
+    kinds = [k for k in Attacks.KINDS if not getattr(args, f"no_{k}", False)]
+    # The console script of this interpreter's environment: what `pip install` built, not
+    # src/ (without its extension built in place, src/ is the twin on libzmq).
+    gatekeeper = Path(sysconfig.get_path("scripts")) / "gatekeeper"
+    if not gatekeeper.exists():
+        print(f"soak: no {gatekeeper}: install the gatekeeper into this environment "
+              f"({sys.executable} -m pip install .)", file=sys.stderr)
+        return 2
+    expected = ("python", None) if args.python_twin else ("cython", "native")
     env = dict(os.environ)
     env.pop("GATEKEEPER_NO_EXTENSIONS", None)
     if args.python_twin:
         env["GATEKEEPER_NO_EXTENSIONS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"),
-                                                       env.get("PYTHONPATH")]))
     children: list[Child] = []
     attacks = None
     ctx = zmq.Context()
     rows: list[dict] = []
     failures: list[str] = []
     try:
-        children.append(Child("echo", [sys.executable, str(E2E), "_echo", backend],
-                              out / "echo.log"))
-        gk = Child("gatekeeper", [sys.executable, "-m", "gatekeeper", "--config", str(config)],
+        children.append(Child("broker", [sys.executable, str(Path(__file__).resolve()),
+                                         "_broker", backend], out / "broker.log"))
+        gk = Child("gatekeeper", [str(gatekeeper), "--config", str(config)],
                    out / "gatekeeper.log", env=env)
         children.append(gk)
         deadline = time.monotonic() + 15
-        while control_request(ctx, control, b"STATS", 500) is None:
+        while (first := control_request(ctx, control, b"STATS", 500)) is None:
             if not gk.alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"gatekeeper did not start; see {out / 'gatekeeper.log'}")
+        running = (first["implementation"], first["engine"])
+        if running[0] != expected[0] or expected[1] not in (None, running[1]):
+            raise NotTheDataPlane(
+                f"{gatekeeper} runs implementation {running[0]} on the {running[1]} engine, "
+                f"not {expected[0]}" + (f" on the {expected[1]} engine" if expected[1] else "")
+                + ("" if args.python_twin else " (is the extension built? --python-twin "
+                   "soaks the twin)"))
         # psutil on the gatekeeper itself, not on the _exec trampoline (it execs, same pid)
         proc = psutil.Process(gk.proc.pid)
         proc.cpu_percent()
         legit = Child("legit", [sys.executable, str(Path(__file__).resolve()), "_legit",
-                                frontend, str(args.rate), str(args.clients)],
+                                frontend, str(args.rate), str(args.clients),
+                                str(IN_FLIGHT_PER_KEY)],
                       out / "legit.log", stdout=subprocess.PIPE)
         children.append(legit)
         legit_lines = JsonLines(legit.proc.stdout)
@@ -380,10 +555,12 @@ def main(argv: list[str]) -> int:
             children.append(lg)
             loadgen_lines = JsonLines(lg.proc.stdout)
             loadgen_lines.start()
-        attacks = Attacks(workdir, frontend, fport)
+        attacks = Attacks(workdir, frontend, fport, kinds)
         started = time.monotonic()
         prev = None
-        print(f"soak: {args.minutes:g} min, warm-up {warmup:g} s, legit {args.rate:g} msg/s"
+        timed_out, scraped_at = None, -SCRAPE_S
+        print(f"soak: {gatekeeper}, implementation {running[0]}, {running[1]} engine; "
+              f"{args.minutes:g} min, warm-up {warmup:g} s, legit {args.rate:g} msg/s"
               f"{' + C load generator' if args.loadgen else ''}; writing {out}", flush=True)
         next_sample = started + 1.0
         while (elapsed := time.monotonic() - started) < duration:
@@ -403,6 +580,9 @@ def main(argv: list[str]) -> int:
                 cpu = proc.cpu_percent()
             except psutil.Error:
                 continue
+            if time.monotonic() - scraped_at >= SCRAPE_S:
+                timed_out = scraped(metrics, "gatekeeper_requests_timed_out_total")
+                scraped_at = time.monotonic()
             refused = sum(stats["violations"].values())
             dropped = sum(stats["dropped"].values())
             cur = (time.monotonic(), stats["forwarded"], refused, dropped,
@@ -420,10 +600,13 @@ def main(argv: list[str]) -> int:
                     "fds": fds,
                     "cpu_percent": cpu,
                     "tracked_keys": stats["tracked_keys"],
-                    "legit_sent": window.get("sent"),
-                    "legit_answered": window.get("answered"),
-                    "legit_refused": window.get("refused"),
-                    "legit_lost": window.get("lost"),
+                    "queued_bytes": stats.get("queued_bytes"),
+                    "in_flight": stats.get("in_flight"),
+                    "slow_reader": stats["dropped"].get("slow_reader"),
+                    "late_reply": stats["dropped"].get("late_reply"),
+                    "timed_out": timed_out,
+                    "too_many_in_flight": stats["violations"].get("too_many_in_flight"),
+                    **{f"legit_{k}": window.get(k) for k in LEGIT_COUNTS},
                     "legit_p99_ms": window.get("p99_ms"),
                     "flooding": int(attacks.flooding()),
                 })
@@ -435,6 +618,9 @@ def main(argv: list[str]) -> int:
                           f"{r['legit_p99_ms']} ms", flush=True)
             prev = cur
         final_stats = control_request(ctx, control, b"STATS")
+    except NotTheDataPlane as exc:
+        print(f"soak: {exc}", file=sys.stderr)
+        return 2
     finally:
         if attacks is not None:
             attacks.stop()
@@ -444,17 +630,19 @@ def main(argv: list[str]) -> int:
                 failures.append(f"the gatekeeper exited {code} on SIGTERM")
         ctx.destroy(0)
 
-    legit_totals = {k: sum(w.get(k, 0) for w in legit_lines.lines)
-                    for k in ("sent", "answered", "refused", "lost")}
-    if legit_totals["lost"] or legit_totals["refused"]:
+    legit_totals = {k: sum(w.get(k, 0) for w in legit_lines.lines) for k in LEGIT_COUNTS}
+    if legit_totals["lost"] or legit_totals["refused"] or legit_totals["misanswered"]:
         failures.append(f"legit clients: {legit_totals}")
+    lossy = attacks.lossy_counts() if attacks else {}
+    if lossy.get("req", {}).get("misanswered"):
+        failures.append(f"a lossy REQ client got answers to other requests: {lossy['req']}")
     loadgen_runs = loadgen_lines.lines if loadgen_lines else []
     if any(r["lost"] or r["bad"] for r in loadgen_runs):
         failures.append("C load generator: lost or refused requests: "
                         + json.dumps([{k: r[k] for k in ("sent", "lost", "bad")}
                                       for r in loadgen_runs if r["lost"] or r["bad"]]))
-    summary = write_results(out, rows, warmup, args, legit_totals, loadgen_runs,
-                            final_stats, attacks)
+    summary = write_results(out, rows, warmup, args, running, legit_totals, loadgen_runs,
+                            final_stats, attacks, lossy)
     if summary["rss_growth_mib"] is not None and summary["rss_growth_mib"] > args.rss_slack_mb:
         failures.append(f"RSS grew {summary['rss_growth_mib']:.1f} MiB after warm-up")
     with open(out / "summary.md", "a") as f:
@@ -464,8 +652,9 @@ def main(argv: list[str]) -> int:
     return 1 if failures else 0
 
 
-def write_results(out: Path, rows: list[dict], warmup: float, args, legit_totals: dict,
-                  loadgen_runs: list[dict], final_stats: dict | None, attacks) -> dict:
+def write_results(out: Path, rows: list[dict], warmup: float, args,
+                  running: tuple[str, str], legit_totals: dict, loadgen_runs: list[dict],
+                  final_stats: dict | None, attacks, lossy: dict) -> dict:
     with open(out / "samples.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
@@ -492,8 +681,8 @@ def write_results(out: Path, rows: list[dict], warmup: float, args, legit_totals
         f"# Soak: {args.minutes:g} min, {time.strftime('%Y-%m-%d %H:%M:%S')}",
         "",
         f"python {sys.version.split()[0]}, pyzmq {zmq.__version__}, libzmq "
-        f"{zmq.zmq_version()}, {os.cpu_count()} CPUs; implementation "
-        f"{(final_stats or {}).get('implementation', '?')}; legit {args.rate:g} msg/s over "
+        f"{zmq.zmq_version()}, {os.cpu_count()} CPUs; implementation {running[0]}, "
+        f"{running[1]} engine; legit {args.rate:g} msg/s over "
         f"{args.clients} DEALERs{' + C load generator' if args.loadgen else ''}; warm-up "
         f"{warmup:g} s",
         "",
@@ -501,7 +690,11 @@ def write_results(out: Path, rows: list[dict], warmup: float, args, legit_totals
         "greetings, huge command lengths, stalled handshakes), identity churn "
         "(fresh ids, max_keys 1000), 100 kB frames over max_message_size 64 KiB, and a "
         f"flood from one identity {attacks.flood_on:g} s of every {attacks.flood_period:g} s"
-        f" (attacker runs: {attacks.runs}).",
+        + (", clients that ask for 256 KiB replies and never read them" * ("unread" in
+                                                                            attacks.runs))
+        + (", pipelined requests that the broker loses or holds past the deadline" * (
+            "lossy" in attacks.runs))
+        + f" (attacker runs: {attacks.runs}).",
         "",
         "| when | t (s) | RSS (MiB) | fds | tracked keys | forwarded/s | refused/s | "
         "legit p99 (ms) |",
@@ -521,8 +714,10 @@ def write_results(out: Path, rows: list[dict], warmup: float, args, legit_totals
             "After warm-up:",
             "",
             f"- RSS min / max / end: {min(rss):.1f} / {max(rss):.1f} / {rss[-1]:.1f} MiB; "
-            f"growth since warm-up {summary['rss_growth_mib']:+.1f} MiB; linear trend "
-            f"{slope if slope is not None else float('nan'):+.3f} MiB/min",
+            f"growth since warm-up {summary['rss_growth_mib']:+.1f} MiB",
+            "- RSS slope after warm-up (least squares over "
+            + (f"{len(after)} samples): {slope:+.3f} MiB/min ({slope * 60:+.1f} MiB/hour)"
+               if slope is not None else f"{len(after)} samples): - (too few)"),
             f"- open descriptors min / max / end: {min(fds)} / {max(fds)} / {fds[-1]}",
             f"- tracked keys max: {max(r['tracked_keys'] for r in after)} (max_keys 1000)",
             f"- forwarded/s min / median / max: {min(fwd)} / {sorted(fwd)[len(fwd) // 2]} / "
@@ -530,6 +725,17 @@ def write_results(out: Path, rows: list[dict], warmup: float, args, legit_totals
             "- legit p99 per second, median / max: "
             + (f"{sorted(p99s)[len(p99s) // 2]:.2f} / {max(p99s):.2f} ms" if p99s else "-"),
         ]
+        for name, unit in (("queued_bytes", "reply bytes queued"),
+                           ("in_flight", "requests in flight")):
+            seen = [r[name] for r in after if r[name] is not None]
+            lines.append(f"- {unit} max / end: {max(seen):,} / {seen[-1]:,}" if seen else
+                         f"- {unit}: not in STATS (this gatekeeper does not count them)")
+    if end:
+        lines += ["", "Return path at the end: " + ", ".join(
+            f"{name} {'-' if end[name] is None else f'{end[name]:,.0f}'}"
+            for name in RETURN_PATH[2:]) + " (-: this gatekeeper does not count it)"]
+    if lossy:
+        lines.append(f"Lossy attacker: {json.dumps(lossy)}")
     lines += ["", f"Legit clients in total: {legit_totals}"]
     if loadgen_runs:
         lines.append("C load generator runs (10 s each): " + ", ".join(
@@ -591,7 +797,9 @@ def plot(path: Path, rows: list[dict], warmup: float) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_legit"]:
-        legit_main(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
+        legit_main(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    elif sys.argv[1:2] == ["_broker"]:
+        broker_main(sys.argv[2])
     elif sys.argv[1:2] == ["_loadgen"]:
         loadgen_main(sys.argv[2])
     else:

@@ -3,6 +3,7 @@ pty), plain snapshots on a pipe, and its errors with their exit codes."""
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import select
@@ -84,6 +85,76 @@ def test_pipe_gets_plain_snapshots(gatekeeper_factory, ctx):
     assert int(total.replace(",", "")) > 0 and float(per_second.replace(",", "")) > 0
     assert re.search(r"^\s*mallory\s+4\s*$", last, re.M)  # top offenders
     assert re.search(r"^\s*since start\s+[\d.]+ ms\s+[\d.]+ ms", last, re.M)  # round trips
+    stats = gk.ctl("STATS")
+    for key, label in RETURN_PATH_GAUGES:  # shown when this gatekeeper's STATS has them
+        assert (key in stats) == (label in last), (key, last)
+
+
+RETURN_PATH_GAUGES = (("queued_bytes", "reply bytes queued now"),
+                      ("in_flight", "requests in flight now"))
+
+
+@contextlib.contextmanager
+def stand_in_control(endpoint: str, stats: dict, step):
+    """A control socket at `endpoint` whose n-th STATS reply is `stats` after `step(copy,
+    n)`: for figures a gatekeeper reports that this one cannot be made to produce."""
+    stop = threading.Event()
+    bound = threading.Event()
+
+    def serve() -> None:
+        context = zmq.Context()
+        server = context.socket(zmq.ROUTER)
+        server.linger = 0
+        server.bind(endpoint)
+        bound.set()
+        n = 0
+        try:
+            while not stop.is_set():
+                if server.poll(50):
+                    peer, empty, _ = server.recv_multipart()
+                    reply = json.loads(json.dumps(stats))
+                    step(reply, n)
+                    n += 1
+                    server.send_multipart([peer, empty, json.dumps(reply).encode()])
+        finally:
+            server.close(0)
+            context.term()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert bound.wait(10)
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_pipe_shows_the_return_path(gatekeeper_factory, tmp_path):
+    """STATS as SPEC gives it with reply budgets and requests in flight: the gauges in the
+    totals, the slow_reader and late_reply drops and the too_many_in_flight refusals as
+    rows with their rates, through the tables every event and reason goes through."""
+    gk = gatekeeper_factory(POLICY)
+    real = gk.ctl("STATS")
+
+    def step(stats: dict, n: int) -> None:  # one second of uptime per reply
+        stats["uptime_s"] = real["uptime_s"] + n
+        stats["queued_bytes"], stats["in_flight"] = 3_145_728, 7
+        stats["dropped"].update(slow_reader=10 * n, late_reply=5 * n)
+        stats["violations"]["too_many_in_flight"] = 20 * n
+
+    endpoint = f"ipc://{tmp_path}/stand-in.ctl"
+    with stand_in_control(endpoint, real, step):
+        done = subprocess.run(
+            [sys.executable, "-m", "gatekeeper", "top", "--control", endpoint, "--interval",
+             "0.2", "--count", "2"], capture_output=True, text=True, env=gk.env, timeout=30)
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.split("gatekeeper at ")[-1]
+    assert re.search(r"^\s*reply bytes queued now\s+3,145,728\s*$", last, re.M), last
+    assert re.search(r"^\s*requests in flight now\s+7\s*$", last, re.M), last
+    assert row(last, "slow_reader") == ("20", "10.0")
+    assert row(last, "late_reply") == ("10", "5.0")
+    assert row(last, "too_many_in_flight") == ("40", "20.0")
 
 
 def test_terminal_view_redraws_in_place(gatekeeper_factory, ctx):

@@ -83,6 +83,11 @@ def render(endpoint: str, previous: dict, current: dict) -> Group:
             traffic.add_row(event, f"{current['dropped'][event]:,}",
                             rate(current["dropped"][event], previous["dropped"][event]))
     traffic.add_row("connections now", f"{current['connections']:,}", "")
+    # In STATS once the engine keeps reply budgets and requests in flight (SPEC "Replies")
+    for key, label in (("queued_bytes", "reply bytes queued now"),
+                       ("in_flight", "requests in flight now")):
+        if key in current:
+            traffic.add_row(label, f"{current[key]:,}", "")
     shakes, shakes_before = current["handshakes"], previous["handshakes"]
     traffic.add_row("handshakes accepted", f"{shakes['accepted']:,}",
                     rate(shakes["accepted"], shakes_before["accepted"]))
