@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
         description="A policy-enforcing proxy in front of a ZeroMQ broker.",
         epilog="`gatekeeper --config FILE` is the same as `gatekeeper run --config FILE`.",
     )
+    parser.add_argument("--version", action=_Version,
+                        help="print the version, the data plane, the frontend engines "
+                        "available here and the libzmq in use, then exit")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("--config", required=True, help="policy.toml")
@@ -51,6 +54,23 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("dir")
     keygen.add_argument("--name", default="gatekeeper", help="file name stem")
     return parser
+
+
+class _Version(argparse.Action):
+    """--version, worked out only when asked: it loads the data plane."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from . import __version__, _impl
+        from .frontend import native_unavailable
+
+        why = native_unavailable()
+        engines = f"libzmq ({why})" if why else "native, libzmq"
+        print(f"gatekeeper {__version__}\ndata plane: {_impl.IMPLEMENTATION}\n"
+              f"frontend engines: {engines}\nlibzmq: {zmq.zmq_version()}")
+        parser.exit()
 
 
 def _control_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,7 +105,7 @@ def _control_target(args: argparse.Namespace) -> tuple[str, tuple[bytes, bytes, 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
         argv.insert(0, "run")
     args = _parser().parse_args(argv)
     command = {"run": _run, "check": _check, "ctl": _ctl, "top": _top, "demo": _demo,
