@@ -113,3 +113,12 @@ def test_check_shows_native_curve_settings_and_no_secret(tmp_path):
     assert secret_file in row
     assert zmq.auth.load_certificate(secret_file)[1].decode() not in out.stdout
     assert "any client key" in out.stdout
+
+
+def test_misspelt_key_names_the_closest_one(tmp_path):
+    path = tmp_path / "policy.toml"
+    path.write_text(merge_sections(MINIMAL + "[frontend]\nsndhmw = 5\n"))
+    out = check(path)
+    assert out.returncode == 2
+    assert f"{path}: frontend.sndhmw: unknown key; did you mean `sndhwm`? allowed in [frontend]" \
+        in out.stderr

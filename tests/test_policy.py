@@ -161,8 +161,11 @@ SCHEMA_ERRORS = [
     (make(top="rate_limit = 1"), "rate_limit", "Expected `object"),
     (make(extra='[rate_limit.per_key."a.b"]\nburst = 0'), 'rate_limit.per_key."a.b".burst', ">= 1"),
     # unknown and missing keys
-    (make(top="frontnd = 1"), "frontnd", "unknown key; allowed at the top level: frontend"),
-    (make(frontend="sndhmw = 5"), "frontend.sndhmw", "unknown key; allowed in [frontend]"),
+    (make(top="frontnd = 1"), "frontnd",
+     "unknown key; did you mean `frontend`? allowed at the top level: frontend"),
+    (make(frontend="sndhmw = 5"), "frontend.sndhmw",
+     "unknown key; did you mean `sndhwm`? allowed in [frontend]"),
+    (make(extra="[limits]\nzzz = 5"), "limits.zzz", "unknown key; allowed in [limits]"),
     (make(extra="[limits]\nmax_frame = 5"), "limits.max_frame", "max_frame_bytes"),
     (make(extra='[rate_limit.per_key."x"]\nrate = 5'), "rate_limit.per_key.x.rate", "burst"),
     (

@@ -6,6 +6,7 @@ one `PolicyError`, each naming the file and the key path, e.g.
 `policy.toml: rate_limit.burst: Expected `int` >= 1, got 0`.
 """
 
+import difflib
 import hashlib
 import ipaddress
 import json
@@ -763,8 +764,8 @@ def _check_schema(raw: Any, tp: Any, key: str, errors: _Errors) -> Any:
     for name, value in raw.items():
         f = fields.get(name)
         if f is None:
-            errors.refuse(_Invalid(_join(key, name), f"unknown key; allowed {where}: "
-                                   + ", ".join(fields)))
+            errors.refuse(_Invalid(_join(key, name), f"unknown key; {_closest(name, fields)}"
+                                   f"allowed {where}: " + ", ".join(fields)))
         elif (checked := _check_schema(value, f.type, _join(key, name), errors)) is not _REFUSED:
             out[name] = checked
     for name, f in fields.items():
@@ -774,6 +775,13 @@ def _check_schema(raw: Any, tp: Any, key: str, errors: _Errors) -> Any:
 
 
 _REFUSED = object()
+
+
+def _closest(name: str, known: typing.Iterable[str]) -> str:
+    """"did you mean `x`? " for the known key most like a misspelt one, as git and cargo
+    say it; "" when none is close."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"did you mean `{close[0]}`? " if close else ""
 
 
 def _struct_of(tp: Any) -> Any:
