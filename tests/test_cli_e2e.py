@@ -101,6 +101,17 @@ def test_version_names_what_runs_here(twin):
     assert lines[3:] == [f"libzmq: {zmq.zmq_version()}"]
 
 
+def test_frontend_in_plain_text_beyond_loopback_is_logged_once_at_start(gatekeeper_factory):
+    gk = gatekeeper_factory(start=False)
+    gk.frontend = gk.frontend.replace("127.0.0.1", "0.0.0.0")
+    gk.write_policy()
+    gk.start()
+    warned = [e for e in gk.events() if e["event"] == "frontend_unencrypted"]
+    assert [(e["level"], e["key"], e["endpoint"]) for e in warned] == [
+        ("warning", "frontend.bind[0]", gk.frontend)]
+    assert "[frontend.curve]" in warned[0]["reason"]
+
+
 def test_invalid_policy_exits_2_before_binding(gatekeeper_factory):
     gk = gatekeeper_factory("[limits]\nmax_frames = 0\n", start=False, broker=False)
     gk.start(wait=False)

@@ -15,7 +15,7 @@ import zmq
 
 from .control import control_request, curve_client_keys
 from .log import EventLog
-from .policy import PolicyError, load_policy
+from .policy import PLAINTEXT_WARNING, PolicyError, load_policy, plaintext_endpoints
 
 COMMANDS = ("run", "check", "ctl", "top", "demo", "keygen")
 
@@ -131,6 +131,8 @@ def _run(args: argparse.Namespace) -> int:
         loaded = load_policy(args.config)
     except PolicyError as exc:
         return _fail(str(exc), 2)
+    for key, endpoint in plaintext_endpoints(loaded.policy):
+        log.warning("frontend_unencrypted", key=key, endpoint=endpoint, reason=PLAINTEXT_WARNING)
     try:
         gatekeeper = Gatekeeper(loaded, log)
     except (SocketSetupError, zmq.ZMQError, OSError) as exc:
@@ -152,6 +154,9 @@ def _check(args: argparse.Namespace) -> int:
         return _fail(str(exc), 1)
     frontend, engine = check_frontend(loaded.policy)
     print(format_check(loaded, frontend, engine))
+    for key, endpoint in plaintext_endpoints(loaded.policy):
+        print(f"gatekeeper: warning: {loaded.path}: {key}: {endpoint}: {PLAINTEXT_WARNING}",
+              file=sys.stderr)
     return 0
 
 

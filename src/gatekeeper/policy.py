@@ -357,6 +357,20 @@ def format_policy(policy: Policy) -> str:
     return "\n".join(lines[1:]) + "\n"
 
 
+# A frontend in plain text beyond this host is valid (a private network may be meant), so
+# `check` and `run` say it rather than refuse it.
+PLAINTEXT_WARNING = ("reachable beyond this host and not encrypted; [frontend.curve] would "
+                     "encrypt it and authenticate clients")
+
+
+def plaintext_endpoints(p: Policy) -> list[tuple[str, str]]:
+    """(key path, endpoint) of each frontend endpoint that PLAINTEXT_WARNING is about."""
+    if p.frontend.curve is not None:
+        return []
+    return [(f"frontend.bind[{i}]", ep) for i, ep in enumerate(p.frontend.bind)
+            if _beyond_host(ep)]
+
+
 # --- cross-key and file-system rules ----------------------------------------------------
 
 _REFUSED_SCHEMES = ("udp", "pgm", "epgm")
@@ -617,8 +631,7 @@ def _check_endpoints(p: Policy, errors: _Errors) -> None:
         if ep in seen and not ep.endswith((":*", ":0")):
             errors.found.append(_Invalid(key, f"{ep} is also {seen[ep]}; every endpoint must differ"))
         seen[ep] = key
-    scheme, _, address = p.control.bind.partition("://")
-    if scheme == "tcp" and not _is_loopback(address.rpartition(":")[0]) and p.control.curve is None:
+    if _beyond_host(p.control.bind) and p.control.curve is None:
         errors.found.append(_Invalid(
             "control.bind",
             f"{p.control.bind} is reachable beyond this host; bind tcp:// control only on "
@@ -659,6 +672,12 @@ def _check_endpoint(key: str, ep: str, is_bind: bool) -> None:
             raise _Invalid(key, f"{ep!r}: the inproc name is empty")
     else:
         raise _Invalid(key, f"unsupported transport {scheme}://; {_ALLOWED}")
+
+
+def _beyond_host(endpoint: str) -> bool:
+    """A tcp:// endpoint bound where other hosts may reach it."""
+    scheme, _, address = endpoint.partition("://")
+    return scheme == "tcp" and not _is_loopback(address.rpartition(":")[0])
 
 
 def _is_loopback(host: str) -> bool:
