@@ -13,7 +13,7 @@ import sys
 
 import zmq
 
-from .control import control_request, curve_client_keys
+from .control import control_request, curve_client_keys, unreachable
 from .log import EventLog
 from .policy import PLAINTEXT_WARNING, PolicyError, load_policy, plaintext_endpoints
 
@@ -22,6 +22,10 @@ COMMANDS = ("run", "check", "ctl", "top", "demo", "keygen")
 
 class _Usage(Exception):
     """A usage or configuration error: exit 2 with its text."""
+
+
+class _Unreachable(Exception):
+    """No gatekeeper can answer at the control endpoint: exit 1 with its text."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,7 +89,8 @@ def _control_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _control_target(args: argparse.Namespace) -> tuple[str, tuple[bytes, bytes, bytes] | None]:
-    """(endpoint, CURVE client keys or None) from ctl's and top's options; _Usage if not."""
+    """(endpoint, CURVE client keys or None) from ctl's and top's options; _Usage if not,
+    _Unreachable when it is plain that nothing listens there."""
     endpoint = args.control
     if endpoint is None:
         if args.config is None:
@@ -100,6 +105,8 @@ def _control_target(args: argparse.Namespace) -> tuple[str, tuple[bytes, bytes, 
             curve = curve_client_keys(args.client_cert, args.server_key, args.config)
         except ValueError as exc:
             raise _Usage(str(exc)) from None
+    if why := unreachable(endpoint):
+        raise _Unreachable(f"control endpoint {endpoint}: {why}")
     return endpoint, curve
 
 
@@ -114,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         return command(args)
     except _Usage as exc:
         return _fail(str(exc), 2)
+    except _Unreachable as exc:
+        return _fail(str(exc), 1)
 
 
 def _fail(message: str, code: int) -> int:
