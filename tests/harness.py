@@ -146,12 +146,16 @@ class GatekeeperProcess:
     def ctl(self, request: str, timeout: float = 5.0) -> dict:
         return json.loads(self.ctl_raw(request, timeout)[0])
 
-    def ctl_cli(self, *args: str, timeout: float = 30.0) -> tuple[int, str]:
-        """`gatekeeper ctl --config policy.toml ARGS...` in a subprocess: (exit code, stdout)."""
-        done = subprocess.run(
+    def ctl_process(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+        """`gatekeeper ctl --config policy.toml ARGS...` run in a subprocess to its end."""
+        return subprocess.run(
             [sys.executable, "-m", "gatekeeper", "ctl", "--config", str(self.policy_path), *args],
             capture_output=True, text=True, env=self.env, timeout=timeout,
         )
+
+    def ctl_cli(self, *args: str, timeout: float = 30.0) -> tuple[int, str]:
+        """(exit code, stdout) of ctl_process."""
+        done = self.ctl_process(*args, timeout=timeout)
         return done.returncode, done.stdout
 
     def signal(self, signum: int) -> None:

@@ -113,3 +113,43 @@ def test_check_shows_native_curve_settings_and_no_secret(tmp_path):
     assert secret_file in row
     assert zmq.auth.load_certificate(secret_file)[1].decode() not in out.stdout
     assert "any client key" in out.stdout
+
+
+def test_misspelt_key_names_the_closest_one(tmp_path):
+    path = tmp_path / "policy.toml"
+    path.write_text(merge_sections(MINIMAL + "[frontend]\nsndhmw = 5\n"))
+    out = check(path)
+    assert out.returncode == 2
+    assert f"{path}: frontend.sndhmw: unknown key; did you mean `sndhwm`? allowed in [frontend]" \
+        in out.stderr
+
+
+@pytest.mark.parametrize("bind", ["tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://[::]:5555"])
+def test_frontend_beyond_loopback_in_plain_text_is_a_warning(tmp_path, bind):
+    path = tmp_path / "policy.toml"
+    path.write_text(MINIMAL.replace("tcp://127.0.0.1:5555", bind))
+    out = check(path)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == (f"gatekeeper: warning: {path}: frontend.bind[0]: {bind}: reachable "
+                          "beyond this host and not encrypted; [frontend.curve] would encrypt "
+                          "it and authenticate clients\n")
+
+
+@pytest.mark.parametrize("bind", ["tcp://127.0.0.1:5555", "ipc://gk.sock", "inproc://gk"])
+def test_frontend_on_this_host_only_is_no_warning(tmp_path, bind):
+    path = tmp_path / "policy.toml"
+    path.write_text(MINIMAL.replace("tcp://127.0.0.1:5555", bind))
+    out = check(path)
+    assert out.returncode == 0 and out.stderr == ""
+
+
+def test_frontend_beyond_loopback_with_curve_is_no_warning(tmp_path):
+    import zmq.auth
+
+    _, secret_file = zmq.auth.create_certificates(str(tmp_path), "server")
+    Path(secret_file).chmod(0o600)
+    path = tmp_path / "policy.toml"
+    path.write_text(merge_sections(MINIMAL.replace("127.0.0.1:5555", "0.0.0.0:5555")
+                                   + f'[frontend.curve]\nsecret_key_file = "{secret_file}"\n'))
+    out = check(path)
+    assert out.returncode == 0 and out.stderr == ""

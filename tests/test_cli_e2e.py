@@ -1,12 +1,16 @@
 """The real CLI in a subprocess, real clients over TCP."""
 
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import zmq
 
+import gatekeeper
 from harness import client
 
 pytestmark = pytest.mark.timeout(60)
@@ -72,6 +76,40 @@ def test_endpoint_in_use_exits_1_with_cause(gatekeeper_factory, ctx):
     assert second.wait(15) == 1
     lines = second.stderr().strip().splitlines()
     assert "Address already in use" in lines[-1] and first.frontend in lines[-1]
+
+
+@pytest.mark.parametrize("twin", [False, True], ids=["c", "py"])
+def test_version_names_what_runs_here(twin):
+    from gatekeeper.frontend import native_unavailable
+
+    env = {k: v for k, v in os.environ.items() if k != "GATEKEEPER_NO_EXTENSIONS"}
+    if twin:
+        env["GATEKEEPER_NO_EXTENSIONS"] = "1"
+    out = subprocess.run([sys.executable, "-m", "gatekeeper", "--version"], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"gatekeeper {gatekeeper.__version__}"
+    assert lines[1] == f"data plane: {'python' if twin else 'cython'}"
+    if twin:
+        assert lines[2] == ("frontend engines: libzmq (the native engine is unavailable: "
+                            "it needs the compiled data plane)")
+    elif native_unavailable():
+        assert lines[2] == f"frontend engines: libzmq ({native_unavailable()})"
+    else:
+        assert lines[2] == "frontend engines: native, libzmq"
+    assert lines[3:] == [f"libzmq: {zmq.zmq_version()}"]
+
+
+def test_frontend_in_plain_text_beyond_loopback_is_logged_once_at_start(gatekeeper_factory):
+    gk = gatekeeper_factory(start=False)
+    gk.frontend = gk.frontend.replace("127.0.0.1", "0.0.0.0")
+    gk.write_policy()
+    gk.start()
+    warned = [e for e in gk.events() if e["event"] == "frontend_unencrypted"]
+    assert [(e["level"], e["key"], e["endpoint"]) for e in warned] == [
+        ("warning", "frontend.bind[0]", gk.frontend)]
+    assert "[frontend.curve]" in warned[0]["reason"]
 
 
 def test_invalid_policy_exits_2_before_binding(gatekeeper_factory):

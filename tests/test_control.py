@@ -14,7 +14,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from gatekeeper.control import MAX_READ_BYTES, MAX_REQUEST_BYTES, parse_request
+from gatekeeper.control import MAX_READ_BYTES, MAX_REQUEST_BYTES, parse_request, unreachable
 from gatekeeper.rules import HANDSHAKE_REASONS, REASONS
 from harness import client, free_port
 
@@ -58,9 +58,52 @@ def test_every_command_through_the_cli(gatekeeper_factory, ctx):
 
 def test_cli_without_a_gatekeeper(gatekeeper_factory):
     gk = gatekeeper_factory(broker=False, start=False)
-    rc, out = gk.ctl_cli("--timeout", "0.3", "STATS")
+    # over tcp a connection that nothing accepts is retried quietly: only the wait tells
+    rc, out = gk.ctl_cli("--control", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.3",
+                         "STATS")
     assert rc == 1 and out == ""
     assert gk.ctl_cli("--control", "nonsense://x", "STATS") == (2, "")
+
+
+def test_cli_says_at_once_that_no_ipc_socket_file_is_there(gatekeeper_factory, capsys):
+    from gatekeeper.cli import main
+
+    gk = gatekeeper_factory(broker=False, start=False)
+    path = gk.control[len("ipc://"):]
+    done = gk.ctl_process("STATS")
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (f"gatekeeper: control endpoint {gk.control}: no gatekeeper listens "
+                           f"there: {path} does not exist\n")
+    # the answer itself, without the interpreter's start, which a loaded machine stretches
+    started = time.monotonic()
+    assert main(["ctl", "--config", str(gk.policy_path), "--timeout", "30", "STATS"]) == 1
+    assert time.monotonic() - started < 0.5
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_says_at_once_that_no_process_listens_on_a_stale_socket_file(gatekeeper_factory):
+    gk = gatekeeper_factory(broker=False, start=False)
+    path = gk.control[len("ipc://"):]
+    with socket.socket(socket.AF_UNIX) as left_behind:
+        left_behind.bind(path)  # bound, never listening: as a process that died leaves it
+        done = gk.ctl_process("--timeout", "30", "STATS", timeout=10)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (f"gatekeeper: control endpoint {gk.control}: no gatekeeper listens "
+                           f"there: no process accepts connections on {path}\n")
+
+
+def test_unreachable_names_what_is_wrong_with_an_ipc_endpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert unreachable("ipc://gk.ctl") == (f"no gatekeeper listens there: {tmp_path}/gk.ctl "
+                                           "does not exist (relative to the current directory)")
+    (tmp_path / "file").write_text("")
+    assert unreachable("ipc://file/gk.ctl") == "cannot connect to file/gk.ctl: Not a directory"
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(tmp_path / "live.ctl"))
+        listening.listen(1)
+        assert unreachable("ipc://live.ctl") == ""
+    # abstract names and other transports are left to libzmq and the timeout
+    assert unreachable("ipc://@gk") == unreachable(f"tcp://127.0.0.1:{free_port()}") == ""
 
 
 @pytest.mark.parametrize("twin", [False, True], ids=["c", "py"])

@@ -12,6 +12,7 @@ from gatekeeper.policy import (
     format_policy,
     load_policy,
     parse_policy,
+    plaintext_endpoints,
     policy_to_dict,
 )
 from gatekeeper.rules import MAX_FRAMES_LIMIT, rules_from_policy
@@ -161,8 +162,11 @@ SCHEMA_ERRORS = [
     (make(top="rate_limit = 1"), "rate_limit", "Expected `object"),
     (make(extra='[rate_limit.per_key."a.b"]\nburst = 0'), 'rate_limit.per_key."a.b".burst', ">= 1"),
     # unknown and missing keys
-    (make(top="frontnd = 1"), "frontnd", "unknown key; allowed at the top level: frontend"),
-    (make(frontend="sndhmw = 5"), "frontend.sndhmw", "unknown key; allowed in [frontend]"),
+    (make(top="frontnd = 1"), "frontnd",
+     "unknown key; did you mean `frontend`? allowed at the top level: frontend"),
+    (make(frontend="sndhmw = 5"), "frontend.sndhmw",
+     "unknown key; did you mean `sndhwm`? allowed in [frontend]"),
+    (make(extra="[limits]\nzzz = 5"), "limits.zzz", "unknown key; allowed in [limits]"),
     (make(extra="[limits]\nmax_frame = 5"), "limits.max_frame", "max_frame_bytes"),
     (make(extra='[rate_limit.per_key."x"]\nrate = 5'), "rate_limit.per_key.x.rate", "burst"),
     (
@@ -295,6 +299,17 @@ def test_control_tcp_must_be_loopback_without_curve(keys):
         make(extra=f'[control]\nbind = "tcp://0.0.0.0:7000"\n{curve}'), str(keys / "p.toml")
     )
     assert p.control.curve.allowed_clients_dir == str(keys / "clients")
+
+
+def test_frontend_beyond_loopback_without_curve_is_named(keys):
+    binds = '["tcp://127.0.0.1:5555", "tcp://0.0.0.0:5556", "tcp://*:5557", "tcp://[::]:5558", ' \
+        '"tcp://10.1.2.3:5559", "tcp://[::1]:5560", "tcp://localhost:5561", "ipc://gk.sock", ' \
+        '"inproc://gk"]'
+    assert plaintext_endpoints(parse_policy(make(bind=binds))) == [
+        ("frontend.bind[1]", "tcp://0.0.0.0:5556"), ("frontend.bind[2]", "tcp://*:5557"),
+        ("frontend.bind[3]", "tcp://[::]:5558"), ("frontend.bind[4]", "tcp://10.1.2.3:5559")]
+    curve = parse_policy(make(frontend=FRONTEND_CURVE, bind=binds), str(keys / "p.toml"))
+    assert plaintext_endpoints(curve) == []
 
 
 def test_metrics_listen():

@@ -17,7 +17,7 @@ import time
 import pytest
 import zmq
 
-from harness import client
+from harness import client, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -203,8 +203,9 @@ def test_errors_and_exit_codes(gatekeeper_factory, tmp_path):
         assert done.stdout == ""
         return done.returncode, done.stderr
 
-    rc, err = top("--config", str(gk.policy_path), "--timeout", "0.3", "--count", "1")
-    assert rc == 1 and f"no reply from {gk.control} within 0.3 s" in err
+    silent = f"tcp://127.0.0.1:{free_port()}"  # nothing accepts: libzmq retries quietly
+    rc, err = top("--control", silent, "--timeout", "0.3", "--count", "1")
+    assert rc == 1 and f"no reply from {silent} within 0.3 s" in err
     for args, message in (
             (["--config", str(gk.policy_path), "--interval", "0"], "--interval must be > 0"),
             (["--config", str(gk.policy_path), "--count", "0"], "--count must be >= 1"),
@@ -212,3 +213,20 @@ def test_errors_and_exit_codes(gatekeeper_factory, tmp_path):
             ([], "top needs --config or --control")):
         rc, err = top(*args)
         assert rc == 2 and message in err, (args, err)
+
+
+def test_says_at_once_that_no_ipc_socket_file_is_there(gatekeeper_factory, capsys):
+    from gatekeeper.cli import main
+
+    gk = gatekeeper_factory(broker=False, start=False)
+    argv = ["top", "--config", str(gk.policy_path), "--timeout", "30", "--count", "1"]
+    done = subprocess.run([sys.executable, "-m", "gatekeeper", *argv], capture_output=True,
+                          text=True, env=gk.env, timeout=30)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (f"gatekeeper: control endpoint {gk.control}: no gatekeeper listens "
+                           f"there: {gk.control[len('ipc://'):]} does not exist\n")
+    # the answer itself, without the interpreter's start, which a loaded machine stretches
+    started = time.monotonic()
+    assert main(argv) == 1
+    assert time.monotonic() - started < 0.5
+    assert "does not exist" in capsys.readouterr().err

@@ -13,9 +13,9 @@ import sys
 
 import zmq
 
-from .control import control_request, curve_client_keys
+from .control import control_request, curve_client_keys, unreachable
 from .log import EventLog
-from .policy import PolicyError, load_policy
+from .policy import PLAINTEXT_WARNING, PolicyError, load_policy, plaintext_endpoints
 
 COMMANDS = ("run", "check", "ctl", "top", "demo", "keygen")
 
@@ -24,12 +24,19 @@ class _Usage(Exception):
     """A usage or configuration error: exit 2 with its text."""
 
 
+class _Unreachable(Exception):
+    """No gatekeeper can answer at the control endpoint: exit 1 with its text."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gatekeeper",
         description="A policy-enforcing proxy in front of a ZeroMQ broker.",
         epilog="`gatekeeper --config FILE` is the same as `gatekeeper run --config FILE`.",
     )
+    parser.add_argument("--version", action=_Version,
+                        help="print the version, the data plane, the frontend engines "
+                        "available here and the libzmq in use, then exit")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("--config", required=True, help="policy.toml")
@@ -53,6 +60,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Version(argparse.Action):
+    """--version, worked out only when asked: it loads the data plane."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from . import __version__, _impl
+        from .frontend import native_unavailable
+
+        why = native_unavailable()
+        engines = f"libzmq ({why})" if why else "native, libzmq"
+        print(f"gatekeeper {__version__}\ndata plane: {_impl.IMPLEMENTATION}\n"
+              f"frontend engines: {engines}\nlibzmq: {zmq.zmq_version()}")
+        parser.exit()
+
+
 def _control_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="policy.toml (for control.bind)")
     p.add_argument("--control", help="control endpoint, overriding the file")
@@ -65,7 +89,8 @@ def _control_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _control_target(args: argparse.Namespace) -> tuple[str, tuple[bytes, bytes, bytes] | None]:
-    """(endpoint, CURVE client keys or None) from ctl's and top's options; _Usage if not."""
+    """(endpoint, CURVE client keys or None) from ctl's and top's options; _Usage if not,
+    _Unreachable when it is plain that nothing listens there."""
     endpoint = args.control
     if endpoint is None:
         if args.config is None:
@@ -80,12 +105,14 @@ def _control_target(args: argparse.Namespace) -> tuple[str, tuple[bytes, bytes, 
             curve = curve_client_keys(args.client_cert, args.server_key, args.config)
         except ValueError as exc:
             raise _Usage(str(exc)) from None
+    if why := unreachable(endpoint):
+        raise _Unreachable(f"control endpoint {endpoint}: {why}")
     return endpoint, curve
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
         argv.insert(0, "run")
     args = _parser().parse_args(argv)
     command = {"run": _run, "check": _check, "ctl": _ctl, "top": _top, "demo": _demo,
@@ -94,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         return command(args)
     except _Usage as exc:
         return _fail(str(exc), 2)
+    except _Unreachable as exc:
+        return _fail(str(exc), 1)
 
 
 def _fail(message: str, code: int) -> int:
@@ -111,6 +140,8 @@ def _run(args: argparse.Namespace) -> int:
         loaded = load_policy(args.config)
     except PolicyError as exc:
         return _fail(str(exc), 2)
+    for key, endpoint in plaintext_endpoints(loaded.policy):
+        log.warning("frontend_unencrypted", key=key, endpoint=endpoint, reason=PLAINTEXT_WARNING)
     try:
         gatekeeper = Gatekeeper(loaded, log)
     except (SocketSetupError, zmq.ZMQError, OSError) as exc:
@@ -132,6 +163,9 @@ def _check(args: argparse.Namespace) -> int:
         return _fail(str(exc), 1)
     frontend, engine = check_frontend(loaded.policy)
     print(format_check(loaded, frontend, engine))
+    for key, endpoint in plaintext_endpoints(loaded.policy):
+        print(f"gatekeeper: warning: {loaded.path}: {key}: {endpoint}: {PLAINTEXT_WARNING}",
+              file=sys.stderr)
     return 0
 
 

@@ -18,7 +18,8 @@ from .keys import load_key_pair
 from .log import EventLog
 from .policy import PolicyError, load_policy
 from .rules import MAX_KEY_BYTES, ROUND_TRIP_BUCKETS, parse_identity
-from .sockets import SocketSetupError, apply_options, control_options, unix_socket_in_use
+from .sockets import (SocketSetupError, apply_options, control_options, unix_socket_in_use,
+                      unix_socket_refusal)
 
 MAX_REQUEST_BYTES = 1024
 # Requests up to this size are read, so that an over-long one gets an answer; libzmq cuts a
@@ -260,6 +261,26 @@ def round_trip_figures(counts: Sequence[int], total: float) -> dict[str, Any]:
 
 
 # -- the client side ---------------------------------------------------------------
+
+def unreachable(endpoint: str) -> str:
+    """Why nothing can answer at an ipc:// endpoint, known at once: libzmq would retry
+    such a connection without a word until the request timed out. "" when a process
+    listens there, and for the other transports."""
+    scheme, _, path = endpoint.partition("://")
+    if scheme != "ipc" or path.startswith("@"):
+        return ""
+    refusal = unix_socket_refusal(path)
+    if isinstance(refusal, FileNotFoundError):
+        # The gatekeeper and this client each read a relative path from their own
+        # working directory.
+        relative = "" if os.path.isabs(path) else " (relative to the current directory)"
+        return f"no gatekeeper listens there: {os.path.abspath(path)} does not exist{relative}"
+    if isinstance(refusal, ConnectionRefusedError):
+        return f"no gatekeeper listens there: no process accepts connections on {path}"
+    if refusal is not None:
+        return f"cannot connect to {path}: {refusal.strerror}"
+    return ""
+
 
 def control_request(endpoint: str, request: str, timeout: float = 5.0,
                     curve: tuple[bytes, bytes, bytes] | None = None) -> list[bytes]:

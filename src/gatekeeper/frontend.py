@@ -162,14 +162,21 @@ def _peer_ip(fd: int) -> IPAddress | None:
         sock.detach()  # the descriptor is libzmq's: never close it here
 
 
+def native_unavailable() -> str:
+    """Why the native engine cannot run here whatever the policy says; "" when it can."""
+    if not sys.platform.startswith("linux"):
+        return "the native engine runs on Linux only"
+    if _impl.NATIVE_UNAVAILABLE:
+        return f"the native engine is unavailable: {_impl.NATIVE_UNAVAILABLE}"
+    return ""
+
+
 def engine_for(policy: Policy) -> tuple[str, str]:
     """(the engine that serves this policy's clients, why it is not the one asked for)."""
     if policy.frontend.engine == "libzmq":
         return "libzmq", ""
-    if not sys.platform.startswith("linux"):
-        return "libzmq", "the native engine runs on Linux only"
-    if _impl.NATIVE_UNAVAILABLE:
-        return "libzmq", f"the native engine is unavailable: {_impl.NATIVE_UNAVAILABLE}"
+    if why := native_unavailable():
+        return "libzmq", why
     inproc = [ep for ep in policy.frontend.bind if ep.startswith("inproc://")]
     if inproc:
         return "libzmq", f"{inproc[0]}: only a libzmq ROUTER serves inproc endpoints"

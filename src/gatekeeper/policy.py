@@ -6,6 +6,7 @@ one `PolicyError`, each naming the file and the key path, e.g.
 `policy.toml: rate_limit.burst: Expected `int` >= 1, got 0`.
 """
 
+import difflib
 import hashlib
 import ipaddress
 import json
@@ -356,6 +357,20 @@ def format_policy(policy: Policy) -> str:
     return "\n".join(lines[1:]) + "\n"
 
 
+# A frontend in plain text beyond this host is valid (a private network may be meant), so
+# `check` and `run` say it rather than refuse it.
+PLAINTEXT_WARNING = ("reachable beyond this host and not encrypted; [frontend.curve] would "
+                     "encrypt it and authenticate clients")
+
+
+def plaintext_endpoints(p: Policy) -> list[tuple[str, str]]:
+    """(key path, endpoint) of each frontend endpoint that PLAINTEXT_WARNING is about."""
+    if p.frontend.curve is not None:
+        return []
+    return [(f"frontend.bind[{i}]", ep) for i, ep in enumerate(p.frontend.bind)
+            if _beyond_host(ep)]
+
+
 # --- cross-key and file-system rules ----------------------------------------------------
 
 _REFUSED_SCHEMES = ("udp", "pgm", "epgm")
@@ -627,8 +642,7 @@ def _check_endpoints(p: Policy, errors: _Errors) -> None:
         if ep in seen and not ep.endswith((":*", ":0")):
             errors.found.append(_Invalid(key, f"{ep} is also {seen[ep]}; every endpoint must differ"))
         seen[ep] = key
-    scheme, _, address = p.control.bind.partition("://")
-    if scheme == "tcp" and not _is_loopback(address.rpartition(":")[0]) and p.control.curve is None:
+    if _beyond_host(p.control.bind) and p.control.curve is None:
         errors.found.append(_Invalid(
             "control.bind",
             f"{p.control.bind} is reachable beyond this host; bind tcp:// control only on "
@@ -669,6 +683,12 @@ def _check_endpoint(key: str, ep: str, is_bind: bool) -> None:
             raise _Invalid(key, f"{ep!r}: the inproc name is empty")
     else:
         raise _Invalid(key, f"unsupported transport {scheme}://; {_ALLOWED}")
+
+
+def _beyond_host(endpoint: str) -> bool:
+    """A tcp:// endpoint bound where other hosts may reach it."""
+    scheme, _, address = endpoint.partition("://")
+    return scheme == "tcp" and not _is_loopback(address.rpartition(":")[0])
 
 
 def _is_loopback(host: str) -> bool:
@@ -774,8 +794,8 @@ def _check_schema(raw: Any, tp: Any, key: str, errors: _Errors) -> Any:
     for name, value in raw.items():
         f = fields.get(name)
         if f is None:
-            errors.refuse(_Invalid(_join(key, name), f"unknown key; allowed {where}: "
-                                   + ", ".join(fields)))
+            errors.refuse(_Invalid(_join(key, name), f"unknown key; {_closest(name, fields)}"
+                                   f"allowed {where}: " + ", ".join(fields)))
         elif (checked := _check_schema(value, f.type, _join(key, name), errors)) is not _REFUSED:
             out[name] = checked
     for name, f in fields.items():
@@ -785,6 +805,13 @@ def _check_schema(raw: Any, tp: Any, key: str, errors: _Errors) -> Any:
 
 
 _REFUSED = object()
+
+
+def _closest(name: str, known: typing.Iterable[str]) -> str:
+    """"did you mean `x`? " for the known key most like a misspelt one, as git and cargo
+    say it; "" when none is close."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"did you mean `{close[0]}`? " if close else ""
 
 
 def _struct_of(tp: Any) -> Any:

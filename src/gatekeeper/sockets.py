@@ -325,11 +325,21 @@ def format_check(loaded: LoadedPolicy, frontend: tuple[str, list[Any]] | None = 
     return "\n".join(out)
 
 
-def unix_socket_in_use(path: str) -> bool:
-    """Whether a process accepts connections on the unix socket at `path`."""
+def unix_socket_refusal(path: str) -> OSError | None:
+    """Why a connection to the unix socket at `path` fails at once (FileNotFoundError: no
+    such file; ConnectionRefusedError: a stale file left by a process that died, or not a
+    socket); None when a process listens there."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
         try:
             probe.connect(path)
-        except OSError:
-            return False  # absent, or a stale file left by a process that died
-    return True
+        except BlockingIOError:
+            return None  # its backlog is full: someone listens
+        except OSError as e:
+            return e
+    return None
+
+
+def unix_socket_in_use(path: str) -> bool:
+    """Whether a process accepts connections on the unix socket at `path`."""
+    return unix_socket_refusal(path) is None
