@@ -87,7 +87,7 @@ class _SocketSection(_Section, kw_only=True):
 class Frontend(_SocketSection, kw_only=True):
     bind: Annotated[Endpoints, Meta(min_length=1)]
     # "native": the gatekeeper's own ZMTP engine where it can run (tcp and ipc on Linux,
-    # the compiled data plane); "libzmq": a libzmq ROUTER. See sockets.frontend_engine.
+    # the compiled data plane); "libzmq": a libzmq ROUTER. See frontend.engine_for.
     engine: Literal["native", "libzmq"] = "native"
     max_connections: Annotated[int, Meta(gt=0, le=MAX_CONNECTIONS_LIMIT)] = 10000
     max_buffered_bytes: Count = 268435456
