@@ -153,3 +153,22 @@ def test_frontend_beyond_loopback_with_curve_is_no_warning(tmp_path):
                                    + f'[frontend.curve]\nsecret_key_file = "{secret_file}"\n'))
     out = check(path)
     assert out.returncode == 0 and out.stderr == ""
+
+
+def test_check_says_where_reply_bytes_are_bounded(tmp_path):
+    from gatekeeper import _impl
+
+    path = tmp_path / "policy.toml"
+    path.write_text(merge_sections(MINIMAL + '[frontend]\nengine = "libzmq"\n'))
+    out = check(path)
+    assert out.returncode == 0, out.stderr
+    sndhwm = next(line for line in out.stdout.splitlines() if line.startswith("  SNDHWM "))
+    assert "whole messages, their bytes are not bounded with this engine" in sndhwm
+    if _impl.NATIVE_UNAVAILABLE:
+        return
+    path.write_text(merge_sections(MINIMAL + "[frontend]\nslow_reader_timeout_ms = 0\n"))
+    rows = {line.split()[0]: line for line in check(path).stdout.splitlines()
+            if line.startswith("  max_queued") or line.startswith("  slow_reader")}
+    assert "(reply_dropped)" in rows["max_queued_bytes"]
+    assert "(slow_reader)" in rows["max_queued_total_bytes"]
+    assert "never disconnected" in rows["slow_reader_timeout_ms"]

@@ -33,6 +33,7 @@ TYPES = {
     "gatekeeper_policy_reloads": "counter",
     "gatekeeper_up": "gauge",
     "gatekeeper_connections": "gauge",
+    "gatekeeper_queued_reply_bytes": "gauge",
     "gatekeeper_handshakes": "counter",
     "gatekeeper_backend_round_trip_seconds": "histogram",
     "gatekeeper_backend_round_trips_untimed": "counter",

@@ -201,6 +201,11 @@ CROSS_KEY_ERRORS = [
         ">= max_frame_bytes",
     ),
     (
+        make(frontend="max_queued_bytes = 2048\nmax_queued_total_bytes = 1024"),
+        "frontend.max_queued_bytes",
+        "exceeds frontend.max_queued_total_bytes (1024)",
+    ),
+    (
         make(extra="[limits]\nmax_frames = 4\n[protocol]\ncommand_frame = 4\n" + COMMANDS),
         "protocol.command_frame",
         "-1..3",

@@ -23,7 +23,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.errno cimport EAGAIN, ECONNABORTED, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcmp, memcpy, memset, strlen
+from libc.string cimport memcmp, memcpy, memmove, memset, strlen
 
 from gatekeeper._fast cimport (
     BE_BYTES_IN,
@@ -48,6 +48,7 @@ from gatekeeper._fast cimport (
     REPLIED,
     REPLY_DROPPED,
     LATE_REPLY,
+    SLOW_READER,
     TIMED_OUT,
     TIMEOUT_ANSWERS_,
     UNROUTABLE,
@@ -221,6 +222,13 @@ cdef extern from "<netinet/tcp.h>" nogil:
 cdef extern from "<arpa/inet.h>" nogil:
     const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
 
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+cdef extern from "<linux/sockios.h>" nogil:
+    enum:
+        SIOCOUTQ  # bytes in a socket's send queue: not sent, or not acknowledged (TCP)
+
 cdef extern from "<sys/random.h>" nogil:
     ssize_t getrandom(void *buf, size_t n, unsigned int flags)
 
@@ -239,6 +247,9 @@ cdef extern from *:
         long pid
         unsigned int uid
         unsigned int gid
+
+cdef extern from *:
+    int __builtin_clzll(unsigned long long x) nogil
 
 IMPLEMENTATION = "cython"
 ENGINE = "native"
@@ -267,6 +278,11 @@ cdef enum:
     ADDR_TEXT = 64          # "localhost:uid:gid:pid" or an IPv6 address, NUL included
     ID_ATTEMPTS = 64
     SWEEP_MS = 100          # timers (handshake, heartbeat, TTL, deadlines) are checked this often
+    # The reply budgets (SPEC "Replies"). Connections with output waiting are listed by
+    # the bit length of their unsent bytes, so the biggest is in the top list; looking for
+    # it reads at most HOG_SCAN entries of that list (see `biggest`).
+    QUEUE_LEVELS = 64       # bit lengths 1..64 of a size_t; 0: nothing waiting, not listed
+    HOG_SCAN = 64
     REJECT_MARKER_LEN = 10
 
 cdef const char *REJECT_MARKER_TEXT = "GATEKEEPER"   # the twin's REJECT_MARKER
@@ -355,6 +371,13 @@ cdef struct Conn:
     uint8_t *out
     size_t out_len, out_cap, out_sent
     uint32_t queued
+    uint8_t queue_level       # the bit length of the unsent bytes: which list `c` is on
+    int prev_queued, next_queued
+    # The stalled-reader watch (see `stalled`): bytes ever written and the kernel's send
+    # queue as the last sweep saw them, and since when neither moved while output waits.
+    uint64_t written, written_seen
+    int outq_seen
+    double write_idle_since
 
 
 cdef struct Pool:
@@ -455,6 +478,8 @@ cdef class NativeRelay:
     cdef uint64_t max_frame_size
     cdef bint legacy_zmtp2
     cdef uint32_t sndhwm
+    cdef size_t max_queued, max_queued_total
+    cdef double slow_reader_timeout   # 0: never
     cdef double handshake_timeout, hb_interval, hb_timeout
     cdef uint16_t hb_ttl_ds
     cdef bint keepalive
@@ -463,6 +488,11 @@ cdef class NativeRelay:
     cdef size_t buffered
     cdef readonly size_t buffered_peak
     cdef int throttled_head
+    # replies waiting to be written: the unsent bytes of all connections, and the lists
+    # of connections by level (Conn.queue_level) that `biggest` looks in
+    cdef size_t queued
+    cdef int queue_heads[QUEUE_LEVELS + 1]
+    cdef uint64_t queue_levels        # bit level - 1 set: that list is not empty
     # a message the backend has no room for (wait mode), and what its connection sent
     # after it in the same read
     cdef gk_zmq_msg_t *pending
@@ -498,11 +528,14 @@ cdef class NativeRelay:
     cdef int error
 
     def __cinit__(self):
+        cdef int i
         self.outer = -1
         self.inner = -1
         self.stash_conn = -1
         self.throttled_head = -1
         self.free_head = -1
+        for i in range(QUEUE_LEVELS + 1):
+            self.queue_heads[i] = -1
         Z.msg_init(&self.scratch)
 
     def __init__(self, listeners, backend, services, PolicyEngine engine, settings):
@@ -527,6 +560,9 @@ cdef class NativeRelay:
         self.max_frame_size = settings.max_message_size
         self.legacy_zmtp2 = settings.legacy_zmtp2
         self.sndhwm = settings.sndhwm
+        self.max_queued = settings.max_queued_bytes
+        self.max_queued_total = settings.max_queued_total_bytes
+        self.slow_reader_timeout = settings.slow_reader_timeout_ms * 1e-3
         self.handshake_timeout = settings.handshake_timeout_ms * 1e-3
         self.hb_interval = settings.heartbeat_interval_ms * 1e-3
         self.hb_timeout = settings.heartbeat_timeout_ms * 1e-3
@@ -694,6 +730,11 @@ cdef class NativeRelay:
     @property
     def buffered_bytes(self):
         return self.buffered
+
+    @property
+    def queued_bytes(self):
+        """Bytes waiting to be written to all clients (max_queued_total_bytes bounds it)."""
+        return self.queued
 
     @property
     def outstanding(self):
@@ -874,6 +915,7 @@ cdef class NativeRelay:
         c.state = ST_GREETING
         c.deadline = now + self.handshake_timeout
         c.last_recv = now
+        c.write_idle_since = now
         # The signature first: a peer of any ZMTP version waits for it (zmtp_engine.cpp).
         self.append(c, sig, zmtp_signature(sig))
         self.flush(c)
@@ -1652,23 +1694,24 @@ cdef class NativeRelay:
 
     cdef void send_reject(self, Conn *c, int reason) noexcept nogil:
         """Its envelope (up to the first empty frame) and GATEKEEPER, reason; never
-        queued past sndhwm."""
+        queued past sndhwm or the reply budgets (an echoed envelope can be big)."""
         cdef uint32_t envelope = 0, i
-        cdef uint8_t header[ZMTP_FRAME_HEADER_MAX]
-        cdef size_t nbytes = 0, text_len
-        cdef const char *text
-        if c.queued >= self.sndhwm:
-            self.counts[REJECT_DROPPED] += 1
-            return
+        cdef size_t nbytes = 0, text_len, wire
+        cdef const char *text = reason_text(reason, &text_len)
         for i in range(c.nheld):
             if Z.msg_size(&c.frames[i]) == 0:
                 envelope = i + 1
                 break
+        wire = framed_size(c, REJECT_MARKER_LEN) + framed_size(c, text_len)
         for i in range(envelope):
             nbytes += Z.msg_size(&c.frames[i])
+            wire += framed_size(c, Z.msg_size(&c.frames[i]))
+        if c.queued >= self.sndhwm or not self.make_room(c, wire):
+            self.counts[REJECT_DROPPED] += 1
+            return
+        for i in range(envelope):
             self.append_frame(c, <const uint8_t *>Z.msg_data(&c.frames[i]),
                               Z.msg_size(&c.frames[i]), True)
-        text = reason_text(reason, &text_len)
         self.append_frame(c, <const uint8_t *>REJECT_MARKER_TEXT, REJECT_MARKER_LEN, True)
         self.append_frame(c, <const uint8_t *>text, text_len, False)
         c.queued += 1
@@ -1685,8 +1728,8 @@ cdef class NativeRelay:
         cdef int n, slot
         cdef bint more
         cdef size_t nbytes, size
+        cdef size_t before = 0   # the client's unsent bytes before this reply
         cdef Conn *c
-        cdef uint8_t header[ZMTP_FRAME_HEADER_MAX]
         # one clock reading per batch, as the libzmq relay: a round trip is good to the
         # time a batch takes
         cdef double now = monotonic()
@@ -1709,6 +1752,8 @@ cdef class NativeRelay:
             elif c.queued >= self.sndhwm:
                 self.counts[REPLY_DROPPED] += 1
                 c = NULL
+            else:
+                before = unsent(c)
             while more:
                 if Z.msg_recv(m, self.be, 0) < 0:
                     self.error = Z.errno_()
@@ -1716,8 +1761,15 @@ cdef class NativeRelay:
                 size = Z.msg_size(m)
                 nbytes += size
                 more = Z.msg_more(m)
-                if c != NULL:
+                if c == NULL:
+                    continue
+                # libzmq hands a reply frame by frame: its size is known only at its end
+                if self.make_room(c, framed_size(c, size)):
                     self.append_frame(c, <const uint8_t *>Z.msg_data(m), size, more)
+                else:
+                    self.take_back(c, before)
+                    self.counts[REPLY_DROPPED] += 1
+                    c = NULL
             Z.msg_close(m)
             Z.msg_init(m)
             self.counts[BE_MSGS_IN] += 1
@@ -1777,7 +1829,8 @@ cdef class NativeRelay:
             self.drop(c, -1)  # no id to give it: its REQ socket reconnects, as after a drop
             return
         (<uint32_t *>self.ids.payload)[slot] = <uint32_t>(c - self.conns)
-        if c.queued >= self.sndhwm:
+        if c.queued >= self.sndhwm or not self.make_room(
+                c, framed_size(c, 0) + framed_size(c, REJECT_MARKER_LEN) + framed_size(c, 7)):
             self.counts[REJECT_DROPPED] += 1
             return
         # a REQ envelope is the empty delimiter alone
@@ -1794,7 +1847,7 @@ cdef class NativeRelay:
     cdef void append(self, Conn *c, const uint8_t *p, size_t n) noexcept nogil:
         if self.reserve(c, n):
             memcpy(c.out + c.out_len, p, n)
-            c.out_len += n
+            self.queue(c, n)
 
     cdef bint reserve(self, Conn *c, size_t n) noexcept nogil:
         """Room for `n` more bytes of output; False when there is no memory for them (the
@@ -1803,6 +1856,16 @@ cdef class NativeRelay:
         cdef uint8_t *grown
         if c.out_len + n <= c.out_cap:
             return True
+        if c.out_sent and c.out_sent >= unsent(c):
+            # At least half of it written: moving the rest down costs no more than was
+            # written since the last move, and the buffer grows only while less than
+            # half of it is written, so a reader that keeps a backlog holds at most a
+            # few times its unsent bytes, not all it was ever sent.
+            memmove(c.out, c.out + c.out_sent, unsent(c))
+            c.out_len -= c.out_sent
+            c.out_sent = 0
+            if c.out_len + n <= c.out_cap:
+                return True
         if c.out == NULL and n <= OUT_KEEP:
             c.out = <uint8_t *>pool_take(&self.out_buffers)
             c.out_cap = OUT_KEEP if c.out != NULL else 0
@@ -1837,7 +1900,7 @@ cdef class NativeRelay:
         memcpy(c.out + c.out_len, header, h)
         boxed = curve_encrypt(&c.cs, data, n, flags, c.out + c.out_len + h)
         if boxed:
-            c.out_len += h + boxed
+            self.queue(c, h + boxed)
 
     cdef void send_command(self, Conn *c, const uint8_t *frame, size_t n) noexcept nogil:
         """A command frame of ours (PING, PONG): for CURVE its body goes in a box with the
@@ -1882,23 +1945,128 @@ cdef class NativeRelay:
                     return
                 break
             c.out_sent += n
+            c.written += n
+            self.queued -= n
         if c.out_sent == c.out_len:
             self.release_out(c)
             if c.writing:
                 epoll_ctl(self.outer, EPOLL_CTL_DEL, c.fd, NULL)
                 c.writing = False
-        elif not c.writing:
+            return
+        self.requeue(c)
+        if not c.writing:
             ev.events = EPOLLOUT
             ev.data.u64 = tag(TAG_CONN, <uint64_t>(c - self.conns))
             if epoll_ctl(self.outer, EPOLL_CTL_ADD, c.fd, &ev) == 0:
                 c.writing = True
 
     cdef void release_out(self, Conn *c) noexcept nogil:
+        self.queued -= unsent(c)
         if c.out != NULL:
             pool_give(&self.out_buffers, c.out, c.out_cap == OUT_KEEP)
         c.out = NULL
         c.out_len = c.out_cap = c.out_sent = 0
         c.queued = 0
+        self.requeue(c)
+
+    # -- the reply budgets -----------------------------------------------------------
+
+    cdef inline void queue(self, Conn *c, size_t n) noexcept nogil:
+        """`n` bytes appended to `c`'s output."""
+        c.out_len += n
+        self.queued += n
+        self.requeue(c)
+
+    cdef bint make_room(self, Conn *c, size_t n) noexcept nogil:
+        """Whether `n` more bytes of a reply to `c` may be queued: within max_queued_bytes
+        for `c`, and within max_queued_total_bytes for all once the biggest holders are
+        cut to make room (each cut frees at least one byte, so at most one round per
+        connection); False when `c` is itself the biggest."""
+        cdef Conn *hog
+        if unsent(c) + n > self.max_queued:
+            return False
+        while self.queued + n > self.max_queued_total:
+            hog = self.biggest(c)
+            if hog == c:
+                return False
+            self.cut_slow_reader(hog)
+        return True
+
+    cdef Conn *biggest(self, Conn *c) noexcept nogil:
+        """The connection holding the most unsent bytes, or `c` when it holds as many.
+        Only the top list is read, at most HOG_SCAN of it: everyone there holds more than
+        half of what the biggest holds, so the one picked is within a factor of two of
+        it, and `c`, compared outright, is never passed over for a smaller one."""
+        cdef Conn *best = c
+        cdef int i, k
+        if self.queue_levels == 0:
+            return c
+        i = self.queue_heads[queue_level(self.queue_levels)]  # the top one
+        for k in range(HOG_SCAN):
+            if i < 0:
+                break
+            if unsent(&self.conns[i]) > unsent(best):
+                best = &self.conns[i]
+            i = self.conns[i].next_queued
+        return best
+
+    cdef void take_back(self, Conn *c, size_t before) noexcept nogil:
+        """Undo what was queued of a reply that does not fit, back to the `before`
+        unsent bytes `c` had. Under CURVE the nonces of the boxes taken back are never
+        sent: libzmq only requires them to increase (curve_mechanism_base.cpp, decode)."""
+        self.queued -= unsent(c) - before
+        c.out_len = c.out_sent + before
+        if c.out_len == c.out_sent:
+            self.release_out(c)  # nothing waits: its buffer must not stay uncounted
+        else:
+            self.requeue(c)
+
+    cdef void requeue(self, Conn *c) noexcept nogil:
+        """Keep `c` on the list of its level after its unsent bytes changed: O(1), and
+        nothing to do while the level stays the same."""
+        cdef int level = queue_level(unsent(c))
+        cdef int slot = <int>(c - self.conns)
+        if level == c.queue_level:
+            return
+        if c.queue_level:
+            if c.prev_queued >= 0:
+                self.conns[c.prev_queued].next_queued = c.next_queued
+            else:
+                self.queue_heads[c.queue_level] = c.next_queued
+                if c.next_queued < 0:
+                    self.queue_levels &= ~(<uint64_t>1 << (c.queue_level - 1))
+            if c.next_queued >= 0:
+                self.conns[c.next_queued].prev_queued = c.prev_queued
+        c.queue_level = level
+        if level:
+            c.prev_queued = -1
+            c.next_queued = self.queue_heads[level]
+            if c.next_queued >= 0:
+                self.conns[c.next_queued].prev_queued = slot
+            self.queue_heads[level] = slot
+            self.queue_levels |= <uint64_t>1 << (level - 1)
+
+    cdef bint stalled(self, Conn *c, double now) noexcept nogil:
+        """Whether `c` has taken no byte of its waiting output for slow_reader_timeout_ms.
+        Our writes alone would not tell: the kernel takes them only once a third of its
+        send buffer (up to tcp_wmem's 4 MiB) is free, which a client reading slowly takes
+        seconds to free. So its send queue shrinking counts as taking too. Called by the
+        sweep: one ioctl per connection with output waiting."""
+        cdef int outq = 0
+        if c.out_len == c.out_sent or self.slow_reader_timeout <= 0.0:
+            c.write_idle_since = now
+            return False
+        ioctl(c.fd, SIOCOUTQ, &outq)
+        if c.written == c.written_seen and outq == c.outq_seen:
+            return now - c.write_idle_since >= self.slow_reader_timeout
+        c.written_seen = c.written
+        c.outq_seen = outq
+        c.write_idle_since = now
+        return False
+
+    cdef void cut_slow_reader(self, Conn *c) noexcept nogil:
+        self.counts[SLOW_READER] += 1
+        self.drop(c, -1)
 
     # -- timers ----------------------------------------------------------------------
 
@@ -1928,6 +2096,9 @@ cdef class NativeRelay:
                 c.last_recv = now
             if c.ttl > 0.0 and now > c.last_recv + c.ttl:
                 self.drop(c, -1)
+                continue
+            if self.stalled(c, now):
+                self.cut_slow_reader(c)
                 continue
             if not c.heartbeats or self.hb_interval <= 0.0:
                 continue
@@ -1961,6 +2132,23 @@ cdef size_t whole_messages(const ZmtpDecoder *d, const uint8_t *buf, size_t n) n
             whole = pos
     zmtp_decoder_free(&copy)  # only the copy's own command buffer: d held none
     return whole
+
+
+cdef inline size_t unsent(const Conn *c) noexcept nogil:
+    return c.out_len - c.out_sent
+
+
+cdef inline int queue_level(size_t n) noexcept nogil:
+    """The bit length of `n`: 2**(level - 1) <= n < 2**level; 0 for 0."""
+    return 0 if n == 0 else 64 - __builtin_clzll(n)
+
+
+cdef size_t framed_size(const Conn *c, size_t n) noexcept nogil:
+    """The bytes a data frame of `n` bytes takes in `c`'s output, boxed under CURVE."""
+    cdef uint8_t header[ZMTP_FRAME_HEADER_MAX]
+    if c.curve:
+        n += CURVE_MESSAGE_OVERHEAD
+    return zmtp_frame_header(header, n, False) + n
 
 
 cdef bint is_mechanism(const uint8_t *field, const char *name) noexcept nogil:

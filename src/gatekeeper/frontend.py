@@ -196,6 +196,9 @@ class NativeSettings:
 
     max_connections: int
     max_buffered_bytes: int
+    max_queued_bytes: int
+    max_queued_total_bytes: int
+    slow_reader_timeout_ms: int
     max_message_size: int
     legacy_zmtp2: bool
     sndhwm: int
@@ -241,7 +244,8 @@ def native_settings(policy: Policy, client_keys: frozenset[bytes] | None = None
 
 # NativeSettings' fields that are [frontend]'s of the same name
 _FROM_FRONTEND = (
-    "max_connections", "max_buffered_bytes", "max_message_size", "legacy_zmtp2", "sndhwm",
+    "max_connections", "max_buffered_bytes", "max_queued_bytes", "max_queued_total_bytes",
+    "slow_reader_timeout_ms", "max_message_size", "legacy_zmtp2", "sndhwm",
     "handshake_timeout_ms", "heartbeat_interval_ms", "heartbeat_timeout_ms",
     "heartbeat_ttl_ms", "tcp_keepalive", "tcp_keepalive_idle_s", "tcp_keepalive_interval_s",
     "tcp_keepalive_count",
@@ -279,6 +283,13 @@ def native_rows(policy: Policy) -> list[Setting]:
         row("legacy_zmtp2", "ZMTP 2.0 peers served" if f.legacy_zmtp2
             else "ZMTP 2.0 peers refused (legacy_protocol)"),
         row("sndhwm", "replies queued to one client; more are dropped (reply_dropped)"),
+        row("max_queued_bytes", "bytes of replies queued to one client; a reply that does "
+            "not fit is dropped (reply_dropped)"),
+        row("max_queued_total_bytes", "bytes of replies queued to all clients; past it the "
+            "client holding the most is disconnected (slow_reader)"),
+        row("slow_reader_timeout_ms", "a client that takes none of its waiting replies this "
+            "long is disconnected (slow_reader)" if f.slow_reader_timeout_ms
+            else "0: a client that takes none of its waiting replies is never disconnected"),
         row("handshake_timeout_ms", "peers that do not finish the handshake are dropped"),
         row("heartbeat_interval_ms", "ZMTP PINGs find a dead client"),
         row("heartbeat_timeout_ms", "a client that answers nothing in time is disconnected, "

@@ -57,6 +57,8 @@ class Observed(Protocol):
 
     def violations(self) -> dict[str, int]: ...
 
+    def queued_bytes(self) -> int: ...
+
 
 class GatekeeperCollector:
     def __init__(self, gatekeeper: Observed) -> None:
@@ -83,10 +85,13 @@ class GatekeeperCollector:
             refused.add_metric([reason], count)
         yield refused
         dropped = CounterMetricFamily("gatekeeper_dropped", "Replies and reject replies that "
-                                      "could not be delivered", labels=["kind"])
+                                      "could not be delivered", labels=["what"])
         for event in EVENTS:
             dropped.add_metric([event], c[event])
         yield dropped
+        yield GaugeMetricFamily("gatekeeper_queued_reply_bytes", "Bytes of replies waiting "
+                                "to be written to clients (native engine)",
+                                value=gk.queued_bytes())
         yield GaugeMetricFamily("gatekeeper_tracked_keys", "Rate-limit keys in the table",
                                 value=gk.engine.tracked_keys)
         yield GaugeMetricFamily("gatekeeper_paused", "1 while reading clients is paused",

@@ -386,6 +386,8 @@ def _validate(p: Policy, base_dir: str, errors: _Errors) -> Policy:
                  _check_max_message_size, p)
     errors.check(("frontend.max_buffered_bytes", "limits.max_message_bytes"),
                  _check_max_buffered_bytes, p)
+    errors.check(("frontend.max_queued_bytes", "frontend.max_queued_total_bytes"),
+                 _check_max_queued_bytes, p.frontend)
     errors.check(("requests",), _check_requests, p.requests)
     if errors.sound("protocol", "limits.max_frames"):
         _check_protocol(p.protocol, p.limits, errors)
@@ -444,6 +446,16 @@ def _check_max_buffered_bytes(p: Policy) -> None:
             f"{p.frontend.max_buffered_bytes} is below limits.max_message_bytes "
             f"({p.limits.max_message_bytes}): a message of the largest allowed size could "
             "never be received whole; allowed: >= max_message_bytes",
+        )
+
+
+def _check_max_queued_bytes(f: Frontend) -> None:
+    if f.max_queued_bytes > f.max_queued_total_bytes:
+        raise _Invalid(
+            "frontend.max_queued_bytes",
+            f"{f.max_queued_bytes} exceeds frontend.max_queued_total_bytes "
+            f"({f.max_queued_total_bytes}): one client could hold more replies than all "
+            "clients together; allowed: <= max_queued_total_bytes",
         )
 
 

@@ -264,6 +264,7 @@ class Gatekeeper:
             "implementation": IMPLEMENTATION,
             "engine": self.frontend_engine.name,
             "connections": self.frontend_engine.connections(),
+            "queued_bytes": self.queued_bytes(),
             "handshakes": self.frontend_engine.handshakes(),
             "round_trip_s": self.round_trip_summary(),
             **self._native_stats(),
@@ -283,6 +284,11 @@ class Gatekeeper:
             "untimed_requests": rt["untimed_requests"],
             "unmatched_replies": rt["unmatched_replies"],
         }
+
+    def queued_bytes(self) -> int:
+        """Bytes of replies waiting to be written to clients. A libzmq frontend keeps no
+        such total: its pipes count whole messages."""
+        return self.relay.queued_bytes if self.engine_name == "native" else 0
 
     def _native_stats(self) -> dict[str, Any]:
         """The native engine's budget of partially received messages."""

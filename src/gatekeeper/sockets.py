@@ -54,9 +54,10 @@ def _opt(name: str, value: int | bytes, reason: str, shown: str | None = None) -
     return SocketOption(name, getattr(zmq, name), value, reason, shown)
 
 
-def _queues(s: Frontend | Backend, peer: str) -> list[SocketOption]:
+def _queues(s: Frontend | Backend, peer: str,
+            sndhwm: str = "memory stays bounded") -> list[SocketOption]:
     return [
-        _opt("SNDHWM", s.sndhwm, f"bounds the queue to each {peer}: memory stays bounded"),
+        _opt("SNDHWM", s.sndhwm, f"bounds the queue to each {peer}: {sndhwm}"),
         _opt("RCVHWM", s.rcvhwm, f"bounds the queue from each {peer}: memory stays bounded"),
         _opt(
             "MAXMSGSIZE",
@@ -120,7 +121,9 @@ def load_secret_key(path: str) -> bytes:
 
 def frontend_options(p: Policy) -> list[SocketOption]:
     f = p.frontend
-    opts = _queues(f, "client")
+    # max_queued_bytes and max_queued_total_bytes are the native engine's
+    opts = _queues(f, "client", "whole messages, their bytes are not bounded with this "
+                   "engine (a client that reads nothing can hold sndhwm of the largest replies)")
     opts += [
         _opt("LINGER", f.linger_ms, "replies still queued to clients at close are dropped (ms)"),
         _opt(

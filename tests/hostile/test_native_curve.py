@@ -78,11 +78,14 @@ class CurvePeer:
                 return frames
 
 
-def _libzmq_client(ctx, gk, keys):
+def _libzmq_client(ctx, gk, keys, **options):
+    """A libzmq CURVE DEALER; `options` are socket options set before it connects."""
     public, secret, server = keys
     s = ctx.socket(zmq.DEALER)
     s.linger = 0
     s.rcvtimeo = 5000
+    for name, value in options.items():
+        setattr(s, name, value)
     s.curve_publickey, s.curve_secretkey, s.curve_serverkey = public, secret, server
     s.connect(gk.frontend)
     return s
@@ -173,3 +176,37 @@ def test_broken_handshake_boxes_leave_nothing(curve_gk, ctx, part):
     _served(ctx, gk, libzmq_keys)
     stats = gk.ctl("STATS")
     assert stats["handshakes"]["accepted"] >= 2 and stats["forwarded"] == 2
+
+
+def test_replies_taken_back_leave_nonce_gaps_libzmq_accepts(curve_gk, ctx):
+    """A client that reads nothing while 60 replies of 180 KiB come passes its
+    max_queued_bytes: each reply that does not fit is taken back after its first frame
+    (the empty delimiter) was boxed, leaving a gap in the nonces. libzmq only asks that
+    they increase: once it reads, it gets every reply not dropped, intact, on the same
+    connection."""
+    gk, _, _, libzmq_keys = curve_gk
+    _served(ctx, gk, libzmq_keys)
+    s = _libzmq_client(ctx, gk, libzmq_keys, rcvhwm=1, rcvbuf=4096)
+    body = [b"b" * 60000] * 3
+    for i in range(60):
+        s.send_multipart([b"", b"%d" % i, *body])
+    stats = wait_for(lambda: (st := gk.ctl("STATS"))["backend"]["messages_in"] >= 61 and st,
+                     timeout=30, message="the replies did not all come back")
+    dropped = stats["dropped"]["reply_dropped"]
+    assert dropped > 0, "no reply was dropped: the client read too much"
+    got = []
+    s.rcvtimeo = 2000
+    try:
+        while True:
+            got.append(s.recv_multipart())
+    except zmq.Again:
+        pass
+    tags = [int(reply[1]) for reply in got]
+    assert tags == sorted(set(tags)) and all(reply[2:] == body for reply in got)
+    assert len(got) + dropped == 60
+    s.send_multipart([b"", b"after"])
+    assert s.recv_multipart() == [b"", b"after"]
+    stats = gk.ctl("STATS")
+    assert stats["handshakes"]["accepted"] == 2, "the client had to connect again"
+    assert stats["dropped"]["slow_reader"] == 0
+    s.close(0)
