@@ -45,8 +45,10 @@ BAN_SOURCES: tuple[str, ...] = ("control", "penalty", "cluster")
 SOURCE_CONTROL, SOURCE_PENALTY, SOURCE_CLUSTER = 0, 1, 2
 
 # Refusals before any message exists, at accept or in the handshake. The native engine
-# decides all of them; with a libzmq frontend the ZAP handler decides the first five (at
-# handshake time), and libzmq the rest as it sees fit (it counts none of them).
+# decides all of them; with a libzmq frontend the ZAP handler decides the first five and
+# `banned` (at handshake time), and libzmq the rest as it sees fit (it counts none of them).
+# `banned` is an address banned while [rate_limit] key = "peer_address"; as a message's
+# reason it is also in REASONS.
 # `identity_not_key` is not among them: libzmq's ZAP request carries the routing id of the
 # *local* socket, not the peer's, so the data plane decides it per message (REASONS above).
 HANDSHAKE_REASONS: tuple[str, ...] = (
@@ -60,6 +62,7 @@ HANDSHAKE_REASONS: tuple[str, ...] = (
     "invalid_socket_type",
     "reserved_identity",
     "identity_in_use",
+    "banned",
 )
 # Results of frontend handshakes, the labels of gatekeeper_handshakes_total: admitted, each
 # refusal above, refused while draining (libzmq only: the native engine closes its
