@@ -27,8 +27,9 @@ from .metrics import MetricsServer
 from .notify import Notifier
 from .policy import (Cluster, LoadedPolicy, Policy, PolicyError, diff_policies, load_policy,
                      policy_to_dict)
-from .rules import (BAN_SOURCES, EVENTS, HANDSHAKE_REASONS, KEY_PEER_ADDRESS, REASONS,
-                    ROUND_TRIP_BUCKETS, SOURCE_CONTROL, SOURCE_PENALTY, rules_from_policy)
+from .rules import (BAN_SOURCES, EVENTS, HANDSHAKE_REASONS, KEY_PEER_ADDRESS, REASON_CODES,
+                    REASONS, ROUND_TRIP_BUCKETS, SOURCE_CLUSTER, SOURCE_CONTROL,
+                    SOURCE_PENALTY, rules_from_policy)
 
 TICK_MS = 100
 LOG_PUMP_S = 1.0
@@ -124,7 +125,7 @@ class Gatekeeper:
                 now = time.monotonic()
                 self.notify.watchdog(now)
                 if self.cluster is not None and now >= next_sync:
-                    self.cluster.tick(self.engine, now)
+                    self._apply_cluster_bans(self.cluster.tick(self.engine, now))
                     next_sync = now + self.cluster.interval_s
                 if now >= next_pump:
                     self._pump_logs()
@@ -252,7 +253,17 @@ class Gatekeeper:
         if not self.engine.unban(key, time.monotonic()):
             return False
         self.log.info("unbanned", key=printable_key(key), source=BAN_SOURCES[source])
+        if self.cluster is not None and source != SOURCE_CLUSTER:
+            self.cluster.share_unban(key)
         return True
+
+    def _apply_cluster_bans(self, changes: list[tuple[bytes, float | None, str]]) -> None:
+        """Bans and unbans from the other gatekeepers on the Redis (0 s left: unbanned)."""
+        for key, seconds, reason in changes:
+            if seconds == 0.0:
+                self.unban(key, SOURCE_CLUSTER)
+            else:
+                self.ban(key, seconds, SOURCE_CLUSTER, REASON_CODES.get(reason, 0))
 
     def bans(self) -> list[dict[str, Any]]:
         """The bans now, soonest-ending last."""
@@ -313,6 +324,8 @@ class Gatekeeper:
         else:
             self._bans_unlogged += 1
         self.frontend_engine.banned(key, self.engine.rules.rate_key)
+        if self.cluster is not None and source != SOURCE_CLUSTER:
+            self.cluster.share_ban(key, seconds, ban_reason(reason))
 
     def pause(self) -> None:
         self.relay.paused = True
