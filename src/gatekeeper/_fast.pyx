@@ -205,9 +205,11 @@ cdef class PolicyEngine:
         if self.rate_on:
             ki_free(&self.strikes)
             self.strikes_on = False
-        elif not self.strikes_on or old.max_bans != rules.max_bans:
+        elif (not self.strikes_on or old.max_bans != rules.max_bans
+                or old.penalty_on != rules.penalty_on):
             ki_free(&self.strikes)
-            ki_init(&self.strikes, rules.max_bans, sizeof(Strikes))
+            # its index is allocated whole: one slot while nothing counts
+            ki_init(&self.strikes, rules.max_bans if rules.penalty_on else 1, sizeof(Strikes))
             self.strikes_on = True
             self.strikes_hand = 0
         if old is None or old.log_per_second != rules.log_per_second:

@@ -361,8 +361,11 @@ class PolicyEngine:
             self._table.window = rules.penalty_window
             self._strikes = None
         else:
-            if self._strikes is None or old.max_bans != rules.max_bans:
-                self._strikes = _StrikeTable(rules.max_bans, rules.penalty_window)
+            if (self._strikes is None or old.max_bans != rules.max_bans
+                    or old.penalty_on != rules.penalty_on):
+                # one slot while nothing counts: the compiled twin allocates its index whole
+                self._strikes = _StrikeTable(rules.max_bans if rules.penalty_on else 1,
+                                             rules.penalty_window)
             self._strikes.window = rules.penalty_window
         self.round_trips.configure(
             rules.request_timeout,
