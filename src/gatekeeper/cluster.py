@@ -85,7 +85,7 @@ return left
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 
 # KEYS: the bans (sorted set: key -> end, ms of Redis time; +inf until UNBAN), what each
-# is (hash: key -> origin, NUL, reason), the changes (sorted set: key -> sequence number)
+# is (hash: key -> origin, NUL, reason; no reason: unbanned by origin), the changes (sorted set: key -> sequence number)
 # and the sequence. ARGV: this gatekeeper's last sequence seen (-1: none), how many changes
 # Redis keeps, how many bans one reply carries, how many ops follow, then each op: "b" or
 # "u", the key, seconds ("inf": until UNBAN), origin NUL reason. Returns Redis time (ms),
@@ -107,8 +107,10 @@ for _ = 1, tonumber(ARGV[4]) do
     redis.call('ZADD', KEYS[1], ends, key)
     redis.call('HSET', KEYS[2], key, what)
   else
+    -- what says who ended it, until the change is forgotten: a ban that ended by itself
+    -- is no UNBAN, and must not end a newer one where it is read late
     redis.call('ZREM', KEYS[1], key)
-    redis.call('HDEL', KEYS[2], key)
+    redis.call('HSET', KEYS[2], key, what)
   end
   redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), key)
 end
@@ -118,7 +120,12 @@ for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local count = redis.call('ZCARD', KEYS[3])
-if count > keep then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, count - keep - 1) end
+if count > keep then
+  for _, key in ipairs(redis.call('ZRANGE', KEYS[3], 0, count - keep - 1)) do
+    if not redis.call('ZSCORE', KEYS[1], key) then redis.call('HDEL', KEYS[2], key) end
+  end
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, count - keep - 1)
+end
 local seq = tonumber(redis.call('GET', KEYS[4]) or '0')
 local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
 local full = last < 0 or (oldest[2] ~= nil and tonumber(oldest[2]) > last + 1)
@@ -340,7 +347,7 @@ class ClusterSync:
         args: list[Any] = [str(self._ban_seq), MAX_BAN_CHANGES, MAX_SYNC_BANS, len(ops)]
         for key, seconds, reason in ops:
             if seconds == UNBAN:
-                args += [b"u", key, b"", b""]
+                args += [b"u", key, b"", self._origin + b"\0"]
             else:
                 args += [b"b", key, b"inf" if seconds is None else repr(seconds),
                          self._origin + b"\0" + reason.encode()]
@@ -353,8 +360,8 @@ class ClusterSync:
         for i in range(2, len(reply) - 2, 3):
             key, ends, what = reply[i], reply[i + 1], reply[i + 2]
             origin, _, reason = what.partition(b"\0")
-            if origin == self._origin:
-                continue  # begun here
+            if not what or origin == self._origin:
+                continue  # ended by itself, everywhere alike; or changed here
             if not ends:
                 changes.append((key, 0.0, ""))
             elif ends in (b"inf", b"+inf"):
