@@ -1,7 +1,8 @@
 """Fuzz target: the compiled and the pure-Python PolicyEngine, fed the same random policy
 and message sequence, must make the same decision at every step and end in the same state
-(violations, tracked keys, top offenders, bans, log samples, the usage a shared budget
-syncs, the requests in flight as forwards, replies and deadlines come).
+(violations, tracked keys, top offenders, bans and the penalty box's, log samples, the
+usage a shared budget syncs, the requests in flight as forwards, replies and deadlines
+come).
 
     python fuzz/fuzz_decide.py -atheris_runs=1000000 [CORPUS_DIR] [libFuzzer flags]
 
@@ -50,6 +51,9 @@ HAS_USER_ID = "user_id" in inspect.signature(_fast_py.PolicyEngine.decide).param
 MODULES = (_fast, _fast_py)
 # Newer engines count requests in flight ([requests]).
 HAS_IN_FLIGHT = "request_timeout" in RULE_FIELDS
+# Newer engines ban by themselves ([penalty]), and bans end.
+HAS_PENALTY = "penalty_violations" in RULE_FIELDS
+BAN_SECONDS = [1e-9, 0.01, 0.5, 1.0, 60.0, 1e6, math.inf, math.nan, 0.0, -1.0]
 
 IDS = [b"", b"a", b"b", b"svc-1", b"svc-2", b"vip", b"\x00\xff", b"x" * 255, b"x" * 254,
        b"rJ9@x3kQ" * 5]
@@ -106,6 +110,13 @@ def make_rules(fd: Bytes):
         answer_timeouts=fd.bool(),
         max_in_flight_per_key=fd.pick([0, 0, 1, 2, 8]),
         max_in_flight=fd.pick([0, 0, 1, 3, 100]),
+        penalty_violations=fd.pick([0, 0, 1, 2, 3, 100]),
+        penalty_window=fd.pick([1e-3, 0.5, 10.0, 1e6]),
+        penalty_ban=fd.pick([1e-3, 0.5, 1.0, 60.0]),
+        penalty_max_ban=fd.pick([1.0, 4.0, 86400.0]),
+        penalty_forget=fd.pick([1e-3, 1.0, 3600.0]),
+        penalty_reasons=fd.int(0, (1 << len(rules_mod.REASONS)) - 1) & ~1,
+        max_bans=fd.pick([1, 2, 3, 8, 100000]),
     )
     try:
         return Rules(**{k: v for k, v in kwargs.items() if k in RULE_FIELDS})
@@ -113,10 +124,11 @@ def make_rules(fd: Bytes):
         return None
 
 
-def observe(engine):
+def observe(engine, now):
     in_flight = (engine.round_trips.in_flight, engine.round_trips.timed_out) if HAS_IN_FLIGHT else ()
-    return (engine.violations(), engine.tracked_keys, engine.top_offenders(), engine.banned(),
-            in_flight)
+    bans = ((engine.bans(now), engine.ban_count(now), engine.bans_total(), engine.take_bans())
+            if HAS_PENALTY else engine.banned())
+    return (engine.violations(), engine.tracked_keys, engine.top_offenders(), bans, in_flight)
 
 
 def _both(what: str, call):
@@ -155,9 +167,16 @@ def TestOneInput(data: bytes) -> None:
             now += fd.pick(STEPS_DT)
         op = fd.int(0, 15)
         identity = _identity(fd)
-        if op == 0:
+        if op == 0 and HAS_PENALTY:
+            seconds = fd.pick(BAN_SECONDS) if fd.bool() else None
+            TRACE.append(("ban", identity, seconds, now))
+            _both("ban", lambda e: e.ban(identity, seconds, now))
+        elif op == 0:
             TRACE.append(("ban", identity))
             _both("ban", lambda e: e.ban(identity))
+        elif op == 1 and HAS_PENALTY:
+            TRACE.append(("unban", identity, now))
+            _both("unban", lambda e: e.unban(identity, now))
         elif op == 1:
             TRACE.append(("unban", identity))
             _both("unban", lambda e: e.unban(identity))
@@ -176,7 +195,7 @@ def TestOneInput(data: bytes) -> None:
             TRACE.append(("reload-same-rate", new))
             _both("set_rules", lambda e: e.set_rules(new, now=now))
         elif op == 5:
-            _both("observe", observe)
+            _both("observe", lambda e: observe(e, now))
         elif op == 6:
             TRACE.append(("usage",))
             _both("take_usage", lambda e: e.take_usage())
@@ -193,6 +212,8 @@ def TestOneInput(data: bytes) -> None:
         elif op == 10 and HAS_IN_FLIGHT:
             TRACE.append(("expire", now))
             _both("expire", lambda e: e.round_trips.expire(now))
+        elif op == 11 and HAS_PENALTY:
+            _both("key_state", lambda e: e.key_state(identity, now))
         r = fd.int(0, 7)
         key = identity[:MAX_KEY_BYTES] if r else fd.pick([b"127.0.0.1", b"", b"k" * 300])
         frames = [fd.pick(FRAMES) if fd.bool() else fd.bytes(fd.pick([4, 16, 90]))
@@ -211,7 +232,7 @@ def TestOneInput(data: bytes) -> None:
             lockstep = frames[0] == b""  # forwarded, as the relays record it
             _both("sent", lambda e: e.round_trips.sent(identity, now, lockstep, key))
             _both("key_in_flight", lambda e: e.round_trips.key_in_flight(identity, key))
-    _both("final state", observe)
+    _both("final state", lambda e: observe(e, now))
     _both("final samples", lambda e: e.take_samples())
     _both("final usage", lambda e: e.take_usage())
 

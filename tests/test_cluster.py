@@ -27,11 +27,12 @@ class Synced:
         self.sync.start()
 
     def round(self) -> dict:
-        """Hand the usage over, wait for the sync, apply what it brought back."""
+        """Hand the usage over, wait for the sync, apply what it brought back; the bans
+        other gatekeepers changed are left in `changes`."""
         self._wait_idle()  # the empty hand-over of the last round's second tick
-        self.sync.tick(self.engine, time.monotonic())
+        self.changes = self.sync.tick(self.engine, time.monotonic())
         self._wait_idle()
-        self.sync.tick(self.engine, time.monotonic())
+        self.changes += self.sync.tick(self.engine, time.monotonic())
         return self.sync.stats()
 
     def _wait_idle(self) -> None:
@@ -160,3 +161,27 @@ def test_many_keys_leave_redis_after_their_ttl(redis_factory, synced):
         time.sleep(0.1)
     left = client.info("memory")["used_memory"] - baseline
     assert left < 500_000, left
+
+
+def test_bans_come_back_as_changes_and_an_ended_one_is_no_unban(redis_factory, synced):
+    redis = redis_factory()
+    a, b = (synced(shared(Limits(5.0, 10.0)), redis.url) for _ in range(2))
+    b.round()
+    assert b.changes == []  # nothing in force yet; b has seen every change from now on
+    a.sync.share_ban(b"brief", 0.05, "rate_limited")
+    a.sync.share_ban(b"long", 30.0, "BAN")
+    a.sync.share_ban(b"forever", None, "BAN")
+    a.round()
+    assert a.changes == []  # its own
+    time.sleep(0.1)
+    a.round()  # `brief` has ended, and left Redis
+    assert sorted(b.round() and b.changes) == [
+        (b"forever", None, "BAN"), (b"long", pytest.approx(30.0, abs=1.0), "BAN")]
+    a.sync.share_unban(b"long")
+    a.round()
+    b.round()
+    assert b.changes == [(b"long", 0.0, "")]
+    # a newcomer reads every ban in force
+    c = synced(shared(Limits(5.0, 10.0)), redis.url)
+    c.round()
+    assert c.changes == [(b"forever", None, "BAN")]

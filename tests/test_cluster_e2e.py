@@ -201,3 +201,52 @@ def test_reload_moves_the_sync_to_another_redis_and_off(gatekeeper_factory, redi
     gk.write_policy(f"[rate_limit]\nmessages_per_second = {RATE}.0\nburst = {BURST}\n")
     assert gk.ctl("RELOAD")["ok"]
     assert "cluster" not in gk.ctl("STATS")
+
+
+def banned_here(gk) -> dict:
+    return {b["key"]: b for b in gk.ctl("BANS")["bans"]}
+
+
+def wait_bans(gk, predicate, timeout: float = 3.0) -> dict:
+    """BANS of `gk`, keyed, once `predicate` holds of them."""
+    started = time.monotonic()
+    while not predicate(bans := banned_here(gk)):
+        assert time.monotonic() - started < timeout, bans
+        time.sleep(0.02)
+    return bans
+
+
+@pytest.mark.engines("default")
+def test_bans_and_unbans_reach_every_gatekeeper_with_their_time_left(
+        gatekeeper_factory, redis_factory, ctx):
+    redis = redis_factory()
+    gks = [gatekeeper_factory(policy(redis.url) + '[violations]\naction = "reject"\n')
+           for _ in range(2)]
+    wait_cluster(gks, up=True)
+    assert gks[0].ctl("BAN mallory 2")["ok"] and gks[1].ctl("BAN forever")["ok"]
+    there = wait_bans(gks[1], lambda b: "mallory" in b)
+    assert there["mallory"]["source"] == "cluster" and there["mallory"]["reason"] == "BAN"
+    assert 1.0 < there["mallory"]["seconds_left"] <= 2.0
+    assert wait_bans(gks[0], lambda b: "forever" in b)["forever"]["seconds_left"] is None
+    req = client(ctx, gks[1].frontend, zmq.REQ, identity=b"mallory")
+    req.send(b"hi")
+    assert req.recv_multipart() == [b"GATEKEEPER", b"banned"]
+    assert gks[0].ctl("UNBAN forever")["ok"]
+    wait_bans(gks[1], lambda b: "forever" not in b)
+    assert [e["source"] for e in gks[1].events() if e["event"] == "unbanned"] == ["cluster"]
+    # it ends by itself everywhere
+    wait_bans(gks[1], lambda b: not b)
+    req.send(b"hi")
+    assert req.recv() == b"hi"
+
+    redis.kill()
+    wait_cluster(gks, up=False)
+    assert gks[0].ctl("BAN later 30")["ok"]
+    time.sleep(0.5)
+    assert banned_here(gks[1]) == {}  # Redis away: each keeps its own
+    redis.start()
+    wait_cluster(gks, up=True)
+    assert wait_bans(gks[1], lambda b: "later" in b)["later"]["source"] == "cluster"
+    sources = [(e["key"], e["source"]) for e in gks[1].events() if e["event"] == "banned"]
+    assert sorted(sources) == [
+        ("forever", "control"), ("later", "cluster"), ("mallory", "cluster")]

@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gatekeeper import _fast_py
-from gatekeeper.rules import KEY_IDENTITY, KEY_PEER_ADDRESS, MAX_KEY_BYTES, Limits, Rules
+from gatekeeper.rules import (KEY_IDENTITY, KEY_PEER_ADDRESS, MAX_KEY_BYTES, RATE_LIMITED,
+                             REASON_CODES, Limits, Rules)
 
 _fast = pytest.importorskip("gatekeeper._fast") if not os.environ.get(
     "GATEKEEPER_NO_EXTENSIONS") else None
@@ -51,6 +52,13 @@ rules = st.builds(
     request_timeout=st.sampled_from([0.0, 0.5, 2.0]),
     max_in_flight_per_key=st.sampled_from([0, 0, 1, 2]),
     max_in_flight=st.sampled_from([0, 0, 1, 3]),
+    penalty_violations=st.sampled_from([0, 1, 2, 3]),
+    penalty_window=st.sampled_from([0.5, 2.0, 10.0]),
+    penalty_ban=st.sampled_from([0.5, 1.0, 4.0]),
+    penalty_max_ban=st.sampled_from([1.0, 8.0]),
+    penalty_forget=st.sampled_from([0.5, 10.0]),
+    penalty_reasons=st.integers(0, (1 << len(REASON_CODES)) - 1).map(lambda m: m & ~1),
+    max_bans=st.integers(1, 4),
 )
 # What a sync may bring back: (key, tokens left, byte tokens left); keys the engine does
 # not hold and values that are not finite are to be skipped alike.
@@ -64,15 +72,16 @@ step = st.tuples(
     ident,
     st.lists(frame, min_size=1, max_size=6),
     st.booleans(),  # backend ready
-    st.sampled_from([None, None, None, "ban", "unban", "samples", "usage", "apply", "reply",
-                     "reply", "expire"]),
+    st.sampled_from([None, None, None, "ban", "ban-for", "unban", "samples", "usage", "apply",
+                     "reply", "reply", "expire", "bans", "key"]),
     st.one_of(st.none(), ident, st.just("same")),  # User-Id metadata; "same": = identity
     remaining,
 )
 
 
-def observe(engine):
-    return (engine.violations(), engine.tracked_keys, engine.top_offenders(), engine.banned(),
+def observe(engine, now):
+    return (engine.violations(), engine.tracked_keys, engine.top_offenders(), engine.bans(now),
+            engine.ban_count(now), engine.bans_total(), engine.take_bans(),
             engine.round_trips.in_flight, engine.round_trips.timed_out)
 
 
@@ -90,9 +99,15 @@ def replay(module, policy, steps, reload_to=None):
         now += dt
         key = key_of(engine.rules, identity)
         if op == "ban":
-            trace.append(("ban", engine.ban(identity)))
+            trace.append(("ban", engine.ban(identity, now=now)))
+        elif op == "ban-for":
+            trace.append(("ban-for", engine.ban(key, dt + 0.25, now=now)))
         elif op == "unban":
-            trace.append(("unban", engine.unban(identity)))
+            trace.append(("unban", engine.unban(identity, now=now)))
+        elif op == "bans":
+            trace.append(("bans", engine.bans(now), engine.take_bans()))
+        elif op == "key":
+            trace.append(("key", engine.key_state(key, now)))
         elif op == "samples":
             trace.append(("samples", engine.take_samples()))
         elif op == "usage":
@@ -114,7 +129,7 @@ def replay(module, policy, steps, reload_to=None):
             engine.round_trips.sent(identity, now, frames[0] == b"", key)
         trace.append((engine.round_trips.in_flight,
                       engine.round_trips.key_in_flight(identity, key)))
-    return trace, observe(engine), engine.take_samples(), engine.take_usage()
+    return trace, observe(engine, now), engine.take_samples(), engine.take_usage()
 
 
 @settings(max_examples=int(os.environ.get("GATEKEEPER_DIFF_EXAMPLES", 400)), deadline=None,
@@ -160,15 +175,80 @@ def test_log_samples_are_bounded_per_reason(module):
 
 
 @pytest.mark.parametrize("module", [_fast, _fast_py], ids=["c", "py"])
-def test_bans_are_bounded(module):
-    from gatekeeper.rules import MAX_BANS
+def test_bans_are_bounded_and_the_soonest_ending_gives_way(module):
+    engine = module.PolicyEngine(Rules(max_bans=1000))
+    assert not engine.ban(b"x" * 256, now=0.0) and not engine.ban(b"", now=0.0)
+    assert not engine.ban(b"k", 0.0, now=0.0)  # a ban of no time is no ban
+    for i in range(1000):
+        assert engine.ban(b"%d" % i, 100.0 + i, now=0.0)
+    assert engine.ban(b"forever", now=0.0) and engine.ban(b"one more", 50.0, now=0.0)
+    assert engine.ban_count(1.0) == 1000
+    banned = engine.bans(1.0)
+    # `0` and `1` ended soonest; until UNBAN first, soonest-ending last
+    assert {b"0", b"1"}.isdisjoint(k for k, *_ in banned)
+    assert banned[0] == (b"forever", None, 0, 0) and banned[-1] == (b"one more", 49.0, 0, 0)
+    assert engine.unban(b"7", now=1.0) and not engine.unban(b"7", now=1.0)
+    assert not engine.unban(b"one more", now=60.0)  # it has ended
+    assert engine.bans_total() == (1002, 0, 0)
 
-    engine = module.PolicyEngine(Rules())
-    assert not engine.ban(b"x" * 256)
-    for i in range(MAX_BANS):
-        assert engine.ban(b"%d" % i)
-    assert not engine.ban(b"one too many")
-    assert engine.unban(b"7") and engine.ban(b"one too many")
+
+def flood(engine, t0, n, key=b"flood", dt=0.001):
+    """`n` messages of `key` from t0, `dt` apart: the reasons."""
+    return [engine.decide(t0 + i * dt, key, key, [b"x"]) for i in range(n)]
+
+
+@pytest.mark.parametrize("module", [_fast, _fast_py], ids=["c", "py"])
+def test_a_key_past_max_violations_is_banned_and_bans_double_within_forget(module):
+    engine = module.PolicyEngine(Rules(
+        rate_limit=Limits(1.0, 2.0), penalty_violations=3, penalty_window=10.0,
+        penalty_ban=2.0, penalty_max_ban=5.0, penalty_forget=60.0,
+        penalty_reasons=1 << (RATE_LIMITED - 1)), now=0.0)
+    # the burst, three refusals, then banned (and not counted again)
+    assert flood(engine, 0.0, 8) == [0, 0, 9, 9, 9, 1, 1, 1]
+    assert engine.take_bans() == ([(b"flood", 2.0, RATE_LIMITED)], 0)
+    assert engine.bans(1.0) == [(b"flood", pytest.approx(1.004), 1, RATE_LIMITED)]
+    assert engine.key_state(b"flood", 1.0) == {"tokens": pytest.approx(1.0),
+                                               "banned_for_s": pytest.approx(1.004)}
+    assert engine.violations()[0] == 3  # banned
+    # served again when it ends; another flood within forget_s: twice as long
+    assert engine.decide(2.5, b"flood", b"flood", [b"x"]) == 0
+    flood(engine, 2.6, 5)
+    assert engine.take_bans()[0] == [(b"flood", 4.0, RATE_LIMITED)]
+    flood(engine, 20.0, 5)
+    assert engine.take_bans()[0] == [(b"flood", 5.0, RATE_LIMITED)]  # max_ban_s
+    # forgotten after forget_s: ban_s again
+    flood(engine, 200.0, 5)
+    assert engine.take_bans()[0] == [(b"flood", 2.0, RATE_LIMITED)]
+    assert engine.bans_total() == (0, 4, 0)
+
+
+@pytest.mark.parametrize("module", [_fast, _fast_py], ids=["c", "py"])
+def test_violations_count_in_a_fixed_window_per_key(module):
+    engine = module.PolicyEngine(Rules(
+        deny_identities=frozenset({b"bad"}), penalty_violations=3, penalty_window=1.0,
+        penalty_reasons=1 << (REASON_CODES["identity_denied"] - 1)), now=0.0)
+    # two a window never earn a ban
+    for t in (0.0, 0.5, 1.0, 1.5, 2.0, 2.5):
+        engine.decide(t, b"bad", b"bad", [b"x"])
+    assert engine.key_state(b"bad", 2.6) == {"violations": 2}
+    assert engine.key_state(b"bad", 3.1) is None and engine.ban_count(3.0) == 0
+    flood(engine, 4.0, 4, b"bad")
+    assert engine.key_state(b"bad", 4.5) == {"banned_for_s": pytest.approx(59.502)}
+    # uncounted reasons and empty keys never earn one
+    engine.decide(5.0, b"good", b"", [b"x"] * 100)
+    assert engine.ban_count(5.0) == 1
+
+
+@pytest.mark.parametrize("module", [_fast, _fast_py], ids=["c", "py"])
+def test_a_banned_key_refuses_every_identity_that_has_it(module):
+    engine = module.PolicyEngine(Rules(rate_limit=Limits(10.0, 10.0), rate_key=KEY_PEER_ADDRESS),
+                                 now=0.0)
+    assert engine.ban(b"10.0.0.1", 1.0, now=0.0)
+    assert engine.decide(0.5, b"a", b"10.0.0.1", [b"x"]) == 1
+    assert engine.decide(0.5, b"b", b"10.0.0.2", [b"x"]) == 0
+    assert engine.decide(1.0, b"a", b"10.0.0.1", [b"x"]) == 0  # ended by itself
+    assert engine.key_state(b"10.0.0.2", 0.6) == {"tokens": pytest.approx(10.0)}
+    assert engine.key_state(b"10.0.0.3", 0.6) is None
 
 
 @pytest.mark.parametrize("module", [_fast, _fast_py], ids=["c", "py"])

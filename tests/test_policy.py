@@ -15,7 +15,8 @@ from gatekeeper.policy import (
     plaintext_endpoints,
     policy_to_dict,
 )
-from gatekeeper.rules import MAX_FRAMES_LIMIT, rules_from_policy
+from gatekeeper.rules import (MAX_FRAMES_LIMIT, RATE_LIMITED, REASONS, TOO_MANY_FRAMES,
+                             rules_from_policy)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -232,6 +233,7 @@ CROSS_KEY_ERRORS = [
     (make(extra="[requests]\nmax_in_flight_per_key = 4"), "requests.max_in_flight_per_key",
      "timeout_ms > 0"),
     (make(extra="[requests]\nmax_in_flight = 4"), "requests.max_in_flight", "timeout_ms > 0"),
+    (make(extra="[penalty]\nban_s = 10.0\nmax_ban_s = 5.0"), "penalty.max_ban_s", ">= ban_s"),
 ]
 
 
@@ -400,7 +402,8 @@ def test_load_policy_records_the_file(tmp_path):
 
 
 def test_policy_to_dict_and_format_policy_show_every_key():
-    p = parse_policy(make(extra='[rate_limit]\n[rate_limit.per_key."svc-billing"]\nburst = 5'))
+    p = parse_policy(make(extra='[rate_limit]\n[rate_limit.per_key."svc-billing"]\nburst = 5\n'
+                               '[penalty]\nreasons = ["rate_limited"]'))
     d = policy_to_dict(p)
     assert d["rate_limit"]["per_key"]["svc-billing"] == {
         "messages_per_second": 100.0,
@@ -414,6 +417,28 @@ def test_policy_to_dict_and_format_policy_show_every_key():
         for key in values:
             assert key in text
     assert parse_policy(text) == p
+
+
+def test_penalty_defaults_and_rules():
+    assert parse_policy(make()).penalty is None
+    assert not rules_from_policy(parse_policy(make())).penalty_on
+    p = parse_policy(make(extra="[penalty]"))
+    assert (p.penalty.max_violations, p.penalty.window_s, p.penalty.ban_s, p.penalty.max_ban_s,
+            p.penalty.forget_s, p.penalty.reasons, p.penalty.max_bans) == (
+        100, 10.0, 60.0, 86400.0, 3600.0, [], 100000)
+    r = rules_from_policy(p)
+    # every message-level reason counts but `banned`
+    assert r.penalty_reasons == (1 << len(REASONS)) - 2 and r.penalty_violations == 100
+    r = rules_from_policy(parse_policy(make(
+        extra='[penalty]\nreasons = ["rate_limited", "too_many_frames"]\nmax_bans = 7')))
+    assert r.penalty_reasons == (1 << (RATE_LIMITED - 1)) | (1 << (TOO_MANY_FRAMES - 1))
+    assert r.max_bans == 7
+
+
+@pytest.mark.parametrize("reason", ["banned", "address_denied", "nonsense"])
+def test_penalty_reasons_are_message_level_ones_but_banned(reason):
+    e = error(make(extra=f'[penalty]\nreasons = ["{reason}"]'))
+    assert e.key_path.startswith("penalty.reasons") and "rate_limited" in e.message
 
 
 def test_diff_policies():

@@ -230,3 +230,17 @@ def test_says_at_once_that_no_ipc_socket_file_is_there(gatekeeper_factory, capsy
     assert main(argv) == 1
     assert time.monotonic() - started < 0.5
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bans_now_and_the_keys_nearest_a_ban(gatekeeper_factory, ctx):
+    gk = gatekeeper_factory(POLICY + '[penalty]\nmax_violations = 3\nban_s = 30.0\n'
+                                     'reasons = ["too_many_frames"]\n')
+    refuse(ctx, gk, b"mallory", 3)  # banned
+    refuse(ctx, gk, b"bob", 2)
+    done = subprocess.run(top_argv(gk, "--interval", "0.2", "--count", "1"),
+                          capture_output=True, text=True, env=gk.env, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^\s*bans now\s+1\s*$", done.stdout, re.M), done.stdout
+    nearest = done.stdout.split("nearest a ban")[1]
+    assert re.search(r"^\s*bob\s+2 of 3\s*$", nearest, re.M), done.stdout
+    assert "mallory" not in nearest

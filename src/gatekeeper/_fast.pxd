@@ -3,7 +3,7 @@
 
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
-from gatekeeper._tables cimport KEY_STRIDE, Bucket, KeyIndex, Limits
+from gatekeeper._tables cimport KEY_STRIDE, Bucket, KeyIndex, Limits, Strikes
 from gatekeeper._zmq_abi cimport gk_zmq_api
 
 # What a data-plane loop's run() returns to Python.
@@ -94,6 +94,26 @@ cdef enum:
     KEY_PEER_ADDRESS_ = 1
 
 
+cdef enum:
+    NSOURCES = 3          # len(rules.BAN_SOURCES)
+    SOURCE_PENALTY_ = 1
+    BAN_EVENTS_ = 256     # rules.BAN_EVENTS
+
+
+# A ban, as `_Ban` in the twin; until = INFINITY: until UNBAN.
+cdef struct Ban:
+    double until
+    double length
+    uint8_t source
+    uint8_t reason
+
+
+cdef struct BanEvent:
+    double seconds
+    int reason
+    uint8_t key[KEY_STRIDE]
+
+
 cdef struct Offender:
     uint64_t count
     uint8_t key[KEY_STRIDE]
@@ -111,7 +131,7 @@ cdef class PolicyEngine:
     cdef readonly RoundTrips round_trips
     cdef uint32_t max_in_flight, max_in_flight_per_key
     cdef bint answer_timeouts
-    cdef KeyIndex bans, deny, allow, commands, overrides, table
+    cdef KeyIndex ban_table, deny, allow, commands, overrides, table
     cdef Limits *override_limits
     cdef Limits limits
     cdef Bucket overflow
@@ -134,6 +154,17 @@ cdef class PolicyEngine:
     cdef bint shared
     cdef uint32_t *listed           # MAX_SYNC_KEYS bucket ids, each bucket at most once
     cdef uint32_t nlisted
+    # [penalty]; see the twin
+    cdef uint32_t penalty_violations, penalty_reasons
+    cdef double penalty_window, penalty_ban, penalty_max_ban, penalty_forget
+    cdef double clock               # the last check's: `record` follows it
+    cdef KeyIndex strikes           # without [rate_limit]: Strikes per routing id
+    cdef bint strikes_on
+    cdef uint32_t strikes_hand
+    cdef uint64_t bans_total_[NSOURCES]
+    cdef BanEvent *ban_events       # BAN_EVENTS_
+    cdef uint32_t nban_events
+    cdef uint64_t ban_events_dropped
 
     cdef _reset_rate(self, rules, double now)
     cdef Bucket *lookup(self, const uint8_t *key, size_t n, double now,
@@ -148,3 +179,7 @@ cdef class PolicyEngine:
     cdef void record(self, int reason, const uint8_t *key, size_t key_len, size_t nframes,
                      size_t total) noexcept nogil
     cdef void _reset_samples(self) noexcept
+    cdef bint ban_active(self, const uint8_t *key, size_t n, double now) noexcept nogil
+    cdef int put_ban(self, const uint8_t *key, size_t n, double now, double length,
+                     int source, int reason) noexcept nogil
+    cdef void strike(self, int reason, const uint8_t *key, size_t n) noexcept nogil

@@ -12,7 +12,7 @@ import zmq.backend.cython._zmq as _pyzmq_backend
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.errno cimport EAGAIN, EINTR
-from libc.math cimport isfinite
+from libc.math cimport INFINITY, isfinite
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, strcmp, strlen
@@ -23,6 +23,7 @@ from gatekeeper._tables cimport (
     Bucket,
     KeyIndex,
     Limits,
+    Strikes,
     bucket_init,
     bucket_is_full,
     bucket_refill,
@@ -43,10 +44,12 @@ from gatekeeper._tables cimport (
     make_limits,
     monotonic,
     siphash13,
+    strikes_add,
+    strikes_live,
 )
 
-from .rules import KEY_IDENTITY, KEY_PEER_ADDRESS, MAX_BANS, MAX_FRAMES_LIMIT, MAX_KEY_BYTES, OFFENDER_SLOTS
-from .rules import MAX_SYNC_KEYS
+from .rules import KEY_IDENTITY, KEY_PEER_ADDRESS, MAX_FRAMES_LIMIT, MAX_KEY_BYTES, OFFENDER_SLOTS
+from .rules import MAX_SYNC_KEYS, BAN_EVENTS, BAN_SOURCES, SOURCE_CONTROL, SOURCE_PENALTY
 from .rules import COUNTER_NAMES, REASONS, RECLAIM_SCAN, TOP_OFFENDERS
 from .rules import ROUND_TRIP_BUCKETS, ROUND_TRIP_DEPTH, ROUND_TRIP_IDS, ROUND_TRIP_STALE_S
 from .rules import EXPIRY_INTERVAL_S, TIMEOUT_ANSWERS
@@ -90,6 +93,8 @@ assert OFFENDER_SLOTS == 32 and RECLAIM_SCAN == RECLAIM_SCAN_ and KEY_IDENTITY =
 assert RT_DEPTH == ROUND_TRIP_DEPTH and RT_NBUCKETS == len(ROUND_TRIP_BUCKETS)
 assert RT_DEPTH & (RT_DEPTH - 1) == 0
 assert MAX_SYNC_KEYS == MAX_SYNC_KEYS_
+assert NSOURCES == len(BAN_SOURCES) and SOURCE_PENALTY_ == SOURCE_PENALTY
+assert BAN_EVENTS_ == BAN_EVENTS
 
 REJECT_MARKER = b"GATEKEEPER"
 cdef tuple _REASON_BYTES = tuple(r.encode() for r in REASONS)
@@ -120,7 +125,9 @@ cdef class PolicyEngine:
     """Per-message decisions and the state behind them; knows nothing of sockets."""
 
     def __cinit__(self):
-        ki_init(&self.bans, MAX_BANS, 0)
+        self.ban_events = <BanEvent *>malloc(BAN_EVENTS_ * sizeof(BanEvent))
+        if self.ban_events == NULL:
+            raise MemoryError()
         # the relays count what they forward and what comes back here; `check` reads it
         self.round_trips = RoundTrips()
 
@@ -129,16 +136,18 @@ cdef class PolicyEngine:
         self.set_rules(rules, now)
 
     def __dealloc__(self):
-        ki_free(&self.bans)
+        ki_free(&self.ban_table)
         ki_free(&self.deny)
         ki_free(&self.allow)
         ki_free(&self.commands)
         ki_free(&self.overrides)
         ki_free(&self.table)
+        ki_free(&self.strikes)
         free(self.override_limits)
         free(self.prefixes)
         free(self.samples)
         free(self.listed)
+        free(self.ban_events)
 
     # -- configuration -------------------------------------------------------------
 
@@ -185,6 +194,24 @@ cdef class PolicyEngine:
             memcpy(self.prefixes + i * KEY_STRIDE + 1, PyBytes_AS_STRING(p), len(p))
         if not same_rate:
             self._reset_rate(rules, time.monotonic() if now is None else now)
+        self.penalty_violations = rules.penalty_violations
+        self.penalty_reasons = rules.penalty_reasons
+        self.penalty_window = rules.penalty_window
+        self.penalty_ban = rules.penalty_ban
+        self.penalty_max_ban = rules.penalty_max_ban
+        self.penalty_forget = rules.penalty_forget
+        if old is None or old.max_bans != rules.max_bans:
+            self._resize_bans(rules.max_bans)
+        if self.rate_on:
+            ki_free(&self.strikes)
+            self.strikes_on = False
+        elif (not self.strikes_on or old.max_bans != rules.max_bans
+                or old.penalty_on != rules.penalty_on):
+            ki_free(&self.strikes)
+            # its index is allocated whole: one slot while nothing counts
+            ki_init(&self.strikes, rules.max_bans if rules.penalty_on else 1, sizeof(Strikes))
+            self.strikes_on = True
+            self.strikes_hand = 0
         if old is None or old.log_per_second != rules.log_per_second:
             self.log_per_second = rules.log_per_second
             free(self.samples)
@@ -233,23 +260,190 @@ cdef class PolicyEngine:
             self.override_limits[slot] = make_limits(lim)
             bucket_init(<Bucket *>self.overrides.payload + slot, &self.override_limits[slot], now)
 
-    def ban(self, bytes identity):
-        cdef const uint8_t *k = <const uint8_t *>PyBytes_AS_STRING(identity)
-        cdef size_t n = PyBytes_GET_SIZE(identity)
-        if ki_find(&self.bans, k, n) >= 0:
-            return True
-        return ki_add(&self.bans, k, n) >= 0
+    # -- bans; see the twin ----------------------------------------------------------
 
-    def unban(self, bytes identity):
-        cdef int slot = ki_find(&self.bans, <const uint8_t *>PyBytes_AS_STRING(identity),
-                                PyBytes_GET_SIZE(identity))
+    def _resize_bans(self, uint32_t size):
+        cdef uint32_t i
+        cdef Ban *b
+        held = [(ki_key(&self.ban_table, i), (<Ban *>self.ban_table.payload)[i])
+                for i in range(self.ban_table.count)]
+        held.sort(key=lambda e: (-e[1]["until"], e[0]))
+        ki_free(&self.ban_table)
+        ki_init(&self.ban_table, size, sizeof(Ban))
+        for key, ban in held[:size]:
+            i = ki_add(&self.ban_table, <const uint8_t *>PyBytes_AS_STRING(key), len(key))
+            b = <Ban *>self.ban_table.payload + i
+            b.until, b.length = ban["until"], ban["length"]
+            b.source, b.reason = ban["source"], ban["reason"]
+
+    cdef bint ban_active(self, const uint8_t *key, size_t n, double now) noexcept nogil:
+        cdef int slot = ki_find(&self.ban_table, key, n)
+        return slot >= 0 and now < (<Ban *>self.ban_table.payload)[slot].until
+
+    cdef int put_ban(self, const uint8_t *key, size_t n, double now, double length,
+                     int source, int reason) noexcept nogil:
+        """The slot of `key`'s ban, made or renewed; -1 out of memory."""
+        cdef int slot = ki_find(&self.ban_table, key, n)
+        cdef uint32_t i
+        cdef Ban *bans = <Ban *>self.ban_table.payload
+        cdef Ban *b
         if slot < 0:
+            if self.ban_table.count < self.ban_table.max_entries:
+                slot = ki_add(&self.ban_table, key, n)
+                if slot < 0:
+                    return -1
+                bans = <Ban *>self.ban_table.payload  # may have moved
+            else:
+                slot = 0
+                for i in range(1, self.ban_table.count):
+                    if bans[i].until < bans[slot].until:
+                        slot = i
+                ki_rekey(&self.ban_table, slot, key, n)
+        b = &bans[slot]
+        b.until = now + length
+        b.length = length
+        b.source = <uint8_t>source
+        b.reason = <uint8_t>reason
+        self.bans_total_[source] += 1
+        return slot
+
+    def ban(self, bytes key, seconds=None, now=None, int source=SOURCE_CONTROL,
+            int reason=0):
+        cdef size_t n = PyBytes_GET_SIZE(key)
+        if not 0 < n <= MAX_KEY or (seconds is not None and not seconds > 0.0):
             return False
-        ki_remove(&self.bans, slot)
+        return self.put_ban(<const uint8_t *>PyBytes_AS_STRING(key), n,
+                            time.monotonic() if now is None else now,
+                            INFINITY if seconds is None else seconds, source, reason) >= 0
+
+    def unban(self, bytes key, now=None):
+        cdef const uint8_t *k = <const uint8_t *>PyBytes_AS_STRING(key)
+        cdef size_t n = PyBytes_GET_SIZE(key)
+        if not self.ban_active(k, n, time.monotonic() if now is None else now):
+            return False
+        ki_remove(&self.ban_table, ki_find(&self.ban_table, k, n))
         return True
 
-    def banned(self):
-        return sorted(ki_key(&self.bans, i) for i in range(self.bans.count))
+    def is_banned(self, bytes key, double now):
+        return self.ban_active(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), now)
+
+    def bans(self, double now):
+        cdef uint32_t i
+        cdef Ban *b
+        held = []
+        for i in range(self.ban_table.count):
+            b = <Ban *>self.ban_table.payload + i
+            if now < b.until:
+                held.append((-b.until, ki_key(&self.ban_table, i), b.source, b.reason))
+        held.sort()
+        return [(key, None if until == -INFINITY else -until - now, source, reason)
+                for until, key, source, reason in held]
+
+    def ban_count(self, double now):
+        cdef uint32_t i, n = 0
+        for i in range(self.ban_table.count):
+            n += now < (<Ban *>self.ban_table.payload)[i].until
+        return n
+
+    def bans_total(self):
+        return tuple(self.bans_total_[i] for i in range(NSOURCES))
+
+    def take_bans(self):
+        events = [(PyBytes_FromStringAndSize(<const char *>self.ban_events[i].key + 1,
+                                             self.ban_events[i].key[0]),
+                   self.ban_events[i].seconds, self.ban_events[i].reason)
+                  for i in range(self.nban_events)]
+        dropped = self.ban_events_dropped
+        self.nban_events = 0
+        self.ban_events_dropped = 0
+        return events, dropped
+
+    def key_state(self, bytes key, double now):
+        cdef const uint8_t *k = <const uint8_t *>PyBytes_AS_STRING(key)
+        cdef size_t n = min(<size_t>PyBytes_GET_SIZE(key), <size_t>MAX_KEY)
+        cdef int slot = -1
+        cdef Bucket *b
+        cdef const Limits *limits = &self.limits
+        cdef Strikes *strikes = NULL
+        cdef Ban *ban
+        cdef double elapsed
+        state = {}
+        if self.rate_on and n:
+            slot = ki_find(&self.overrides, k, n)
+            if slot >= 0:
+                b, limits = <Bucket *>self.overrides.payload + slot, &self.override_limits[slot]
+            else:
+                slot = ki_find(&self.table, k, n)
+                b = <Bucket *>self.table.payload + slot
+        if slot >= 0:
+            elapsed = max(0.0, now - b.last)
+            state["tokens"] = min(limits.burst, b.tokens + elapsed * limits.mps)
+            if limits.bps > 0.0:
+                state["bytes"] = min(limits.byte_cap, b.byte_tokens + elapsed * limits.bps)
+            strikes = &b.strikes
+        elif self.strikes_on:
+            slot = ki_find(&self.strikes, k, n)
+            if slot >= 0:
+                strikes = <Strikes *>self.strikes.payload + slot
+        if strikes != NULL and strikes_live(strikes, now, self.penalty_window):
+            state["violations"] = strikes.count
+        slot = ki_find(&self.ban_table, k, n)
+        if slot >= 0:
+            ban = <Ban *>self.ban_table.payload + slot
+            if now < ban.until:
+                state["banned_for_s"] = None if ban.until == INFINITY else ban.until - now
+        return state or None
+
+    cdef void strike(self, int reason, const uint8_t *key, size_t n) noexcept nogil:
+        cdef double now = self.clock, length
+        cdef const Limits *limits
+        cdef Strikes *strikes = NULL
+        cdef Bucket *b
+        cdef Ban *last
+        cdef int slot, scanned
+        cdef BanEvent *event
+        if self.rate_on:
+            b = self.lookup(key, n, now, &limits)
+            if b != &self.overflow:
+                strikes = &b.strikes
+        else:
+            slot = ki_find(&self.strikes, key, n)
+            if slot < 0 and self.strikes.count < self.strikes.max_entries:
+                slot = ki_add(&self.strikes, key, n)
+                if slot >= 0:
+                    (<Strikes *>self.strikes.payload)[slot].count = 0
+            elif slot < 0:
+                for scanned in range(min(<uint32_t>RECLAIM_SCAN_, self.strikes.max_entries)):
+                    if not strikes_live(<Strikes *>self.strikes.payload + self.strikes_hand,
+                                        now, self.penalty_window):
+                        slot = self.strikes_hand
+                        ki_rekey(&self.strikes, slot, key, n)
+                        (<Strikes *>self.strikes.payload)[slot].count = 0
+                    self.strikes_hand = (self.strikes_hand + 1) % self.strikes.max_entries
+                    if slot >= 0:
+                        break
+            if slot >= 0:
+                strikes = <Strikes *>self.strikes.payload + slot
+        if strikes == NULL or strikes_add(strikes, now, self.penalty_window) < self.penalty_violations:
+            return
+        strikes.count = 0
+        length = self.penalty_ban
+        slot = ki_find(&self.ban_table, key, n)
+        if slot >= 0:
+            last = <Ban *>self.ban_table.payload + slot
+            if now - last.until < self.penalty_forget and last.length < INFINITY:
+                length = min(self.penalty_max_ban, last.length * 2.0)
+        if self.put_ban(key, n, now, length, SOURCE_PENALTY_, reason) < 0:
+            return
+        if self.nban_events < BAN_EVENTS_:
+            event = &self.ban_events[self.nban_events]
+            self.nban_events += 1
+            event.seconds = length
+            event.reason = reason
+            event.key[0] = <uint8_t>n
+            memcpy(event.key + 1, key, n)
+        else:
+            self.ban_events_dropped += 1
 
     def _placement(self):
         """{key: (home, position)} in the rate-limit table's index, for tests of its hash."""
@@ -287,7 +481,8 @@ cdef class PolicyEngine:
             slot = self.hand
             self.hand = (self.hand + 1) % self.table.max_entries
             b = <Bucket *>self.table.payload + slot
-            if bucket_is_full(b, &self.limits, now):
+            if bucket_is_full(b, &self.limits, now) and not strikes_live(
+                    &b.strikes, now, self.penalty_window):
                 ki_rekey(&self.table, slot, key, n)
                 bucket_reset(b, &self.limits, now)
                 return b
@@ -304,13 +499,15 @@ cdef class PolicyEngine:
         cdef const uint8_t *p
         cdef const Limits *limits
         cdef Bucket *b
+        self.clock = now
         # Before `banned`, as in the twin (which says why).
         if self.require_identity_is_key and (
             user_id == NULL or user_id_len != identity_len
             or memcmp(user_id, identity, identity_len) != 0
         ):
             return R_IDENTITY_NOT_KEY
-        if self.bans.count and ki_find(&self.bans, identity, identity_len) >= 0:
+        if self.ban_table.count and (self.ban_active(identity, identity_len, now) or self.ban_active(
+                key, min(key_len, <size_t>MAX_KEY), now)):
             return R_BANNED
         if self.deny.count and ki_find(&self.deny, identity, identity_len) >= 0:
             return R_IDENTITY_DENIED
@@ -437,6 +634,9 @@ cdef class PolicyEngine:
         if key_len > MAX_KEY:
             key_len = MAX_KEY
         self.violations_[reason - 1] += 1
+        # an empty key is no one's, as in the twin
+        if key_len and self.penalty_violations and (self.penalty_reasons >> (reason - 1)) & 1:
+            self.strike(reason, key, key_len)
         # space-saving top-k, as _count_offender in the twin
         for i in range(self.noffenders):
             o = &self.offenders[i]

@@ -19,6 +19,8 @@ from .rules import (
     COUNTER_NAMES,
     EXPIRY_INTERVAL_S,
     BACKEND_UNAVAILABLE,
+    BAN_EVENTS,
+    BAN_SOURCES,
     BANNED,
     COMMAND_NOT_ALLOWED,
     FORWARD,
@@ -29,7 +31,6 @@ from .rules import (
     KEY_IDENTITY,
     KEY_PROPERTIES,
     MALFORMED_ENVELOPE,
-    MAX_BANS,
     MAX_KEY_BYTES,
     MAX_SYNC_KEYS,
     MESSAGE_TOO_LARGE,
@@ -41,6 +42,8 @@ from .rules import (
     ROUND_TRIP_DEPTH,
     ROUND_TRIP_IDS,
     ROUND_TRIP_STALE_S,
+    SOURCE_CONTROL,
+    SOURCE_PENALTY,
     TIMEOUT_ANSWERS,
     TOO_MANY_IN_FLIGHT,
     TOO_MANY_FRAMES,
@@ -63,7 +66,8 @@ _REASON_BYTES = tuple(r.encode() for r in REASONS)
 class _Bucket:
     """A token bucket (messages, and bytes when the limits have a byte budget)."""
 
-    __slots__ = ("key", "tokens", "byte_tokens", "last", "used", "used_bytes", "listed")
+    __slots__ = ("key", "tokens", "byte_tokens", "last", "used", "used_bytes", "listed",
+                 "strikes")
 
     def __init__(self, key: bytes, limits: Limits, now: float) -> None:
         self.listed = False  # in the rate table's list of keys for the next sync
@@ -80,6 +84,7 @@ class _Bucket:
         # refilled, so whatever usage it still held is long out of date.
         self.used = 0
         self.used_bytes = 0
+        self.strikes = _Strikes()
 
     def refill(self, limits: Limits, now: float) -> None:
         elapsed = now - self.last
@@ -120,6 +125,128 @@ class _Bucket:
         )
 
 
+class _Strikes:
+    """A key's refusals that count towards a ban ([penalty]), in a fixed window: the
+    window opens at the first refusal and lasts `window` seconds, after which the count
+    starts again from the next one."""
+
+    __slots__ = ("start", "count")
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.count = 0
+
+    def live(self, now: float, window: float) -> bool:
+        return self.count > 0 and now - self.start < window
+
+    def add(self, now: float, window: float) -> int:
+        if not self.live(now, window):
+            self.start = now
+            self.count = 0
+        self.count += 1
+        return self.count
+
+
+class _StrikeTable:
+    """Without [rate_limit], the strikes per routing id in a table of their own, at most
+    `size` keys: when full, a key whose window has closed is reclaimed by a clock hand
+    (RECLAIM_SCAN at most per new key), else the new key's refusals are not counted."""
+
+    def __init__(self, size: int, window: float) -> None:
+        self.size = size
+        self.window = window
+        self.keys: list[bytes] = []
+        self.slots: list[_Strikes] = []
+        self.index: dict[bytes, int] = {}
+        self.hand = 0
+
+    def find(self, key: bytes) -> _Strikes | None:
+        slot = self.index.get(key)
+        return self.slots[slot] if slot is not None else None
+
+    def lookup(self, key: bytes, now: float) -> _Strikes | None:
+        slot = self.index.get(key)
+        if slot is not None:
+            return self.slots[slot]
+        if len(self.slots) < self.size:
+            self.index[key] = len(self.slots)
+            self.keys.append(key)
+            self.slots.append(_Strikes())
+            return self.slots[-1]
+        for _ in range(min(RECLAIM_SCAN, self.size)):
+            slot = self.hand
+            self.hand = (self.hand + 1) % self.size
+            if not self.slots[slot].live(now, self.window):
+                del self.index[self.keys[slot]]
+                self.keys[slot] = key
+                self.index[key] = slot
+                self.slots[slot] = _Strikes()
+                return self.slots[slot]
+        return None
+
+
+class _Ban:
+    __slots__ = ("key", "until", "length", "source", "reason")
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+
+class _BanTable:
+    """Bans by key: each with its end (inf: until UNBAN), its length, its source and the
+    reason code that earned it (0: none). An ended ban stays as the key's memory, for the
+    next ban within `forget` to last twice as long, until its place is wanted: at most
+    `size` entries, and past it the one that ends soonest (an ended one first) gives way.
+    Slots as the compiled key table keeps them (dense, the last moved into a freed one) and
+    scanned in that order, so that both twins give the same entry away."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.slots: list[_Ban] = []
+        self.index: dict[bytes, int] = {}
+
+    def find(self, key: bytes) -> _Ban | None:
+        slot = self.index.get(key)
+        return self.slots[slot] if slot is not None else None
+
+    def active(self, key: bytes, now: float) -> bool:
+        ban = self.find(key)
+        return ban is not None and now < ban.until
+
+    def put(self, key: bytes, now: float, length: float, source: int, reason: int) -> None:
+        slot = self.index.get(key)
+        if slot is None:
+            if len(self.slots) < self.size:
+                slot = len(self.slots)
+                self.slots.append(_Ban(key))
+            else:
+                slot = min(range(len(self.slots)), key=lambda i: self.slots[i].until)
+                del self.index[self.slots[slot].key]
+                self.slots[slot].key = key
+            self.index[key] = slot
+        ban = self.slots[slot]
+        ban.until = now + length
+        ban.length = length
+        ban.source = source
+        ban.reason = reason
+
+    def remove(self, key: bytes) -> None:
+        slot = self.index.pop(key)
+        last = self.slots.pop()
+        if slot < len(self.slots):
+            self.slots[slot] = last
+            self.index[last.key] = slot
+
+    def resized(self, size: int) -> _BanTable:
+        """The same bans in a table of `size`: the longest-lasting kept, in an order both
+        twins share."""
+        table = _BanTable(size)
+        for ban in sorted(self.slots, key=lambda b: (-b.until, b.key))[:size]:
+            table.index[ban.key] = len(table.slots)
+            table.slots.append(ban)
+        return table
+
+
 class _RateTable:
     """At most `max_keys` buckets; idle (full) ones are reclaimed by a clock hand; when
     none is reclaimable new keys share one overflow bucket, so churn buys nothing."""
@@ -136,6 +263,8 @@ class _RateTable:
         self.overrides = {k: _Bucket(k, lim, now) for k, lim in rules.per_key.items()}
         self.shared = rules.shared_budget
         self.listed: list[_Bucket] = []  # at most MAX_SYNC_KEYS, each bucket once
+        # a bucket with strikes in an open window is not idle: its key is nearing a ban
+        self.window = rules.penalty_window
 
     def lookup(self, key: bytes, now: float) -> tuple[_Bucket, Limits]:
         bucket = self.overrides.get(key)
@@ -152,7 +281,7 @@ class _RateTable:
             slot = self.hand
             self.hand = (self.hand + 1) % self.max_keys
             bucket = self.slots[slot]
-            if bucket.is_full(self.limits, now):
+            if bucket.is_full(self.limits, now) and not bucket.strikes.live(now, self.window):
                 del self.index[bucket.key]
                 bucket.reset(key, self.limits, now)
                 self.index[key] = slot
@@ -191,7 +320,12 @@ class PolicyEngine:
     top offenders and log samples. Knows nothing of sockets."""
 
     def __init__(self, rules: Rules, now: float | None = None) -> None:
-        self._bans: set[bytes] = set()
+        self._bans = _BanTable(rules.max_bans)
+        self._strikes: _StrikeTable | None = None  # without [rate_limit]
+        self._bans_total = [0] * len(BAN_SOURCES)
+        self._ban_events: list[tuple[bytes, float, int]] = []  # (key, seconds, reason code)
+        self._ban_events_dropped = 0
+        self._clock = 0.0  # the last check's: `record` follows it for the same message
         self._violations = [0] * len(REASONS)
         self._offenders: list[list] = []  # [key, count], space-saving over OFFENDER_SLOTS
         self._table: _RateTable | None = None
@@ -221,26 +355,116 @@ class PolicyEngine:
             self._table = _RateTable(rules, now) if rules.rate_limit is not None else None
         if old.log_per_second != rules.log_per_second:
             self._reset_samples()
+        if old.max_bans != rules.max_bans:
+            self._bans = self._bans.resized(rules.max_bans)
+        if self._table is not None:
+            self._table.window = rules.penalty_window
+            self._strikes = None
+        else:
+            if (self._strikes is None or old.max_bans != rules.max_bans
+                    or old.penalty_on != rules.penalty_on):
+                # one slot while nothing counts: the compiled twin allocates its index whole
+                self._strikes = _StrikeTable(rules.max_bans if rules.penalty_on else 1,
+                                             rules.penalty_window)
+            self._strikes.window = rules.penalty_window
         self.round_trips.configure(
             rules.request_timeout,
             rules.max_in_flight_per_key > 0 and rules.rate_key != KEY_IDENTITY)
 
-    def ban(self, identity: bytes) -> bool:
-        if identity not in self._bans and (
-            len(self._bans) >= MAX_BANS or len(identity) > MAX_KEY_BYTES
-        ):
+    # -- bans ----------------------------------------------------------------------
+
+    def ban(self, key: bytes, seconds: float | None = None, now: float | None = None,
+            source: int = SOURCE_CONTROL, reason: int = 0) -> bool:
+        """Ban `key` (1 to MAX_KEY_BYTES bytes) for `seconds` (None: until `unban`) from
+        `now`; False for a key out of bounds. With the table full, the ban that ends
+        soonest gives way."""
+        if not 0 < len(key) <= MAX_KEY_BYTES or (seconds is not None and not seconds > 0.0):
             return False
-        self._bans.add(identity)
+        now = time.monotonic() if now is None else now
+        self._bans.put(key, now, math.inf if seconds is None else seconds, source, reason)
+        self._bans_total[source] += 1
         return True
 
-    def unban(self, identity: bytes) -> bool:
-        if identity in self._bans:
-            self._bans.remove(identity)
-            return True
-        return False
+    def unban(self, key: bytes, now: float | None = None) -> bool:
+        """Ends a ban early, and forgets it (the next one starts from ban_s); False when
+        `key` is not banned now."""
+        now = time.monotonic() if now is None else now
+        if not self._bans.active(key, now):
+            return False
+        self._bans.remove(key)
+        return True
 
-    def banned(self) -> list[bytes]:
-        return sorted(self._bans)
+    def is_banned(self, key: bytes, now: float) -> bool:
+        return self._bans.active(key, now)
+
+    def bans(self, now: float) -> list[tuple[bytes, float | None, int, int]]:
+        """The bans now: (key, seconds left or None until UNBAN, source, reason code),
+        soonest-ending last."""
+        held = [b for b in self._bans.slots if now < b.until]
+        held.sort(key=lambda b: (-b.until, b.key))
+        return [(b.key, None if b.until == math.inf else b.until - now, b.source, b.reason)
+                for b in held]
+
+    def ban_count(self, now: float) -> int:
+        return sum(now < b.until for b in self._bans.slots)
+
+    def bans_total(self) -> tuple[int, ...]:
+        """Bans begun since start, per BAN_SOURCES."""
+        return tuple(self._bans_total)
+
+    def take_bans(self) -> tuple[list[tuple[bytes, float, int]], int]:
+        """The penalty box's bans since the last call, (key, seconds, reason code), at most
+        BAN_EVENTS of them, and how many more there were."""
+        events, dropped = self._ban_events, self._ban_events_dropped
+        self._ban_events, self._ban_events_dropped = [], 0
+        return events, dropped
+
+    def key_state(self, key: bytes, now: float) -> dict | None:
+        """What is held for `key`: tokens (and byte tokens) as of `now`, strikes in the
+        open window, seconds banned (None: until UNBAN); None when nothing is held."""
+        key = key[:MAX_KEY_BYTES]
+        state: dict = {}
+        found = self._table.find(key) if self._table is not None and key else None
+        strikes = None
+        if found is not None:
+            bucket, limits = found
+            elapsed = max(0.0, now - bucket.last)
+            state["tokens"] = min(limits.burst,
+                                  bucket.tokens + elapsed * limits.messages_per_second)
+            if limits.bytes_per_second > 0.0:
+                state["bytes"] = min(limits.byte_capacity,
+                                     bucket.byte_tokens + elapsed * limits.bytes_per_second)
+            strikes = bucket.strikes
+        elif self._strikes is not None:
+            strikes = self._strikes.find(key)
+        if strikes is not None and strikes.live(now, self.rules.penalty_window):
+            state["violations"] = strikes.count
+        ban = self._bans.find(key)
+        if ban is not None and now < ban.until:
+            state["banned_for_s"] = None if ban.until == math.inf else ban.until - now
+        return state or None
+
+    def _strike(self, reason: int, key: bytes) -> None:
+        """One more refusal of `key` that counts; a ban at max_violations."""
+        r, now = self.rules, self._clock
+        if self._table is not None:
+            bucket, _ = self._table.lookup(key, now)
+            strikes = None if bucket is self._table.overflow else bucket.strikes
+        else:
+            strikes = self._strikes.lookup(key, now)
+        if strikes is None or strikes.add(now, r.penalty_window) < r.penalty_violations:
+            return
+        strikes.count = 0
+        length = r.penalty_ban
+        last = self._bans.find(key)
+        if last is not None and now - last.until < r.penalty_forget and last.length < math.inf:
+            length = min(r.penalty_max_ban, last.length * 2.0)
+        self._bans.put(key, now, length, SOURCE_PENALTY, reason)
+        self._bans_total[SOURCE_PENALTY] += 1
+        if len(self._ban_events) < BAN_EVENTS:
+            self._ban_events.append((key, length, reason))
+        else:
+            self._ban_events_dropped += 1
 
     # -- the decision --------------------------------------------------------------
 
@@ -260,12 +484,14 @@ class PolicyEngine:
         the tokens are taken, and `give_back` returns them if the send then fails.
         `user_id` is the message's User-Id metadata, None when it has none."""
         r = self.rules
+        self._clock = now
         # Before `banned`: a spoofed routing id must not be judged as the identity it
         # claims. Decided here, not in ZAP: libzmq's ZAP request carries the routing id of
         # the local socket, not the peer's.
         if r.require_identity_is_key and identity != user_id:
             return IDENTITY_NOT_KEY
-        if identity in self._bans:
+        if self._bans.slots and (self._bans.active(identity, now)
+                                 or self._bans.active(key[:MAX_KEY_BYTES], now)):
             return BANNED
         if identity in r.deny_identities:
             return IDENTITY_DENIED
@@ -339,6 +565,9 @@ class PolicyEngine:
         key = key[:MAX_KEY_BYTES]
         self._violations[reason - 1] += 1
         self._count_offender(key)
+        # an empty key (a message without the property its key is read from) is no one's
+        if key and self.rules.penalty_reasons >> (reason - 1) & 1 and self.rules.penalty_on:
+            self._strike(reason, key)
         if self._window[reason - 1] < self.rules.log_per_second:
             self._window[reason - 1] += 1
             self._samples.append((REASONS[reason - 1], key, nframes, total))

@@ -312,6 +312,7 @@ cdef enum:
     HS_INVALID_SOCKET_TYPE
     HS_RESERVED_IDENTITY
     HS_IDENTITY_IN_USE
+    HS_BANNED                # the address is banned ([rate_limit] key = "peer_address")
     HS_SHUTTING_DOWN         # never here: a draining native engine has closed its listeners
     HS_TIMEOUT
     HS_PROTOCOL_ERROR
@@ -320,6 +321,7 @@ cdef enum:
 
 assert NHS == len(HANDSHAKE_RESULTS)
 assert HANDSHAKE_RESULTS[HS_IDENTITY_IN_USE] == "identity_in_use"
+assert HANDSHAKE_RESULTS[HS_BANNED] == "banned"
 assert HANDSHAKE_RESULTS[HS_DISCONNECTED] == "disconnected"
 
 cdef tuple _HS_BYTES = tuple(r.encode() for r in HANDSHAKE_RESULTS)
@@ -745,6 +747,21 @@ cdef class NativeRelay:
     def listener_files(self):
         return list(self._listener_files)
 
+    def address_connections(self, bytes address, bint close=False):
+        """Connections from `address` (its Peer-Address text), handshakes included;
+        `close`: closes them (a ban has begun), and says how many there were."""
+        cdef int i, n = 0
+        cdef Conn *c
+        cdef size_t length = PyBytes_GET_SIZE(address)
+        for i in range(self.max_conns):
+            c = &self.conns[i]
+            if c.fd >= 0 and c.ip_len and c.addr_len == length and memcmp(
+                    c.addr, PyBytes_AS_STRING(address), length) == 0:
+                n += 1
+                if close:
+                    self.drop(c, -1)
+        return n
+
     def close_frontend(self):
         """Stop reading clients and close the listening sockets, so that the kernel
         refuses new connections at once; replies still reach the clients connected."""
@@ -943,6 +960,10 @@ cdef class NativeRelay:
                     break
             else:
                 return HS_ADDRESS_NOT_ALLOWED
+        # before the connection rate: a banned host spends none of its address's tokens
+        if self.engine.rate_key == KEY_PEER_ADDRESS_ and self.engine.ban_table.count and (
+                self.engine.ban_active(<const uint8_t *>c.addr, c.addr_len, now)):
+            return HS_BANNED
         if self.rate_on:
             b = self.rate_bucket(c.ip, c.ip_len, now)
             bucket_refill(b, &self.rate_limits, now)

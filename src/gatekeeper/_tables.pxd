@@ -251,6 +251,24 @@ cdef struct Limits:
     double byte_cap
 
 
+cdef struct Strikes:
+    # A key's refusals that count towards a ban, in a fixed window; see `_Strikes`.
+    double start
+    uint32_t count
+
+
+cdef inline bint strikes_live(const Strikes *s, double now, double window) noexcept nogil:
+    return s.count > 0 and now - s.start < window
+
+
+cdef inline uint32_t strikes_add(Strikes *s, double now, double window) noexcept nogil:
+    if not strikes_live(s, now, window):
+        s.start = now
+        s.count = 0
+    s.count += 1
+    return s.count
+
+
 cdef struct Bucket:
     double tokens
     double byte_tokens
@@ -258,6 +276,7 @@ cdef struct Bucket:
     uint64_t used         # taken since the last sync, with a shared budget only
     uint64_t used_bytes
     bint listed           # in the engine's list of keys for the next sync
+    Strikes strikes       # [penalty], beside the key's bucket
 
 
 cdef inline Limits make_limits(lim):
@@ -277,6 +296,8 @@ cdef inline void bucket_reset(Bucket *b, const Limits *l, double now) noexcept n
     b.last = now
     b.used = 0
     b.used_bytes = 0
+    b.strikes.start = 0.0
+    b.strikes.count = 0
 
 
 cdef inline void bucket_init(Bucket *b, const Limits *l, double now) noexcept nogil:

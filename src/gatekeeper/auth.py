@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 from zmq.utils import z85
@@ -182,6 +182,9 @@ class ZapHandler:
         self.control_refusals = 0
         self.connections = ConnectionTable()
         self.rate: HandshakeRate | None = None
+        # whether an address (its text, as Peer-Address gives it) is banned now; the
+        # Gatekeeper sets it, as bans are the data plane's
+        self.banned: Callable[[bytes], bool] = lambda address: False
         # Key directories are read from the policy the sockets were built with: their
         # paths need a restart; RELOAD re-reads their contents (a client key added).
         self._frontend_dir = (policy.frontend.curve.allowed_clients_dir
@@ -310,6 +313,8 @@ class ZapHandler:
                 return self._refuse("address_denied", ip, key), None
             if self.allow and not any(ip in net for net in self.allow):
                 return self._refuse("address_not_allowed", ip, key), None
+            if self.banned(str(ip).encode()):
+                return self._refuse("banned", ip, key), None
             if self.rate is not None and not self.rate.take(ip, time.monotonic()):
                 return self._refuse("connection_rate_limited", ip, key), None
             # > not >=: this connection was counted when it was accepted

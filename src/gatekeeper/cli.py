@@ -45,8 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", required=True)
     ctl = sub.add_parser("ctl", help="send a control command and print the reply")
     _control_arguments(ctl)
-    ctl.add_argument("cmd", help="STATS, STATISTICS, PAUSE, RESUME, RELOAD, BAN, UNBAN, TERMINATE")
-    ctl.add_argument("arg", nargs="?", help="the identity for BAN / UNBAN")
+    ctl.add_argument("cmd", help="STATS, STATISTICS, PAUSE, RESUME, RELOAD, BAN, UNBAN, BANS, "
+                                 "KEY, TERMINATE")
+    ctl.add_argument("arg", nargs="*", help="the key for BAN, UNBAN and KEY; "
+                                            "BAN's seconds after it")
     top = sub.add_parser("top", help="a live view of a running gatekeeper")
     _control_arguments(top)
     top.add_argument("--interval", type=float, default=1.0, metavar="S",
@@ -171,7 +173,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _ctl(args: argparse.Namespace) -> int:
     endpoint, curve = _control_target(args)
-    request = args.cmd if args.arg is None else f"{args.cmd} {args.arg}"
+    request = " ".join([args.cmd, *args.arg])
     try:
         reply = control_request(endpoint, request, args.timeout, curve)
     except TimeoutError:

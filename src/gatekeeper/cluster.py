@@ -15,15 +15,24 @@ loop thread, applies the last results and hands over the next usage only when no
 flight; so at most one usage list and one result list exist at a time, each of at most
 MAX_SYNC_KEYS keys, and a slow Redis makes the usage wait in the engine, not in a queue.
 
+Bans ride the same round trip (BAN_SCRIPT): the bans and unbans begun here since the last
+sync are written to a sorted set of bans by their end in Redis time, each recorded as a
+change with a sequence number; what changed since this gatekeeper's last sync comes back,
+with the time each ban has left, and the loop applies it (source `cluster`). A gatekeeper
+that starts, that was away from Redis, or that fell more than MAX_BAN_CHANGES changes
+behind reads every ban in force instead.
+
 Redis unreachable or slower than `timeout_ms`: that usage is dropped (it was admitted under
-local limits), each gatekeeper goes on with its local buckets, one line is logged, and the
-sync retries with a backoff of at most BACKOFF_MAX_S; sharing resumes with the first sync
-that succeeds.
+local limits), bans and unbans wait for the next sync (at most MAX_BAN_OPS of them), each
+gatekeeper goes on with its local buckets and bans, one line is logged, and the sync
+retries with a backoff of at most BACKOFF_MAX_S; sharing resumes with the first sync that
+succeeds.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from typing import Any, Iterator, Protocol
@@ -74,6 +83,76 @@ end
 return left
 """
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
+
+# KEYS: the bans (sorted set: key -> end, ms of Redis time; +inf until UNBAN), what each
+# is (hash: key -> origin, NUL, reason; no reason: unbanned by origin), the changes (sorted set: key -> sequence number)
+# and the sequence. ARGV: this gatekeeper's last sequence seen (-1: none), how many changes
+# Redis keeps, how many bans one reply carries, how many ops follow, then each op: "b" or
+# "u", the key, seconds ("inf": until UNBAN), origin NUL reason. Returns Redis time (ms),
+# the sequence seen, then per key (every ban in force, or what changed): key, its end ("":
+# not banned), origin NUL reason.
+BAN_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local last, keep, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local i = 5
+for _ = 1, tonumber(ARGV[4]) do
+  local op, key, seconds, what = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  i = i + 4
+  if op == 'b' then
+    local ends = '+inf'
+    if seconds ~= 'inf' then
+      ends = string.format('%d', now + math.ceil(tonumber(seconds) * 1000))
+    end
+    redis.call('ZADD', KEYS[1], ends, key)
+    redis.call('HSET', KEYS[2], key, what)
+  else
+    -- what says who ended it, until the change is forgotten: a ban that ended by itself
+    -- is no UNBAN, and must not end a newer one where it is read late
+    redis.call('ZREM', KEYS[1], key)
+    redis.call('HSET', KEYS[2], key, what)
+  end
+  redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), key)
+end
+-- bans that have ended leave; every gatekeeper ends its own copy at the same time
+for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
+  redis.call('HDEL', KEYS[2], key)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local count = redis.call('ZCARD', KEYS[3])
+if count > keep then
+  for _, key in ipairs(redis.call('ZRANGE', KEYS[3], 0, count - keep - 1)) do
+    if not redis.call('ZSCORE', KEYS[1], key) then redis.call('HDEL', KEYS[2], key) end
+  end
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, count - keep - 1)
+end
+local seq = tonumber(redis.call('GET', KEYS[4]) or '0')
+local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+local full = last < 0 or (oldest[2] ~= nil and tonumber(oldest[2]) > last + 1)
+local keys, upto = {}, seq
+if full then
+  keys = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'LIMIT', 0, limit)
+else
+  local changed = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. last, '+inf', 'WITHSCORES',
+                             'LIMIT', 0, limit)
+  for j = 1, #changed, 2 do keys[#keys + 1] = changed[j] end
+  if #keys == limit then upto = tonumber(changed[#changed]) end
+end
+local out = {tostring(now), tostring(upto)}
+for _, key in ipairs(keys) do
+  out[#out + 1] = key
+  out[#out + 1] = redis.call('ZSCORE', KEYS[1], key) or ''
+  out[#out + 1] = redis.call('HGET', KEYS[2], key) or ''
+end
+return out
+"""
+BAN_SCRIPT_SHA = hashlib.sha1(BAN_SCRIPT.encode()).hexdigest()
+# Ban changes Redis keeps for gatekeepers that sync late: one further behind reads every
+# ban in force instead. Bans one sync carries back, and bans and unbans one gatekeeper
+# holds for Redis while it is away (past it, new ones stay local).
+MAX_BAN_CHANGES = 10000
+MAX_SYNC_BANS = 10000
+MAX_BAN_OPS = 1024
 # Keys per script call, all calls of a sync in one pipeline: Redis runs one script at a
 # time, so this bounds how long one call holds it from other gatekeepers.
 KEYS_PER_CALL = 256
@@ -85,6 +164,11 @@ SYNC_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0
 
 Usage = list[tuple[bytes | None, int, int]]
 Remaining = list[tuple[bytes | None, float, float]]
+# a ban (seconds: None until UNBAN) or, seconds < 0, an unban; with its reason's name
+BanOp = tuple[bytes, float | None, str]
+# what another gatekeeper changed: key, seconds left (None: until UNBAN; 0: unbanned), reason
+BanChange = tuple[bytes, float | None, str]
+UNBAN = -1.0
 
 
 class Engine(Protocol):
@@ -109,8 +193,13 @@ class ClusterSync:
         self._prefix = config.key_prefix.encode()
         self._client: redis.Redis | None = None
         self._cond = threading.Condition()
-        self._pending: tuple[Rules, Usage] | None = None  # handed over, not yet synced
+        self._pending: tuple[Rules, Usage, list[BanOp]] | None = None  # not yet synced
         self._results: Remaining | None = None            # synced, not yet applied
+        self._ban_ops: list[BanOp] = []                   # begun here, for the next sync
+        self._ban_changes: list[BanChange] = []           # from elsewhere, not yet applied
+        # this process among the gatekeepers on the Redis: its own changes come back
+        self._origin = os.urandom(8).hex().encode()
+        self._ban_seq = -1  # the last ban change seen; -1: read every ban in force
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="gatekeeper-cluster",
                                         daemon=True)
@@ -140,19 +229,32 @@ class ClusterSync:
 
     # -- the loop thread -------------------------------------------------------------
 
-    def tick(self, engine: Engine, now: float) -> None:
+    def tick(self, engine: Engine, now: float) -> list[BanChange]:
         """Once per sync interval: apply what the last sync brought back, then hand over
-        the usage since the last hand-over, unless a sync is still in flight."""
+        the usage since the last hand-over, unless a sync is still in flight. Returns the
+        bans and unbans other gatekeepers made, for the caller to apply."""
         with self._cond:
             results, self._results = self._results, None
+            changes, self._ban_changes = self._ban_changes, []
             idle = self._pending is None
         if results:
             engine.apply_remaining(now, results)
         if idle:
             usage = engine.take_usage()
             with self._cond:
-                self._pending = (engine.rules, usage)
+                self._pending = (engine.rules, usage, self._ban_ops)
+                self._ban_ops = []
                 self._cond.notify()
+        return changes
+
+    def share_ban(self, key: bytes, seconds: float | None, reason: str) -> None:
+        """A ban begun here (seconds None: until UNBAN), for the other gatekeepers."""
+        with self._cond:
+            if len(self._ban_ops) < MAX_BAN_OPS:
+                self._ban_ops.append((key, seconds, reason))
+
+    def share_unban(self, key: bytes) -> None:
+        self.share_ban(key, UNBAN, "")
 
     # -- any thread ----------------------------------------------------------------
 
@@ -191,22 +293,28 @@ class ClusterSync:
                     self._cond.wait()
                 if self._stopping:
                     break
-                rules, usage = self._pending
-            results = self._sync(rules, usage)
+                rules, usage, ops = self._pending
+            results = self._sync(rules, usage, ops)
             with self._cond:
-                self._results = results
+                if results is None:  # Redis away: the ops wait for the next sync
+                    self._ban_ops = (ops + self._ban_ops)[:MAX_BAN_OPS]
+                else:
+                    self._results, changes = results
+                    self._ban_changes.extend(changes)
                 self._pending = None
         if self._client is not None:
             self._client.close()
 
-    def _sync(self, rules: Rules, usage: Usage) -> Remaining | None:
-        """What is left of each key's shared bucket, or None: Redis is away (or backing
-        off), and the usage stays with the local limits that admitted it."""
+    def _sync(self, rules: Rules, usage: Usage,
+              ops: list[BanOp]) -> tuple[Remaining, list[BanChange]] | None:
+        """What is left of each key's shared bucket and what other gatekeepers banned,
+        or None: Redis is away (or backing off), the usage stays with the local limits
+        that admitted it, and every ban in force is read when it is back."""
         started = time.monotonic()
         if not self.up and started < self._retry_at:
             return None
         try:
-            results = self._round_trip(rules, usage)
+            results = self._round_trip(rules, usage, ops)
         except Exception as exc:  # whatever went wrong, local limits hold; say it once
             self._record(started, ok=False)
             self._fail(exc)
@@ -218,23 +326,51 @@ class ClusterSync:
             self.up, self._down_logged, self._backoff = True, False, 0.0
         return results
 
-    def _round_trip(self, rules: Rules, usage: Usage) -> Remaining:
+    def _round_trip(self, rules: Rules, usage: Usage,
+                    ops: list[BanOp]) -> tuple[Remaining, list[BanChange]]:
         client = self._connect()
-        calls = list(self._calls(rules, usage))
-        if not calls:
-            client.ping()
-            return []
+        calls = [*self._calls(rules, usage), ([], self._ban_call(ops))]
         try:
             replies = self._execute(client, calls)
         except redis.exceptions.NoScriptError:  # a new or restarted Redis
             client.script_load(SCRIPT)
+            client.script_load(BAN_SCRIPT)
             replies = self._execute(client, calls)
         results: Remaining = [None] * len(usage)  # type: ignore[list-item]
-        for (indices, _), reply in zip(calls, replies, strict=True):
+        for (indices, _), reply in zip(calls[:-1], replies[:-1], strict=True):
             # strict: a short reply must fail the sync here, not the loop thread's apply
             for i, (tokens, byte_tokens) in zip(indices, reply, strict=True):
                 results[i] = (usage[i][0], float(tokens), float(byte_tokens))
-        return results
+        return results, self._ban_changes_from(replies[-1])
+
+    def _ban_call(self, ops: list[BanOp]) -> list[Any]:
+        args: list[Any] = [str(self._ban_seq), MAX_BAN_CHANGES, MAX_SYNC_BANS, len(ops)]
+        for key, seconds, reason in ops:
+            if seconds == UNBAN:
+                args += [b"u", key, b"", self._origin + b"\0"]
+            else:
+                args += [b"b", key, b"inf" if seconds is None else repr(seconds),
+                         self._origin + b"\0" + reason.encode()]
+        names = [self._prefix + n for n in (b"bans", b"bans:what", b"bans:changes", b"bans:seq")]
+        return ["EVALSHA", BAN_SCRIPT_SHA, len(names), *names, *args]
+
+    def _ban_changes_from(self, reply: list[bytes]) -> list[BanChange]:
+        now, seq = float(reply[0]), int(reply[1])
+        changes = []
+        for i in range(2, len(reply) - 2, 3):
+            key, ends, what = reply[i], reply[i + 1], reply[i + 2]
+            origin, _, reason = what.partition(b"\0")
+            if not what or origin == self._origin:
+                continue  # ended by itself, everywhere alike; or changed here
+            if not ends:
+                changes.append((key, 0.0, ""))
+            elif ends in (b"inf", b"+inf"):
+                changes.append((key, None, reason.decode("ascii", "replace")))
+            elif float(ends) > now:
+                changes.append((key, (float(ends) - now) / 1000.0,
+                                reason.decode("ascii", "replace")))
+        self._ban_seq = seq
+        return changes
 
     def _calls(self, rules: Rules, usage: Usage) -> Iterator[tuple[list[int], list[Any]]]:
         """(indices into usage, EVALSHA arguments): keys grouped by the limits they share."""
@@ -287,6 +423,7 @@ class ClusterSync:
                 self._last_ok = now
 
     def _fail(self, exc: Exception) -> None:
+        self._ban_seq = -1  # what changed meanwhile may be gone: read every ban back
         if self._client is not None:
             # A reply may still be on its way: never read it as the next sync's.
             self._client.connection_pool.disconnect()

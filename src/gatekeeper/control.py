@@ -8,6 +8,7 @@ reply. The client side (`control_request`) is what `gatekeeper ctl`, `top` and t
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from typing import Any, Callable, Protocol, Sequence
@@ -16,7 +17,7 @@ import zmq
 
 from .keys import load_key_pair
 from .log import EventLog
-from .policy import PolicyError, load_policy
+from .policy import BAN_SECONDS_LIMIT, PolicyError, load_policy
 from .rules import MAX_KEY_BYTES, ROUND_TRIP_BUCKETS, parse_identity
 from .sockets import (SocketSetupError, apply_options, control_options, unix_socket_in_use,
                       unix_socket_refusal)
@@ -26,23 +27,25 @@ MAX_REQUEST_BYTES = 1024
 # peer that sends more (ZMQ_MAXMSGSIZE), which its REQ socket only sees as a timeout.
 MAX_READ_BYTES = 64 * 1024
 MAX_REQUESTS_PER_CALL = 64
+# Bans one BANS reply lists: a reply stays well under a client's usual receive limits.
+MAX_LISTED_BANS = 1000
+# Commands whose argument is two words (`BAN key seconds`); all others take at most one.
+TWO_WORD_ARGUMENTS = ("BAN",)
 
 
 class ControlError(Exception):
     """A request that cannot be served; its text goes back as the error."""
 
 
-class BanList(Protocol):
-    def ban(self, identity: bytes) -> bool: ...
-    def unban(self, identity: bytes) -> bool: ...
-
-
 class Operated(Protocol):
     """What the control socket operates: the running gatekeeper."""
 
     log: EventLog
-    engine: BanList
 
+    def ban(self, key: bytes, seconds: float | None) -> bool: ...
+    def unban(self, key: bytes) -> bool: ...
+    def bans(self) -> list[dict[str, Any]]: ...
+    def key_state(self, key: bytes) -> dict[str, Any] | None: ...
     def stats(self) -> dict[str, Any]: ...
     def statistics(self) -> list[int]: ...
     def pause(self) -> None: ...
@@ -83,6 +86,8 @@ class ControlServer:
             "RELOAD": self._reload,
             "BAN": self._ban,
             "UNBAN": self._unban,
+            "BANS": self._bans,
+            "KEY": self._key,
             "TERMINATE": self._terminate,
         }
 
@@ -164,18 +169,41 @@ class ControlServer:
         return self.gatekeeper.reload(source="control")
 
     def _ban(self, arg: str | None) -> dict[str, Any]:
-        identity = _identity_argument("BAN", arg)
-        if not self.gatekeeper.engine.ban(identity):
-            raise ControlError("ban list full or identity longer than 255 bytes")
-        self.gatekeeper.log.info("banned", identity=arg)
-        return {"ok": True, "banned": arg}
+        name, _, duration = (arg or "").partition(" ")
+        key = _identity_argument("BAN", name)
+        seconds = None
+        if duration:
+            try:
+                seconds = float(duration)
+            except ValueError:
+                seconds = math.nan
+            if not 0.0 < seconds <= BAN_SECONDS_LIMIT:
+                raise ControlError(f"seconds must be a number in (0, {BAN_SECONDS_LIMIT:g}], "
+                                   f"got {duration!r}")
+        if not self.gatekeeper.ban(key, seconds):
+            raise ControlError("out of memory for bans")
+        reply: dict[str, Any] = {"ok": True, "banned": name}
+        if seconds is not None:
+            reply["seconds"] = seconds
+        return reply
 
     def _unban(self, arg: str | None) -> dict[str, Any]:
-        identity = _identity_argument("UNBAN", arg)
-        if not self.gatekeeper.engine.unban(identity):
+        key = _identity_argument("UNBAN", arg)
+        if not self.gatekeeper.unban(key):
             raise ControlError(f"not banned: {arg}")
-        self.gatekeeper.log.info("unbanned", identity=arg)
         return {"ok": True, "unbanned": arg}
+
+    def _bans(self, arg: str | None) -> dict[str, Any]:
+        _no_argument("BANS", arg)
+        bans = self.gatekeeper.bans()
+        return {"ok": True, "bans": bans[:MAX_LISTED_BANS], "total": len(bans)}
+
+    def _key(self, arg: str | None) -> dict[str, Any]:
+        key = _identity_argument("KEY", arg)
+        state = self.gatekeeper.key_state(key)
+        if state is None:
+            raise ControlError(f"unknown key: {arg}")
+        return {"ok": True, "key": arg, **state}
 
     def _terminate(self, arg: str | None) -> dict[str, Any]:
         _no_argument("TERMINATE", arg)
@@ -193,7 +221,8 @@ def _split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes] | Non
 
 
 def parse_request(request: list[bytes]) -> tuple[str, str | None]:
-    """One UTF-8 frame: a command word and at most one argument, space-separated."""
+    """One UTF-8 frame: a command word and at most one argument, space-separated; the
+    argument of a command in TWO_WORD_ARGUMENTS may be two words, returned as one string."""
     if len(request) != 1:
         raise ControlError(f"expected one frame, got {len(request)}")
     raw = request[0]
@@ -206,9 +235,12 @@ def parse_request(request: list[bytes]) -> tuple[str, str | None]:
     parts = text.strip().split(" ")
     if not parts[0]:
         raise ControlError("empty request")
-    if len(parts) > 2:
+    word = parts[0].upper()
+    if word in TWO_WORD_ARGUMENTS and len(parts) > 3:
+        raise ControlError(f"{word} takes at most two arguments")
+    if word not in TWO_WORD_ARGUMENTS and len(parts) > 2:
         raise ControlError("at most one argument")
-    return parts[0].upper(), parts[1] if len(parts) == 2 else None
+    return word, " ".join(parts[1:]) if len(parts) > 1 else None
 
 
 def _no_argument(word: str, arg: str | None) -> None:

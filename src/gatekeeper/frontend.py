@@ -44,7 +44,7 @@ from zmq.utils import z85
 from . import _impl, sockets
 from .auth import MAX_RATE_ADDRESSES, IPAddress, ZapHandler, client_ip, network
 from .policy import Policy
-from .rules import HANDSHAKE_REASONS, HANDSHAKE_RESULTS
+from .rules import HANDSHAKE_REASONS, HANDSHAKE_RESULTS, KEY_PEER_ADDRESS
 from .sockets import SocketSetupError, unix_socket_in_use
 
 
@@ -72,6 +72,18 @@ class FrontendEngine(Protocol):
     def handshakes(self) -> dict[str, int]:
         """Handshakes since start by result: every one of HANDSHAKE_RESULTS, zeros too."""
         ...
+
+    def address_connections(self, key: bytes) -> int | None:
+        """Connections open now from the address `key` names; None if it names none."""
+        ...
+
+    def banned(self, key: bytes, rate_key: int) -> None:
+        """A ban of `key` (a rate-limit key of kind `rate_key`) has begun."""
+        ...
+
+
+def _address(key: bytes) -> IPAddress | None:
+    return client_ip(key.decode("ascii", "replace"))
 
 
 class LibzmqFrontend:
@@ -130,6 +142,13 @@ class LibzmqFrontend:
         counts["shutting_down"] = self.zap.closing_refusals
         return counts
 
+    def address_connections(self, key: bytes) -> int | None:
+        ip = _address(key)
+        return self.zap.connections.count(ip) if ip is not None else None
+
+    def banned(self, key: bytes, rate_key: int) -> None:
+        """libzmq cannot close one peer's connections: ZAP refuses its next ones."""
+
 
 class NativeFrontend:
     """The native engine as FrontendEngine: its figures are the relay's own counts."""
@@ -144,6 +163,13 @@ class NativeFrontend:
 
     def handshakes(self) -> dict[str, int]:
         return self.relay.handshakes()
+
+    def address_connections(self, key: bytes) -> int | None:
+        return self.relay.address_connections(key) if _address(key) is not None else None
+
+    def banned(self, key: bytes, rate_key: int) -> None:
+        if rate_key == KEY_PEER_ADDRESS:
+            self.relay.address_connections(key, close=True)
 
 
 def _peer_ip(fd: int) -> IPAddress | None:

@@ -15,7 +15,7 @@ from prometheus_client.utils import floatToGoString
 
 from . import __version__
 from ._impl import IMPLEMENTATION
-from .rules import EVENTS, ROUND_TRIP_BUCKETS
+from .rules import BAN_SOURCES, EVENTS, ROUND_TRIP_BUCKETS
 from .sockets import SocketSetupError
 
 if TYPE_CHECKING:
@@ -40,6 +40,8 @@ class _Engine(Protocol):
     @property
     def tracked_keys(self) -> int: ...
 
+    def bans_total(self) -> tuple[int, ...]: ...
+
 
 class _Cluster(Protocol):
     def metrics(self) -> Iterator[Metric]: ...
@@ -54,6 +56,7 @@ class Observed(Protocol):
     loaded: LoadedPolicy
     reloads: dict[str, int]
     cluster: _Cluster | None
+    bans_now: int
 
     def violations(self) -> dict[str, int]: ...
 
@@ -94,6 +97,15 @@ class GatekeeperCollector:
                                 value=gk.queued_bytes())
         yield GaugeMetricFamily("gatekeeper_tracked_keys", "Rate-limit keys in the table",
                                 value=gk.engine.tracked_keys)
+        yield GaugeMetricFamily("gatekeeper_bans", "Keys banned now (as of the last second)",
+                                value=gk.bans_now)
+        # A counter family would be named gatekeeper_bans too, which OpenMetrics (what
+        # Prometheus asks for) refuses beside the gauge: so untyped, under its full name.
+        bans = Metric("gatekeeper_bans_total", "Bans begun, by where they came from "
+                      "(a counter)", "unknown")
+        for source, count in zip(BAN_SOURCES, gk.engine.bans_total()):
+            bans.add_sample("gatekeeper_bans_total", {"source": source}, count)
+        yield bans
         yield GaugeMetricFamily("gatekeeper_paused", "1 while reading clients is paused",
                                 value=int(bool(gk.relay.paused)))
         reloads = CounterMetricFamily("gatekeeper_policy_reloads", "Policy reloads by result",

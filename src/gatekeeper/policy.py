@@ -25,7 +25,8 @@ import msgspec
 from msgspec import Meta, Struct, field
 
 from .keys import load_client_keys, load_key_pair
-from .rules import MAX_FRAMES_LIMIT, MAX_KEY_BYTES, MAX_KEYS_LIMIT, parse_identity
+from .rules import (MAX_BANS_LIMIT, MAX_FRAMES_LIMIT, MAX_KEY_BYTES, MAX_KEYS_LIMIT,
+                    PENALTY_REASONS, parse_identity)
 
 # The native engine's connection table is allocated whole (about 1 KiB a slot, touched
 # only when used); past a million, descriptors run out first anyway.
@@ -170,6 +171,24 @@ class Requests(_Section, kw_only=True):
     max_in_flight: NonNegative = 0
 
 
+# Ban lengths in seconds: past a year a ban is one until UNBAN in all but name.
+BAN_SECONDS_LIMIT = 31_536_000
+BanSeconds = Annotated[float, Meta(gt=0, le=BAN_SECONDS_LIMIT)]
+
+
+class Penalty(_Section, kw_only=True):
+    """The penalty box (SPEC "Penalty box"): keys refused this often are banned a while."""
+
+    max_violations: Count = 100
+    window_s: BanSeconds = 10.0
+    ban_s: BanSeconds = 60.0
+    max_ban_s: BanSeconds = 86400.0
+    forget_s: BanSeconds = 3600.0
+    # empty: every message-level reason but `banned`, which never counts again
+    reasons: list[Literal[PENALTY_REASONS]] = []  # type: ignore[valid-type]
+    max_bans: Annotated[int, Meta(gt=0, le=MAX_BANS_LIMIT)] = 100000
+
+
 class Violations(_Section, kw_only=True):
     action: Literal["drop", "reject"] = "drop"
     dry_run: bool = False
@@ -201,6 +220,7 @@ class Policy(_Section, kw_only=True):
     access: Access = field(default_factory=Access)
     protocol: Protocol = field(default_factory=Protocol)
     requests: Requests = field(default_factory=Requests)
+    penalty: Penalty | None = None  # absent section: bans by BAN only
     violations: Violations = field(default_factory=Violations)
     backpressure: Backpressure = field(default_factory=Backpressure)
     control: Control = field(default_factory=Control)
@@ -389,6 +409,8 @@ def _validate(p: Policy, base_dir: str, errors: _Errors) -> Policy:
     errors.check(("frontend.max_queued_bytes", "frontend.max_queued_total_bytes"),
                  _check_max_queued_bytes, p.frontend)
     errors.check(("requests",), _check_requests, p.requests)
+    if p.penalty is not None:
+        errors.check(("penalty",), _check_penalty, p.penalty)
     if errors.sound("protocol", "limits.max_frames"):
         _check_protocol(p.protocol, p.limits, errors)
     rate_limit = p.rate_limit
@@ -437,6 +459,12 @@ def _check_requests(r: Requests) -> None:
                 "needs requests.timeout_ms > 0: without a deadline a request the broker "
                 "loses would hold its place in flight for good; allowed: 0, or set timeout_ms",
             )
+
+
+def _check_penalty(pen: Penalty) -> None:
+    if pen.max_ban_s < pen.ban_s:
+        raise _Invalid("penalty.max_ban_s", f"{pen.max_ban_s} is below penalty.ban_s "
+                       f"({pen.ban_s}); allowed: >= ban_s")
 
 
 def _check_max_buffered_bytes(p: Policy) -> None:

@@ -27,7 +27,9 @@ from .metrics import MetricsServer
 from .notify import Notifier
 from .policy import (Cluster, LoadedPolicy, Policy, PolicyError, diff_policies, load_policy,
                      policy_to_dict)
-from .rules import EVENTS, HANDSHAKE_REASONS, REASONS, ROUND_TRIP_BUCKETS, rules_from_policy
+from .rules import (BAN_SOURCES, EVENTS, HANDSHAKE_REASONS, KEY_PEER_ADDRESS, REASON_CODES,
+                    REASONS, ROUND_TRIP_BUCKETS, SOURCE_CLUSTER, SOURCE_CONTROL,
+                    SOURCE_PENALTY, rules_from_policy)
 
 TICK_MS = 100
 LOG_PUMP_S = 1.0
@@ -44,6 +46,10 @@ class Gatekeeper:
         self._forced = False
         self._signals: list[int] = []
         self._drain_deadline = 0.0
+        # ban lines logged in this second and left out; bans now, as of the last pump (the
+        # metrics thread must not walk the ban table while the loop changes it)
+        self._ban_lines = self._bans_unlogged = 0
+        self.bans_now = 0
         policy = loaded.policy
         sockets.check_libzmq()
         self.engine = PolicyEngine(rules_from_policy(policy))
@@ -55,6 +61,7 @@ class Gatekeeper:
         try:
             # ZAP first: no connection may complete before the handler is there.
             self.zap = ZapHandler(self.ctx, policy, self.log)
+            self.zap.banned = self._address_banned
             self._sockets.append(self.zap.socket)
             if self.engine_name == "libzmq":
                 self.frontend_engine = LibzmqFrontend(self.ctx, policy, self.zap)
@@ -113,11 +120,12 @@ class Gatekeeper:
                     if self.engine_name == "libzmq":
                         self.frontend_engine.serve_ready()  # before ZAP, which it feeds
                     self.zap.serve_ready()
+                self._take_bans()
                 self._dispatch_signals()
                 now = time.monotonic()
                 self.notify.watchdog(now)
                 if self.cluster is not None and now >= next_sync:
-                    self.cluster.tick(self.engine, now)
+                    self._apply_cluster_bans(self.cluster.tick(self.engine, now))
                     next_sync = now + self.cluster.interval_s
                 if now >= next_pump:
                     self._pump_logs()
@@ -231,6 +239,94 @@ class Gatekeeper:
                       restart_required=restart_required)
         return {"ok": True, "changed": changed, "restart_required": restart_required}
 
+    # -- bans ------------------------------------------------------------------------
+
+    def ban(self, key: bytes, seconds: float | None, source: int = SOURCE_CONTROL,
+            reason: int = 0) -> bool:
+        """Ban `key` for `seconds` (None: until UNBAN); False when it cannot be held."""
+        if not self.engine.ban(key, seconds, time.monotonic(), source, reason):
+            return False
+        self._banned(key, seconds, source, reason)
+        return True
+
+    def unban(self, key: bytes, source: int = SOURCE_CONTROL) -> bool:
+        if not self.engine.unban(key, time.monotonic()):
+            return False
+        self.log.info("unbanned", key=printable_key(key), source=BAN_SOURCES[source])
+        if self.cluster is not None and source != SOURCE_CLUSTER:
+            self.cluster.share_unban(key)
+        return True
+
+    def _apply_cluster_bans(self, changes: list[tuple[bytes, float | None, str]]) -> None:
+        """Bans and unbans from the other gatekeepers on the Redis (0 s left: unbanned)."""
+        for key, seconds, reason in changes:
+            if seconds == 0.0:
+                self.unban(key, SOURCE_CLUSTER)
+            else:
+                self.ban(key, seconds, SOURCE_CLUSTER, REASON_CODES.get(reason, 0))
+
+    def bans(self) -> list[dict[str, Any]]:
+        """The bans now, soonest-ending last."""
+        return [{"key": printable_key(key),
+                 "seconds_left": None if left is None else round(left, 3),
+                 "source": BAN_SOURCES[source], "reason": ban_reason(reason)}
+                for key, left, source, reason in self.engine.bans(time.monotonic())]
+
+    def key_state(self, key: bytes) -> dict[str, Any] | None:
+        """What is held for a rate-limit key; None when nothing."""
+        state = self.engine.key_state(key, time.monotonic()) or {}
+        for name in ("tokens", "bytes", "banned_for_s"):
+            if state.get(name) is not None:
+                state[name] = round(state[name], 3)
+        in_flight = self.relay.round_trips.key_in_flight(key, key)
+        connections = self.frontend_engine.address_connections(key)
+        if not state and not in_flight and not connections:
+            return None
+        state.setdefault("violations", 0)
+        state.setdefault("banned_for_s", 0)
+        state["in_flight"] = in_flight
+        if connections is not None:
+            state["connections"] = connections
+        return state
+
+    def _nearest_ban(self) -> list[dict[str, Any]]:
+        """With [penalty]: the top offenders not banned, by their violations in the open
+        window, most first, each with how many earn a ban."""
+        rules, now = self.engine.rules, time.monotonic()
+        if not rules.penalty_on:
+            return []
+        near = []
+        for key, _ in self.engine.top_offenders():
+            state = self.engine.key_state(key, now) or {}
+            if state.get("violations") and "banned_for_s" not in state:
+                near.append({"key": printable_key(key), "violations": state["violations"],
+                             "max_violations": rules.penalty_violations})
+        return sorted(near, key=lambda e: -e["violations"])
+
+    def _address_banned(self, address: bytes) -> bool:
+        return (self.engine.rules.rate_key == KEY_PEER_ADDRESS
+                and self.engine.is_banned(address, time.monotonic()))
+
+    def _take_bans(self) -> None:
+        """The penalty box's new bans: logged, and acted on."""
+        events, dropped = self.engine.take_bans()
+        for key, seconds, reason in events:
+            self._banned(key, seconds, SOURCE_PENALTY, reason)
+        self._bans_unlogged += dropped
+
+    def _banned(self, key: bytes, seconds: float | None, source: int, reason: int) -> None:
+        """A ban has begun: one log line (at most violations.log_per_second a second, as
+        violations), and its address's connections closed with the native engine."""
+        if self._ban_lines < self.engine.rules.log_per_second:
+            self._ban_lines += 1
+            self.log.warning("banned", key=printable_key(key), reason=ban_reason(reason),
+                             seconds=seconds, source=BAN_SOURCES[source])
+        else:
+            self._bans_unlogged += 1
+        self.frontend_engine.banned(key, self.engine.rules.rate_key)
+        if self.cluster is not None and source != SOURCE_CLUSTER:
+            self.cluster.share_ban(key, seconds, ban_reason(reason))
+
     def pause(self) -> None:
         self.relay.paused = True
 
@@ -255,6 +351,8 @@ class Gatekeeper:
             "violations": self.violations(),
             "dropped": {e: c[e] for e in EVENTS},
             "in_flight": self.relay.round_trips.in_flight,
+            "bans": self.engine.ban_count(time.monotonic()),
+            "nearest_ban": self._nearest_ban(),
             "timed_out": c["timed_out"],
             "tracked_keys": self.engine.tracked_keys,
             "top_offenders": [{"key": printable_key(k), "count": n}
@@ -302,7 +400,8 @@ class Gatekeeper:
         """Refusals per reason, message-level and handshake-level, zeros included."""
         counts = dict(zip(REASONS, self.engine.violations()))
         handshakes = self.frontend_engine.handshakes()
-        counts.update({r: handshakes[r] for r in HANDSHAKE_REASONS})
+        for r in HANDSHAKE_REASONS:  # `banned` is both: a message's and an address's
+            counts[r] = counts.get(r, 0) + handshakes[r]
         return counts
 
     def statistics(self) -> list[int]:
@@ -319,6 +418,10 @@ class Gatekeeper:
     def _pump_logs(self) -> None:
         """Sampled violation lines, and one summary of what the sampling left out."""
         dry_run = self.engine.rules.dry_run
+        self.bans_now = self.engine.ban_count(time.monotonic())
+        if self._bans_unlogged:
+            self.log.warning("bans_suppressed", count=self._bans_unlogged)
+        self._ban_lines = self._bans_unlogged = 0
         samples, suppressed = self.engine.take_samples()
         for reason, key, nframes, nbytes in samples:
             self.log.warning("violation", reason=reason, key=printable_key(key),
@@ -331,6 +434,11 @@ class Gatekeeper:
                 self.log.warning("violation", reason=reason, stage="handshake", address=address)
             if left_out:
                 self.log.warning("violations_suppressed", stage="handshake", counts=left_out)
+
+
+def ban_reason(code: int) -> str:
+    """The refusal reason that earned a ban, or "BAN" for one by hand."""
+    return REASONS[code - 1] if code else "BAN"
 
 
 def _running_values(new: Policy, running: Policy, keys: list[str]) -> Policy:

@@ -33,10 +33,22 @@ REASON_CODES: Mapping[str, int] = MappingProxyType({r: i + 1 for i, r in enumera
 BANNED, IDENTITY_DENIED, IDENTITY_NOT_ALLOWED, TOO_MANY_FRAMES, FRAME_TOO_LARGE = 1, 2, 3, 4, 5
 MESSAGE_TOO_LARGE, MALFORMED_ENVELOPE, COMMAND_NOT_ALLOWED, RATE_LIMITED = 6, 7, 8, 9
 BACKEND_UNAVAILABLE, IDENTITY_NOT_KEY, TOO_MANY_IN_FLIGHT = 10, 11, 12
+REASON_MASK_BANNED = 1 << (BANNED - 1)
+
+# Reasons that may count towards a ban ([penalty] reasons): every message-level one but
+# `banned`, which would keep a banned key banned for good.
+PENALTY_REASONS: tuple[str, ...] = tuple(r for r in REASONS if r != "banned")
+
+# Where a ban came from: BAN on the control socket, the penalty box, another gatekeeper
+# sharing the Redis ([rate_limit.cluster]). Indexes of the data plane's ban counters.
+BAN_SOURCES: tuple[str, ...] = ("control", "penalty", "cluster")
+SOURCE_CONTROL, SOURCE_PENALTY, SOURCE_CLUSTER = 0, 1, 2
 
 # Refusals before any message exists, at accept or in the handshake. The native engine
-# decides all of them; with a libzmq frontend the ZAP handler decides the first five (at
-# handshake time), and libzmq the rest as it sees fit (it counts none of them).
+# decides all of them; with a libzmq frontend the ZAP handler decides the first five and
+# `banned` (at handshake time), and libzmq the rest as it sees fit (it counts none of them).
+# `banned` is an address banned while [rate_limit] key = "peer_address"; as a message's
+# reason it is also in REASONS.
 # `identity_not_key` is not among them: libzmq's ZAP request carries the routing id of the
 # *local* socket, not the peer's, so the data plane decides it per message (REASONS above).
 HANDSHAKE_REASONS: tuple[str, ...] = (
@@ -50,6 +62,7 @@ HANDSHAKE_REASONS: tuple[str, ...] = (
     "invalid_socket_type",
     "reserved_identity",
     "identity_in_use",
+    "banned",
 )
 # Results of frontend handshakes, the labels of gatekeeper_handshakes_total: admitted, each
 # refusal above, refused while draining (libzmq only: the native engine closes its
@@ -107,8 +120,13 @@ OFFENDER_SLOTS = 32
 TOP_OFFENDERS = 10
 # Buckets examined for reclamation when the rate table is full, per new key.
 RECLAIM_SCAN = 16
-# Runtime ban list size; BAN beyond it is refused.
-MAX_BANS = 65536
+# [penalty] max_bans at most; the compiled ban table, like the rate table, sizes its index
+# as a power of two >= 2 * max_bans in 32 bits, about 300 bytes a ban.
+MAX_BANS_LIMIT = 1 << 24
+# New bans of the penalty box one take_bans() call lists (the loop calls it every tick):
+# a ban storm past it is counted, not listed, so that neither its logs nor the connections
+# closed for it can hold up the loop.
+BAN_EVENTS = 256
 # Keys whose usage one sync with a shared budget ([rate_limit.cluster]) carries: the data
 # plane lists each key at most once between syncs, in a list of this size; a key used while
 # the list is full keeps its usage and is listed the next time it takes a token after a
@@ -181,6 +199,17 @@ class Rules:
     answer_timeouts: bool = True
     max_in_flight_per_key: int = 0
     max_in_flight: int = 0
+    # [penalty]: penalty_violations 0 = no penalty box; penalty_reasons a bit per reason
+    # code (1 << (code - 1)) that counts
+    penalty_violations: int = 0
+    penalty_window: float = 10.0
+    penalty_ban: float = 60.0
+    penalty_max_ban: float = 86400.0
+    penalty_forget: float = 3600.0
+    penalty_reasons: int = 0
+    # bans held at once, by BAN and by the penalty box; also the size of the table of
+    # violation counts without [rate_limit]
+    max_bans: int = 100000
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_frames <= MAX_FRAMES_LIMIT:
@@ -189,6 +218,10 @@ class Rules:
             raise ValueError(f"max_keys must be in 1..{MAX_KEYS_LIMIT}")
         if self.log_per_second < 0:
             raise ValueError("log_per_second must be >= 0")
+        if not 1 <= self.max_bans <= MAX_BANS_LIMIT:
+            raise ValueError(f"max_bans must be in 1..{MAX_BANS_LIMIT}")
+        if self.penalty_violations < 0 or self.penalty_reasons & REASON_MASK_BANNED:
+            raise ValueError("penalty_violations must be >= 0; `banned` never counts")
         if self.request_timeout < 0 or self.max_in_flight_per_key < 0 or self.max_in_flight < 0:
             raise ValueError("[requests] values must be >= 0")
         # The compiled twin keeps these in key slots of MAX_KEY_BYTES; longer entries are
@@ -197,6 +230,10 @@ class Rules:
                      "allowed_commands", "per_key"):
             if any(len(k) > MAX_KEY_BYTES for k in getattr(self, name)):
                 raise ValueError(f"{name}: an entry is longer than {MAX_KEY_BYTES} bytes")
+
+    @property
+    def penalty_on(self) -> bool:
+        return self.penalty_violations > 0
 
     @property
     def allow_list_active(self) -> bool:
@@ -217,6 +254,15 @@ def rules_from_policy(policy) -> Rules:
         )
 
     rate_limit = limits(rl) if rl is not None else None
+    pen = policy.penalty
+    penalty = {}
+    if pen is not None:
+        counted = pen.reasons or PENALTY_REASONS
+        penalty = dict(
+            penalty_violations=pen.max_violations, penalty_window=pen.window_s,
+            penalty_ban=pen.ban_s, penalty_max_ban=pen.max_ban_s,
+            penalty_forget=pen.forget_s, max_bans=pen.max_bans,
+            penalty_reasons=sum(1 << (REASON_CODES[r] - 1) for r in set(counted)))
     per_key: dict[bytes, Limits] = {}
     if rl is not None:
         for key, override in rl.per_key.items():
@@ -245,6 +291,7 @@ def rules_from_policy(policy) -> Rules:
         answer_timeouts=policy.requests.answer_timeouts,
         max_in_flight_per_key=policy.requests.max_in_flight_per_key,
         max_in_flight=policy.requests.max_in_flight,
+        **penalty,
     )
 
 

@@ -82,6 +82,7 @@ def render(endpoint: str, previous: dict, current: dict) -> Group:
         if current["dropped"][event]:
             traffic.add_row(event, f"{current['dropped'][event]:,}",
                             rate(current["dropped"][event], previous["dropped"][event]))
+    traffic.add_row("bans now", f"{current['bans']:,}", "")
     traffic.add_row("connections now", f"{current['connections']:,}", "")
     # In STATS once the engine keeps reply budgets and requests in flight (SPEC "Replies")
     for key, label in (("queued_bytes", "reply bytes queued now"),
@@ -109,6 +110,10 @@ def render(endpoint: str, previous: dict, current: dict) -> Group:
     for entry in current["top_offenders"]:
         offenders.add_row(entry["key"], f"{entry['count']:,}")
 
+    nearest = Table("nearest a ban", "violations", box=box.SIMPLE)
+    for entry in current["nearest_ban"]:
+        nearest.add_row(entry["key"], f"{entry['violations']:,} of {entry['max_violations']:,}")
+
     flags = "".join(f"  {flag.upper()}" for flag in ("paused", "draining") if current.get(flag))
     header = Text(f"gatekeeper at {endpoint}  up {_uptime(current['uptime_s'])}{flags}\n"
                   f"{current['implementation']}, {current['engine']} engine, libzmq "
@@ -116,6 +121,8 @@ def render(endpoint: str, previous: dict, current: dict) -> Group:
     parts: list[Any] = [header, traffic, round_trips]
     if current["top_offenders"]:
         parts.append(offenders)
+    if current["nearest_ban"]:
+        parts.append(nearest)
     return Group(*parts)
 
 
