@@ -23,6 +23,8 @@ Kinds:
               synced: it hangs rather than refuses, and every sync runs into timeout_ms
   requests    gatekeeper with [requests] on (a deadline, in-flight limits per key and in
               all, far above what the load holds): what counting requests in flight costs
+  penalty     gatekeeper with [penalty] on, nothing refused and so no one banned: what the
+              penalty box costs a message that passes
 
 The kinds alternate within each round, so drift on a shared machine hits all of them.
 
@@ -62,13 +64,14 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
 THIS = Path(__file__).resolve()
 SRC = THIS.parent.parent / "src"
 KINDS = ("direct", "proxy", "gatekeeper", "libzmq", "python", "cluster", "cluster-stopped",
-         "requests", "baseline")
+         "requests", "penalty", "baseline")
 # The gatekeeper kinds and the (implementation, engine) each must report in STATS: a
 # missing extension silently falling back would otherwise make the A/B compare B to B.
 # The baseline runs its own tree's default engine (None: not set, not checked).
 GATEKEEPER_KINDS = {"gatekeeper": ("cython", "native"), "libzmq": ("cython", "libzmq"),
                     "python": ("python", "libzmq"), "cluster": ("cython", "native"),
                     "cluster-stopped": ("cython", "native"), "requests": ("cython", "native"),
+                    "penalty": ("cython", "native"),
                     "baseline": ("cython", None)}
 # The kinds with a redis-server, and whether it is stopped (SIGSTOP) during the run.
 CLUSTER_KINDS = {"cluster": False, "cluster-stopped": True}
@@ -89,18 +92,22 @@ class StartFailure(Exception):
 # -- servers -------------------------------------------------------------------------
 
 def policy_toml(frontend: str, backend: str, control: str, size: int, engine: str | None,
-                redis_port: int | None = None, requests: bool = False) -> str:
+                redis_port: int | None = None, kind: str = "gatekeeper") -> str:
     frame = max(65536, size)
     cluster = "" if redis_port is None else f"""
 [rate_limit.cluster]
 redis = "redis://127.0.0.1:{redis_port}/0"
 """
-    in_flight = "" if not requests else """
+    extra = {"requests": """
 [requests]
 timeout_ms = 10000
 max_in_flight_per_key = 100000
 max_in_flight = 1000000
-"""
+""", "penalty": """
+[penalty]
+max_violations = 10
+window_s = 10.0
+"""}.get(kind, "")
     # [protocol] stays off: require_delimiter and command_frame need an envelope, and the
     # load generator's single frame starts with a timestamp.
     return f"""\
@@ -128,7 +135,7 @@ bytes_per_second = 2000000000   # far above the offered load; the schema caps it
 allow_identity_prefixes = ["{loadgen.IDENTITY_PREFIX.decode()}"]
 deny_identities = ["{loadgen.IDENTITY_PREFIX.decode()}denied"]
 
-{in_flight}
+{extra}
 [violations]
 action = "reject"
 
@@ -208,7 +215,7 @@ def spawn(role: str, frontend: str, backend: str, workdir: Path, size: int,
     else:
         config = workdir / "policy.toml"
         text = policy_toml(frontend, backend, f"ipc://{workdir}/gk.ctl", size,
-                           GATEKEEPER_KINDS[role][1], redis_port, role == "requests")
+                           GATEKEEPER_KINDS[role][1], redis_port, role)
         if curve:
             key_file = workdir / "server.key_secret"
             key_file.write_text(f'metadata\ncurve\n    public-key = "{curve[0].decode()}"\n'
@@ -408,6 +415,7 @@ def ratios(summary: dict) -> dict:
         "gatekeeper/baseline cpu_per_msg": ratio("gatekeeper", "baseline", "cpu_us_per_msg"),
         "requests/gatekeeper cpu_per_msg": ratio("requests", "gatekeeper", "cpu_us_per_msg"),
         "requests/gatekeeper msgs_per_s": ratio("requests", "gatekeeper", "msgs_per_s"),
+        "penalty/gatekeeper cpu_per_msg": ratio("penalty", "gatekeeper", "cpu_us_per_msg"),
         "gatekeeper/baseline msgs_per_s": ratio("gatekeeper", "baseline", "msgs_per_s"),
     }
 
