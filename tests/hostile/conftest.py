@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import resource
+
 import pytest
 
 from hostile_util import Attacker
@@ -40,3 +42,12 @@ def raw_peers():
     yield open_peer
     for peer in peers:
         peer.close()
+
+
+@pytest.fixture
+def no_core_dumps():
+    """A libzmq abort must not leave a core file in the working directory."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))  # inherited by the gatekeeper
+    yield
+    resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))

@@ -1,6 +1,5 @@
 """Routing-id takeover: a peer that claims an id in use gets nothing of its owner's."""
 
-import resource
 import struct
 import time
 
@@ -11,15 +10,6 @@ from harness import client
 from hostile_util import assert_alive, echo_via, wait_for
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def no_core_dumps():
-    """A libzmq abort must not leave a core file in the working directory."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))  # inherited by the gatekeeper
-    yield
-    resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
 
 
 def _broker(ctx, gk):

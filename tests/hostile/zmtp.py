@@ -58,6 +58,11 @@ class RawPeer:
     def close(self) -> None:
         self.sock.close()
 
+    def reset(self) -> None:
+        """Close with an RST, unsent bytes discarded, as a peer that is killed does."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
     def __enter__(self) -> "RawPeer":
         return self
 
