@@ -115,12 +115,14 @@ class Gatekeeper:
                 # With a shared budget the loop comes back at least once per sync interval.
                 tick_ms = TICK_MS if self.cluster is None else min(
                     TICK_MS, self.cluster.config.sync_interval_ms)
-                if self.relay.run(tick_ms) == RUN_SERVICE:
+                run = self.relay.run(tick_ms)
+                # before control: what KEY and BANS show has been logged and acted on
+                self._take_bans()
+                if run == RUN_SERVICE:
                     self.control.serve_ready()
                     if self.engine_name == "libzmq":
                         self.frontend_engine.serve_ready()  # before ZAP, which it feeds
                     self.zap.serve_ready()
-                self._take_bans()
                 self._dispatch_signals()
                 now = time.monotonic()
                 self.notify.watchdog(now)
