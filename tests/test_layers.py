@@ -41,7 +41,9 @@ def _cython_imports(path: Path) -> set[str]:
 def _graph() -> dict[str, set[str]]:
     graph = {p.stem: _imports(p) for p in PACKAGE.glob("*.py")}
     for p in PACKAGE.glob("*.pyx"):
-        graph[p.stem] = _cython_imports(p)
+        # a module's declarations (its .pxd) cimport too
+        parts = [p, *PACKAGE.glob(f"{p.stem}.pxd")]
+        graph[p.stem] = set().union(*map(_cython_imports, parts))
     return {name: found & graph.keys() for name, found in graph.items()}
 
 

@@ -1,0 +1,139 @@
+# The native frontend engine's declarations: its bounds, its states and results, and the
+# structs its rooms share. The code is in _native.pyx and the room files it includes
+# (_native_*.pxi); each names what it owns.
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+
+from gatekeeper._curve cimport CurveState
+from gatekeeper._zmq_abi cimport gk_zmq_msg_t
+from gatekeeper._zmtp cimport ZmtpDecoder
+
+cdef enum:
+    # Fairness and batch bounds: what one wake-up does at most. A slice of small
+    # requests is a few hundred messages, and a wake-up relays more replies than that:
+    # replies must drain faster than one greedy client's requests arrive, or they pile up
+    # in the broker ahead of everyone else's.
+    READ_SLICE = 16384      # bytes read from one connection per wake-up
+    MAX_EVENTS = 256        # epoll events taken per wait (outer and inner)
+    ACCEPT_BATCH = 64       # connections accepted from one listener per wake-up
+    REPLY_BATCH = 4096      # backend messages relayed per wake-up
+    MAX_LISTENERS = 16
+    MAX_SERVICES = 8
+    # Frame arrays of FRAME_ARRAY slots and output buffers of OUT_KEEP bytes are kept for
+    # reuse, POOL_SIZE of each, so that a message costs no malloc for either.
+    FRAME_ARRAY = 8
+    OUT_KEEP = 65536
+    POOL_SIZE = 256
+    RANDOM_POOL = 4096
+    ANON_ID_SIZE = 5        # a zero byte, then 4 random bytes, as libzmq's auto ids
+    ADDR_TEXT = 64          # "localhost:uid:gid:pid" or an IPv6 address, NUL included
+    ID_ATTEMPTS = 64
+    SWEEP_MS = 100          # timers (handshake, heartbeat, TTL, deadlines) are checked this often
+    # The reply budgets (SPEC "Replies"). Connections with output waiting are listed by
+    # the bit length of their unsent bytes, so the biggest is in the top list; looking for
+    # it reads at most HOG_SCAN entries of that list (see `biggest`).
+    QUEUE_LEVELS = 64       # bit lengths 1..64 of a size_t; 0: nothing waiting, not listed
+    HOG_SCAN = 64
+
+# epoll tags: what an event is about, in the top byte of its u64; the rest is an index.
+cdef enum:
+    TAG_LISTENER = 1
+    TAG_INNER = 2
+    TAG_CONN = 3
+    TAG_ZMQ = 4
+
+cdef enum:
+    ST_FREE = 0
+    ST_GREETING = 1      # before the peer's READY (or its ZMTP 2.0 identity)
+    ST_OPEN = 2
+
+# Handshake results, indexed as rules.HANDSHAKE_RESULTS.
+cdef enum:
+    HS_ACCEPTED = 0
+    HS_ADDRESS_DENIED
+    HS_ADDRESS_NOT_ALLOWED
+    HS_KEY_NOT_ALLOWED
+    HS_TOO_MANY_CONNECTIONS
+    HS_CONNECTION_RATE_LIMITED
+    HS_CONNECTION_LIMIT
+    HS_LEGACY_PROTOCOL
+    HS_INVALID_SOCKET_TYPE
+    HS_RESERVED_IDENTITY
+    HS_IDENTITY_IN_USE
+    HS_BANNED                # the address is banned ([rate_limit] key = "peer_address")
+    HS_SHUTTING_DOWN         # never here: a draining native engine has closed its listeners
+    HS_TIMEOUT
+    HS_PROTOCOL_ERROR
+    HS_DISCONNECTED
+    NHS
+
+
+cdef struct Conn:
+    int fd                    # -1 while the slot is free
+    int state
+    bint v2                   # ZMTP 2.0 peer: no commands, no heartbeats
+    bint heartbeats           # a ZMTP 3 peer: PING/PONG
+    bint lockstep             # a REQ peer: one request at a time (see _fast.RoundTrips)
+    bint reading              # in the inner epoll
+    bint writing              # in the outer epoll for EPOLLOUT
+    bint dirty                # replies appended since the last flush
+    bint counted              # in the per-address connection counts
+    bint discarding           # the message in progress passed a limit: counted, not held
+    bint filling              # frames[nheld] is a frame still arriving
+    bint envelope_done        # discarding: the envelope to echo is held (or there is none)
+    bint broken               # output could not be queued (no memory): cut at the next flush
+    bint curve                # a CURVE connection: every frame after READY is a box
+    CurveState cs
+    uint8_t *box              # a box still arriving (CURVE): held whole, then opened
+    size_t box_len, box_size
+    int prev_throttled, next_throttled   # the list of connections read no more for now
+    ZmtpDecoder dec
+    uint8_t family            # AF_INET, AF_INET6, AF_UNIX
+    uint8_t ip_len            # 4 or 16 (IPv4-mapped addresses are IPv4), 0 for ipc
+    uint8_t ip[16]
+    uint8_t addr_len          # Peer-Address, as libzmq gives it
+    uint8_t user_len          # User-Id, as the ZAP handler gives a NULL peer
+    char addr[ADDR_TEXT]
+    char user[ADDR_TEXT]
+    uint8_t id[256]           # routing id: length, then the bytes
+    double deadline           # handshake
+    double last_recv
+    double next_ping
+    double ping_sent          # the first PING not answered by any traffic yet
+    double ttl                # the peer's PING TTL (s), 0: none
+    # The message in progress: frames held (libzmq messages, ready to send), counts.
+    gk_zmq_msg_t *frames
+    uint32_t nheld, cap
+    size_t frame_off          # bytes already in frames[nheld], a frame still arriving
+    size_t held               # bytes held for this message (in the engine's budget)
+    uint64_t nframes, total, largest, first_len
+    # Replies waiting to be written: bytes, and the messages among them (for sndhwm).
+    uint8_t *out
+    size_t out_len, out_cap, out_sent
+    uint32_t queued
+    uint8_t queue_level       # the bit length of the unsent bytes: which list `c` is on
+    int prev_queued, next_queued
+    # The stalled-reader watch (see `stalled`): bytes ever written and the kernel's send
+    # queue as the last sweep saw them, and since when neither moved while output waits.
+    uint64_t written, written_seen
+    int outq_seen
+    double write_idle_since
+
+
+
+cdef struct Pool:
+    void *blocks[POOL_SIZE]
+    int count
+
+
+
+cdef struct HandshakeSample:
+    int result
+    char addr[ADDR_TEXT]
+
+
+
+cdef struct Cidr:
+    uint8_t len               # 4 or 16
+    uint8_t prefix
+    uint8_t net[16]
