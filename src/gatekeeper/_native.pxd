@@ -2,7 +2,7 @@
 # structs its rooms share. The code is in _native.pyx and the room files it includes
 # (_native_*.pxi); each names what it owns.
 
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from gatekeeper._curve cimport CurveState
 from gatekeeper._zmq_abi cimport gk_zmq_msg_t
@@ -31,7 +31,7 @@ cdef enum:
     SWEEP_MS = 100          # timers (handshake, heartbeat, TTL, deadlines) are checked this often
     # The reply budgets (SPEC "Replies"). Connections with output waiting are listed by
     # the bit length of their unsent bytes, so the biggest is in the top list; looking for
-    # it reads at most HOG_SCAN entries of that list (see `biggest`).
+    # it reads at most HOG_SCAN entries of that list (see `conn_biggest`).
     QUEUE_LEVELS = 64       # bit lengths 1..64 of a size_t; 0: nothing waiting, not listed
     HOG_SCAN = 64
 
@@ -113,12 +113,21 @@ cdef struct Conn:
     uint32_t queued
     uint8_t queue_level       # the bit length of the unsent bytes: which list `c` is on
     int prev_queued, next_queued
-    # The stalled-reader watch (see `stalled`): bytes ever written and the kernel's send
+    # The stalled-reader watch (see `conn_stalled`): bytes ever written and the kernel's send
     # queue as the last sweep saw them, and since when neither moved while output waits.
     uint64_t written, written_seen
     int outq_seen
     double write_idle_since
 
+
+
+# What a connection's timers say at the sweep (conn_timers): the room that owns the
+# connection closes it and counts why.
+cdef enum:
+    CONN_ALIVE = 0
+    CONN_HANDSHAKE_TIMEOUT   # no READY (or ZMTP 2.0 identity) by its deadline
+    CONN_DEAD                # the peer's TTL passed, a PING unanswered, or its stream broke
+    CONN_STALLED             # it took none of its output for slow_reader_timeout_ms
 
 
 cdef struct Pool:
@@ -137,3 +146,24 @@ cdef struct Cidr:
     uint8_t len               # 4 or 16
     uint8_t prefix
     uint8_t net[16]
+
+
+# The connection room's shared state (_native_conn.pxi): the slots, whatever a connection's
+# role, and what their output and timers need.
+cdef struct ConnTable:
+    Conn *conns               # a slot's index is its epoll tag and its link in the lists
+    int max_conns, nconns, free_head
+    int outer                 # the outer epoll: a connection is in it while output waits
+    Pool out_buffers
+    int *dirty                # connections with output appended since the last flush
+    int ndirty
+    # replies waiting to be written: the unsent bytes of all connections, and the lists
+    # of connections by level (Conn.queue_level) that `conn_biggest` looks in
+    size_t queued
+    int queue_heads[QUEUE_LEVELS + 1]
+    uint64_t queue_levels     # bit level - 1 set: that list is not empty
+    double slow_reader_timeout   # 0: never
+    double hb_interval, hb_timeout
+    uint16_t hb_ttl_ds
+    bint keepalive
+    int keepalive_idle, keepalive_interval, keepalive_count

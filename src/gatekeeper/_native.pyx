@@ -272,28 +272,6 @@ for _i, _text in enumerate(_HS_BYTES):
     HS_TEXT[_i] = PyBytes_AS_STRING(_text)
 
 
-cdef inline void *pool_take(Pool *p) noexcept nogil:
-    if p.count == 0:
-        return NULL
-    p.count -= 1
-    return p.blocks[p.count]
-
-
-cdef inline void pool_give(Pool *p, void *block, bint fits) noexcept nogil:
-    """Keep `block` for reuse if it `fits` the pool's size and the pool has room; else
-    free it."""
-    if fits and p.count < POOL_SIZE:
-        p.blocks[p.count] = block
-        p.count += 1
-    else:
-        free(block)
-
-
-cdef void pool_free(Pool *p) noexcept nogil:
-    while p.count:
-        free(pool_take(p))
-
-
 cdef inline uint64_t tag(int kind, uint64_t index) noexcept nogil:
     return (<uint64_t>kind << 56) | index
 
@@ -320,12 +298,11 @@ cdef class NativeRelay:
     cdef void *be
     cdef void *service_handles[MAX_SERVICES]
     cdef int nservices
-    cdef int outer, inner
+    cdef int inner
     cdef int listeners[MAX_LISTENERS]
     cdef int nlisteners
     cdef double listeners_resume      # after EMFILE: accept again from this time
-    cdef Conn *conns
-    cdef int max_conns, nconns, free_head
+    cdef ConnTable io                # the connections, their output and their timers
     cdef KeyIndex ids                 # routing id -> connection index (uint32 payload)
     # ids taken from REQ clients answered `timeout`: a reply to one is late, delivered to
     # no one; at most max_conns, then the oldest-placed slot gives way (its late reply
@@ -355,20 +332,11 @@ cdef class NativeRelay:
     cdef bint legacy_zmtp2
     cdef uint32_t sndhwm
     cdef size_t max_queued, max_queued_total
-    cdef double slow_reader_timeout   # 0: never
-    cdef double handshake_timeout, hb_interval, hb_timeout
-    cdef uint16_t hb_ttl_ds
-    cdef bint keepalive
-    cdef int keepalive_idle, keepalive_interval, keepalive_count
+    cdef double handshake_timeout
     # budget of partially received messages
     cdef size_t buffered
     cdef readonly size_t buffered_peak
     cdef int throttled_head
-    # replies waiting to be written: the unsent bytes of all connections, and the lists
-    # of connections by level (Conn.queue_level) that `biggest` looks in
-    cdef size_t queued
-    cdef int queue_heads[QUEUE_LEVELS + 1]
-    cdef uint64_t queue_levels        # bit level - 1 set: that list is not empty
     # a message the backend has no room for (wait mode), and what its connection sent
     # after it in the same read
     cdef gk_zmq_msg_t *pending
@@ -381,9 +349,6 @@ cdef class NativeRelay:
     cdef int stash_conn
     # reused memory
     cdef Pool frame_arrays
-    cdef Pool out_buffers
-    cdef int *dirty
-    cdef int ndirty
     cdef uint8_t *rbuf
     cdef uint8_t random[RANDOM_POOL]
     cdef int random_left
@@ -405,13 +370,13 @@ cdef class NativeRelay:
 
     def __cinit__(self):
         cdef int i
-        self.outer = -1
+        self.io.outer = -1
         self.inner = -1
         self.stash_conn = -1
         self.throttled_head = -1
-        self.free_head = -1
+        self.io.free_head = -1
         for i in range(QUEUE_LEVELS + 1):
-            self.queue_heads[i] = -1
+            self.io.queue_heads[i] = -1
         Z.msg_init(&self.scratch)
 
     def __init__(self, listeners, backend, services, PolicyEngine engine, settings):
@@ -431,38 +396,38 @@ cdef class NativeRelay:
         self.nservices = len(services)
         for i, s in enumerate(services):
             self.service_handles[i] = <void *><size_t>s.underlying
-        self.max_conns = settings.max_connections
+        self.io.max_conns = settings.max_connections
         self.max_buffered = settings.max_buffered_bytes
         self.max_frame_size = settings.max_message_size
         self.legacy_zmtp2 = settings.legacy_zmtp2
         self.sndhwm = settings.sndhwm
         self.max_queued = settings.max_queued_bytes
         self.max_queued_total = settings.max_queued_total_bytes
-        self.slow_reader_timeout = settings.slow_reader_timeout_ms * 1e-3
+        self.io.slow_reader_timeout = settings.slow_reader_timeout_ms * 1e-3
         self.handshake_timeout = settings.handshake_timeout_ms * 1e-3
-        self.hb_interval = settings.heartbeat_interval_ms * 1e-3
-        self.hb_timeout = settings.heartbeat_timeout_ms * 1e-3
-        self.hb_ttl_ds = min(settings.heartbeat_ttl_ms // 100, 0xFFFF)
-        self.keepalive = settings.tcp_keepalive
-        self.keepalive_idle = settings.tcp_keepalive_idle_s
-        self.keepalive_interval = settings.tcp_keepalive_interval_s
-        self.keepalive_count = settings.tcp_keepalive_count
-        self.conns = <Conn *>calloc(self.max_conns, sizeof(Conn))
-        self.dirty = <int *>malloc(self.max_conns * sizeof(int))
+        self.io.hb_interval = settings.heartbeat_interval_ms * 1e-3
+        self.io.hb_timeout = settings.heartbeat_timeout_ms * 1e-3
+        self.io.hb_ttl_ds = min(settings.heartbeat_ttl_ms // 100, 0xFFFF)
+        self.io.keepalive = settings.tcp_keepalive
+        self.io.keepalive_idle = settings.tcp_keepalive_idle_s
+        self.io.keepalive_interval = settings.tcp_keepalive_interval_s
+        self.io.keepalive_count = settings.tcp_keepalive_count
+        self.io.conns = <Conn *>calloc(self.io.max_conns, sizeof(Conn))
+        self.io.dirty = <int *>malloc(self.io.max_conns * sizeof(int))
         self.rbuf = <uint8_t *>malloc(READ_SLICE)
-        if self.conns == NULL or self.dirty == NULL or self.rbuf == NULL:
+        if self.io.conns == NULL or self.io.dirty == NULL or self.rbuf == NULL:
             raise MemoryError()
-        for i in range(self.max_conns - 1, -1, -1):
-            self.conns[i].fd = -1
-            self.conns[i].prev_throttled = -1
-            self.conns[i].next_throttled = self.free_head  # the free list, while free
-            self.free_head = i
-        ki_init(&self.ids, self.max_conns, sizeof(uint32_t))
-        ki_init(&self.retired, self.max_conns, 0)
+        for i in range(self.io.max_conns - 1, -1, -1):
+            self.io.conns[i].fd = -1
+            self.io.conns[i].prev_throttled = -1
+            self.io.conns[i].next_throttled = self.io.free_head  # the free list, while free
+            self.io.free_head = i
+        ki_init(&self.ids, self.io.max_conns, sizeof(uint32_t))
+        ki_init(&self.retired, self.io.max_conns, 0)
         self.expired_ids = <uint8_t *>malloc(TIMEOUT_ANSWERS_ * KEY_STRIDE)
         if self.expired_ids == NULL:
             raise MemoryError()
-        ki_init(&self.per_address, self.max_conns, sizeof(uint32_t))
+        ki_init(&self.per_address, self.io.max_conns, sizeof(uint32_t))
         ki_init(&self.rates, 1, sizeof(Bucket))
         ki_init(&self.curve_allowed, 1, 0)
         if settings.curve_secret_key is not None:
@@ -474,14 +439,14 @@ cdef class NativeRelay:
             self.curve_on = True
             self.next_rotation = monotonic() + CURVE_COOKIE_KEY_PERIOD_S
         self.set_access(settings)
-        self.outer = epoll_create1(EPOLL_CLOEXEC)
+        self.io.outer = epoll_create1(EPOLL_CLOEXEC)
         self.inner = epoll_create1(EPOLL_CLOEXEC)
-        if self.outer < 0 or self.inner < 0:
+        if self.io.outer < 0 or self.inner < 0:
             raise OSError(errno, "epoll_create1")
         ev.events = EPOLLIN
         for i, s in enumerate([backend] + services):
             ev.data.u64 = tag(TAG_ZMQ, i)
-            if epoll_ctl(self.outer, EPOLL_CTL_ADD, s.getsockopt(zmq.FD), &ev) < 0:
+            if epoll_ctl(self.io.outer, EPOLL_CTL_ADD, s.getsockopt(zmq.FD), &ev) < 0:
                 raise OSError(errno, "epoll_ctl")
         self._listener_files = []
         for i, sock in enumerate(listeners):
@@ -491,7 +456,7 @@ cdef class NativeRelay:
             self.listeners[i] = sock.detach()  # ours to close, at drain
             self.nlisteners += 1
             ev.data.u64 = tag(TAG_LISTENER, i)
-            if epoll_ctl(self.outer, EPOLL_CTL_ADD, self.listeners[i], &ev) < 0:
+            if epoll_ctl(self.io.outer, EPOLL_CTL_ADD, self.listeners[i], &ev) < 0:
                 raise OSError(errno, "epoll_ctl")
         self.frontend_open = True
         self.next_sweep = monotonic() + SWEEP_MS * 1e-3
@@ -545,16 +510,16 @@ cdef class NativeRelay:
 
     def __dealloc__(self):
         cdef int i
-        if self.conns != NULL:
-            for i in range(self.max_conns):
-                if self.conns[i].fd >= 0:
-                    self.drop(&self.conns[i], -1)
-            free(self.conns)
+        if self.io.conns != NULL:
+            for i in range(self.io.max_conns):
+                if self.io.conns[i].fd >= 0:
+                    self.drop(&self.io.conns[i], -1)
+            free(self.io.conns)
         for i in range(self.nlisteners):
             if self.listeners[i] >= 0:
                 close(self.listeners[i])
-        if self.outer >= 0:
-            close(self.outer)
+        if self.io.outer >= 0:
+            close(self.io.outer)
         if self.inner >= 0:
             close(self.inner)
         for i in range(self.npending):
@@ -562,8 +527,8 @@ cdef class NativeRelay:
         free(self.pending)
         free(self.stash)
         pool_free(&self.frame_arrays)
-        pool_free(&self.out_buffers)
-        free(self.dirty)
+        pool_free(&self.io.out_buffers)
+        free(self.io.dirty)
         free(self.rbuf)
         free(self.allow)
         free(self.deny)
@@ -589,7 +554,7 @@ cdef class NativeRelay:
 
     @property
     def connections(self):
-        return self.nconns
+        return self.io.nconns
 
     def take_samples(self):
         """Handshake refusals sampled since the last call, as (reason, address), and how
@@ -610,7 +575,7 @@ cdef class NativeRelay:
     @property
     def queued_bytes(self):
         """Bytes waiting to be written to all clients (max_queued_total_bytes bounds it)."""
-        return self.queued
+        return self.io.queued
 
     @property
     def outstanding(self):
@@ -627,8 +592,8 @@ cdef class NativeRelay:
         cdef int i, n = 0
         cdef Conn *c
         cdef size_t length = PyBytes_GET_SIZE(address)
-        for i in range(self.max_conns):
-            c = &self.conns[i]
+        for i in range(self.io.max_conns):
+            c = &self.io.conns[i]
             if c.fd >= 0 and c.ip_len and c.addr_len == length and memcmp(
                     c.addr, PyBytes_AS_STRING(address), length) == 0:
                 n += 1
@@ -682,7 +647,7 @@ cdef class NativeRelay:
                 wait = <int>((min(deadline, self.next_sweep) - now) * 1e3) + 1
                 if wait < 0:
                     wait = 0
-            n = epoll_wait(self.outer, events, MAX_EVENTS, wait)
+            n = epoll_wait(self.io.outer, events, MAX_EVENTS, wait)
             if n < 0:
                 self.error = errno
                 return C_RUN_INTERRUPTED if errno == EINTR else C_RUN_ERROR
@@ -695,7 +660,7 @@ cdef class NativeRelay:
                 elif kind == TAG_INNER:
                     self.read_ready(now)
                 elif kind == TAG_CONN:
-                    self.flush(&self.conns[index])
+                    self.flush(&self.io.conns[index])
                 elif index == 0:
                     self.backend_due = True
                 else:
@@ -724,7 +689,7 @@ cdef class NativeRelay:
             return
         ev.events = EPOLLIN
         ev.data.u64 = tag(TAG_INNER, 0)
-        epoll_ctl(self.outer, EPOLL_CTL_ADD if on else EPOLL_CTL_DEL, self.inner, &ev)
+        epoll_ctl(self.io.outer, EPOLL_CTL_ADD if on else EPOLL_CTL_DEL, self.inner, &ev)
         self.reading = on
 
     cdef int serve_backend(self, double now) noexcept nogil:
@@ -774,15 +739,15 @@ cdef class NativeRelay:
         cdef bint dirty
         cdef epoll_event ev
         cdef uint8_t sig[ZMTP_SIGNATURE_SIZE]
-        if self.nconns >= self.max_conns:
+        if self.io.nconns >= self.io.max_conns:
             c = &self.over_limit  # for its address, in the log
             peer_identity(c, fd, addr)
             self.count_handshake(HS_CONNECTION_LIMIT, c)
             close(fd)
             return
-        slot = self.free_head
-        c = &self.conns[slot]
-        self.free_head = c.next_throttled
+        slot = self.io.free_head
+        c = &self.io.conns[slot]
+        self.io.free_head = c.next_throttled
         dirty = c.dirty  # the slot may still be on this wake-up's flush list: once only
         memset(c, 0, sizeof(Conn))
         c.dirty = dirty
@@ -793,14 +758,14 @@ cdef class NativeRelay:
         if refusal >= 0:
             self.count_handshake(refusal, c)
             c.fd = -1
-            c.next_throttled = self.free_head
-            self.free_head = slot
+            c.next_throttled = self.io.free_head
+            self.io.free_head = slot
             close(fd)
             return
-        self.nconns += 1
+        self.io.nconns += 1
         if c.ip_len:
             self.count_address(c, 1)
-            self.tune_tcp(fd)
+            conn_tune_tcp(&self.io, fd)
         # CURVE has no ZMTP 2.0 form: such a peer is a legacy_protocol refusal
         zmtp_decoder_init(&c.dec, self.max_frame_size, self.legacy_zmtp2 and not self.curve_on)
         c.state = ST_GREETING
@@ -808,7 +773,7 @@ cdef class NativeRelay:
         c.last_recv = now
         c.write_idle_since = now
         # The signature first: a peer of any ZMTP version waits for it (zmtp_engine.cpp).
-        self.append(c, sig, zmtp_signature(sig))
+        conn_append(&self.io, c, sig, zmtp_signature(sig))
         self.flush(c)
         if c.fd < 0:
             return
@@ -908,18 +873,13 @@ cdef class NativeRelay:
         else:
             self.suppressed[result] += 1
 
-    cdef void tune_tcp(self, int fd) noexcept nogil:
-        cdef int one = 1
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(int))
-        if self.keepalive:
-            setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(int))
-            setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &self.keepalive_idle, sizeof(int))
-            setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &self.keepalive_interval, sizeof(int))
-            setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &self.keepalive_count, sizeof(int))
+    cdef void flush(self, Conn *c) noexcept nogil:
+        if not conn_flush(&self.io, c):
+            self.drop(c, -1)
 
     cdef void drop(self, Conn *c, int result) noexcept nogil:
         """Close a connection; `result` is the HS_ code to count, -1 for none."""
-        cdef int slot = <int>(c - self.conns)
+        cdef int slot = <int>(c - self.io.conns)
         cdef int found
         cdef uint32_t i
         if result >= 0:
@@ -934,7 +894,7 @@ cdef class NativeRelay:
             self.count_address(c, -1)
         self.unthrottle_one(c)
         self.release_message(c)
-        self.release_out(c)
+        conn_release_out(&self.io, c)
         self.release_box(c)
         zmtp_decoder_free(&c.dec)
         if c.curve:
@@ -942,9 +902,9 @@ cdef class NativeRelay:
         close(c.fd)  # also leaves both epoll sets
         c.fd = -1
         c.state = ST_FREE
-        c.next_throttled = self.free_head
-        self.free_head = slot
-        self.nconns -= 1
+        c.next_throttled = self.io.free_head
+        self.io.free_head = slot
+        self.io.nconns -= 1
 
     # -- reading ---------------------------------------------------------------------
 
@@ -954,7 +914,7 @@ cdef class NativeRelay:
         cdef Conn *c
         n = epoll_wait(self.inner, events, MAX_EVENTS, 0)
         for i in range(n):
-            c = &self.conns[events[i].data.u64 & ((<uint64_t>1 << 56) - 1)]
+            c = &self.io.conns[events[i].data.u64 & ((<uint64_t>1 << 56) - 1)]
             if c.fd < 0 or not c.reading:
                 continue
             if events[i].events & EPOLLERR:
@@ -1003,29 +963,29 @@ cdef class NativeRelay:
             self.buffered_peak = self.buffered
 
     cdef void throttle(self, Conn *c) noexcept nogil:
-        cdef int slot = <int>(c - self.conns)
+        cdef int slot = <int>(c - self.io.conns)
         if c.reading:
             epoll_ctl(self.inner, EPOLL_CTL_DEL, c.fd, NULL)
             c.reading = False
         c.prev_throttled = -1
         c.next_throttled = self.throttled_head
         if self.throttled_head >= 0:
-            self.conns[self.throttled_head].prev_throttled = slot
+            self.io.conns[self.throttled_head].prev_throttled = slot
         self.throttled_head = slot
 
     cdef inline bint throttled(self, Conn *c) noexcept nogil:
-        return not c.reading and (c.prev_throttled >= 0 or self.throttled_head == <int>(c - self.conns))
+        return not c.reading and (c.prev_throttled >= 0 or self.throttled_head == <int>(c - self.io.conns))
 
     cdef bint unthrottle_one(self, Conn *c) noexcept nogil:
         """Take `c` off the throttled list; False if it was not on it."""
         if not self.throttled(c):
             return False
         if c.prev_throttled >= 0:
-            self.conns[c.prev_throttled].next_throttled = c.next_throttled
+            self.io.conns[c.prev_throttled].next_throttled = c.next_throttled
         else:
             self.throttled_head = c.next_throttled
         if c.next_throttled >= 0:
-            self.conns[c.next_throttled].prev_throttled = c.prev_throttled
+            self.io.conns[c.next_throttled].prev_throttled = c.prev_throttled
         c.prev_throttled = c.next_throttled = -1
         return True
 
@@ -1037,7 +997,7 @@ cdef class NativeRelay:
         self.buffered -= n
         while self.throttled_head >= 0 and self.buffered < self.max_buffered:
             slot = self.throttled_head
-            c = &self.conns[slot]
+            c = &self.io.conns[slot]
             if not self.unthrottle_one(c):
                 break  # a list out of order must not hang the loop
             ev.events = EPOLLIN | EPOLLRDHUP
@@ -1048,7 +1008,7 @@ cdef class NativeRelay:
     cdef void process(self, Conn *c, const uint8_t *buf, size_t n, double now) noexcept nogil:
         cdef ZmtpEvent ev
         cdef size_t pos = 0
-        cdef int slot = <int>(c - self.conns)
+        cdef int slot = <int>(c - self.io.conns)
         while True:
             pos += <size_t>zmtp_next(&c.dec, buf + pos, n - pos, &ev)
             if ev.kind == ZMTP_NEED_MORE:
@@ -1074,7 +1034,7 @@ cdef class NativeRelay:
             return
         self.stash = <uint8_t *>malloc(n)
         if self.stash == NULL:
-            self.drop(&self.conns[slot], -1)
+            self.drop(&self.io.conns[slot], -1)
             return
         memcpy(self.stash, p, n)
         self.stash_len = n
@@ -1091,7 +1051,7 @@ cdef class NativeRelay:
     cdef void resume_stash(self, double now) noexcept nogil:
         cdef uint8_t *p = self.stash
         cdef size_t n = self.stash_len
-        cdef Conn *c = &self.conns[self.stash_conn]
+        cdef Conn *c = &self.io.conns[self.stash_conn]
         self.stash = NULL
         self.stash_len = 0
         self.stash_conn = -1
@@ -1105,14 +1065,14 @@ cdef class NativeRelay:
         cdef uint8_t out[ZMTP_GREETING_REST_MAX + ZMTP_V2_IDENTITY_SIZE]
         cdef size_t n
         if ev.kind == ZMTP_SIGNATURE:
-            self.append(c, out, zmtp_greeting_major(out))
+            conn_append(&self.io, c, out, zmtp_greeting_major(out))
         elif ev.kind == ZMTP_REVISION:
             n = zmtp_greeting_rest(out, ev.revision,
                                    ZMTP_MECH_CURVE if self.curve_on else ZMTP_MECH_NULL)
             c.v2 = ev.revision < 3
             if c.v2:
                 n += zmtp_v2_identity(out + n)
-            self.append(c, out, n)
+            conn_append(&self.io, c, out, n)
         elif ev.kind == ZMTP_GREETING:
             # libzmq too closes on a mechanism mismatch, without an ERROR
             if not is_mechanism(ev.mechanism, "CURVE" if self.curve_on else "NULL"):
@@ -1143,7 +1103,7 @@ cdef class NativeRelay:
             if curve_on_hello(&c.cs, &self.curve_keys, cmd, n, welcome, &out_len) != 0:
                 self.drop(c, HS_PROTOCOL_ERROR)
                 return
-            self.append(c, welcome, out_len)
+            conn_append(&self.io, c, welcome, out_len)
             self.flush(c)
             return
         if curve_on_initiate(&c.cs, &self.curve_keys, cmd, n, client_key, &metadata,
@@ -1167,7 +1127,7 @@ cdef class NativeRelay:
         """The peer's socket type and routing id decide (READY, a ZMTP 2.0 identity, or a
         CURVE INITIATE's metadata); `ready` is the READY to send, NULL for the NULL one."""
         cdef uint8_t null_ready[ZMTP_READY_SIZE]
-        cdef int slot = <int>(c - self.conns)
+        cdef int slot = <int>(c - self.io.conns)
         cdef int entry
         if not is_client_type(ev.socket_type, ev.socket_type_len):
             self.refuse(c, HS_INVALID_SOCKET_TYPE)
@@ -1196,13 +1156,13 @@ cdef class NativeRelay:
         c.state = ST_OPEN
         self.count_handshake(HS_ACCEPTED, c)
         if ready != NULL:
-            self.append(c, ready, ready_len)
+            conn_append(&self.io, c, ready, ready_len)
             zmtp_decoder_handshake_done(&c.dec)
         elif not c.v2:
-            self.append(c, null_ready, zmtp_ready(null_ready))
+            conn_append(&self.io, c, null_ready, zmtp_ready(null_ready))
         self.flush(c)
-        if c.heartbeats and self.hb_interval > 0:
-            c.next_ping = now + self.hb_interval
+        if c.heartbeats and self.io.hb_interval > 0:
+            c.next_ping = now + self.io.hb_interval
 
     cdef bint anonymous_id(self, Conn *c) noexcept nogil:
         """A random id the way libzmq's look (a zero byte, then 4 bytes), never in use:
@@ -1232,7 +1192,7 @@ cdef class NativeRelay:
         if result == HS_KEY_NOT_ALLOWED:
             text = "400"
         if not c.v2:
-            self.append(c, out, zmtp_error(out, <const uint8_t *>text, strlen(text)))
+            conn_append(&self.io, c, out, zmtp_error(out, <const uint8_t *>text, strlen(text)))
             self.flush(c)
         if c.fd >= 0:
             self.drop(c, result)
@@ -1258,18 +1218,13 @@ cdef class NativeRelay:
                               size_t context_len) noexcept nogil:
         cdef uint8_t out[ZMTP_PONG_MAX]
         if command == ZMTP_CMD_PING:
-            if self.may_queue_command(c):
-                self.send_command(c, out, zmtp_pong(out, context, context_len))
-                self.mark_dirty(c)
+            if conn_may_queue_command(c):
+                conn_send_command(&self.io, c, out, zmtp_pong(out, context, context_len))
+                conn_mark_dirty(&self.io, c)
             c.ttl = ttl * 0.1
         elif command == ZMTP_CMD_ERROR:
             self.drop(c, -1)
         # PONG: any traffic answers a PING; other commands are ignored, as libzmq does
-
-    cdef inline bint may_queue_command(self, Conn *c) noexcept nogil:
-        """A PING or PONG only to a client that reads what it is sent: one that floods
-        PINGs and reads nothing must not grow its queue (any traffic answers a PING)."""
-        return c.out_len - c.out_sent <= OUT_KEEP
 
     # -- messages --------------------------------------------------------------------
 
@@ -1605,12 +1560,12 @@ cdef class NativeRelay:
             self.counts[REJECT_DROPPED] += 1
             return
         for i in range(envelope):
-            self.append_frame(c, <const uint8_t *>Z.msg_data(&c.frames[i]),
+            conn_append_frame(&self.io, c, <const uint8_t *>Z.msg_data(&c.frames[i]),
                               Z.msg_size(&c.frames[i]), True)
-        self.append_frame(c, <const uint8_t *>REJECT_MARKER_TEXT, REJECT_MARKER_LEN, True)
-        self.append_frame(c, <const uint8_t *>text, text_len, False)
+        conn_append_frame(&self.io, c, <const uint8_t *>REJECT_MARKER_TEXT, REJECT_MARKER_LEN, True)
+        conn_append_frame(&self.io, c, <const uint8_t *>text, text_len, False)
         c.queued += 1
-        self.mark_dirty(c)
+        conn_mark_dirty(&self.io, c)
         self.counts[REJECTS_SENT] += 1
         self.counts[FE_MSGS_OUT] += 1
         self.counts[FE_BYTES_OUT] += c.id[0] + nbytes + REJECT_MARKER_LEN + text_len
@@ -1641,7 +1596,7 @@ cdef class NativeRelay:
             if more:
                 slot = ki_find(&self.ids, <const uint8_t *>Z.msg_data(m), nbytes)
                 if slot >= 0:
-                    c = &self.conns[(<uint32_t *>self.ids.payload)[slot]]
+                    c = &self.io.conns[(<uint32_t *>self.ids.payload)[slot]]
             if c == NULL:
                 self.count_unroutable(<const uint8_t *>Z.msg_data(m), nbytes, more)
             elif c.queued >= self.sndhwm:
@@ -1660,9 +1615,9 @@ cdef class NativeRelay:
                     continue
                 # libzmq hands a reply frame by frame: its size is known only at its end
                 if self.make_room(c, framed_size(c, size)):
-                    self.append_frame(c, <const uint8_t *>Z.msg_data(m), size, more)
+                    conn_append_frame(&self.io, c, <const uint8_t *>Z.msg_data(m), size, more)
                 else:
-                    self.take_back(c, before)
+                    conn_take_back(&self.io, c, before)
                     self.counts[REPLY_DROPPED] += 1
                     c = NULL
             Z.msg_close(m)
@@ -1671,7 +1626,7 @@ cdef class NativeRelay:
             self.counts[BE_BYTES_IN] += nbytes
             if c != NULL:
                 c.queued += 1
-                self.mark_dirty(c)
+                conn_mark_dirty(&self.io, c)
                 self.counts[REPLIED] += 1
                 self.counts[FE_MSGS_OUT] += 1
                 self.counts[FE_BYTES_OUT] += nbytes
@@ -1710,7 +1665,7 @@ cdef class NativeRelay:
         cdef Conn *c
         if slot < 0 or identity[0] != ANON_ID_SIZE or identity[1] != 0:
             return
-        c = &self.conns[(<uint32_t *>self.ids.payload)[slot]]
+        c = &self.io.conns[(<uint32_t *>self.ids.payload)[slot]]
         if not c.lockstep:
             return
         if self.retired.count == self.retired.max_entries:
@@ -1723,154 +1678,33 @@ cdef class NativeRelay:
         if slot < 0:
             self.drop(c, -1)  # no id to give it: its REQ socket reconnects, as after a drop
             return
-        (<uint32_t *>self.ids.payload)[slot] = <uint32_t>(c - self.conns)
+        (<uint32_t *>self.ids.payload)[slot] = <uint32_t>(c - self.io.conns)
         if c.queued >= self.sndhwm or not self.make_room(
                 c, framed_size(c, 0) + framed_size(c, REJECT_MARKER_LEN) + framed_size(c, 7)):
             self.counts[REJECT_DROPPED] += 1
             return
         # a REQ envelope is the empty delimiter alone
-        self.append_frame(c, <const uint8_t *>"", 0, True)
-        self.append_frame(c, <const uint8_t *>REJECT_MARKER_TEXT, REJECT_MARKER_LEN, True)
-        self.append_frame(c, <const uint8_t *>"timeout", 7, False)
+        conn_append_frame(&self.io, c, <const uint8_t *>"", 0, True)
+        conn_append_frame(&self.io, c, <const uint8_t *>REJECT_MARKER_TEXT, REJECT_MARKER_LEN, True)
+        conn_append_frame(&self.io, c, <const uint8_t *>"timeout", 7, False)
         c.queued += 1
-        self.mark_dirty(c)
+        conn_mark_dirty(&self.io, c)
         self.counts[FE_MSGS_OUT] += 1
         self.counts[FE_BYTES_OUT] += c.id[0] + REJECT_MARKER_LEN + 7
 
     # -- writing ---------------------------------------------------------------------
 
-    cdef void append(self, Conn *c, const uint8_t *p, size_t n) noexcept nogil:
-        if self.reserve(c, n):
-            memcpy(c.out + c.out_len, p, n)
-            self.queue(c, n)
-
-    cdef bint reserve(self, Conn *c, size_t n) noexcept nogil:
-        """Room for `n` more bytes of output; False when there is no memory for them (the
-        connection's stream is broken then: it is cut at the next flush)."""
-        cdef size_t cap
-        cdef uint8_t *grown
-        if c.out_len + n <= c.out_cap:
-            return True
-        if c.out_sent and c.out_sent >= unsent(c):
-            # At least half of it written: moving the rest down costs no more than was
-            # written since the last move, and the buffer grows only while less than
-            # half of it is written, so a reader that keeps a backlog holds at most a
-            # few times its unsent bytes, not all it was ever sent.
-            memmove(c.out, c.out + c.out_sent, unsent(c))
-            c.out_len -= c.out_sent
-            c.out_sent = 0
-            if c.out_len + n <= c.out_cap:
-                return True
-        if c.out == NULL and n <= OUT_KEEP:
-            c.out = <uint8_t *>pool_take(&self.out_buffers)
-            c.out_cap = OUT_KEEP if c.out != NULL else 0
-            if c.out_len + n <= c.out_cap:
-                return True
-        cap = c.out_cap if c.out_cap else OUT_KEEP
-        while cap < c.out_len + n:
-            cap *= 2
-        grown = <uint8_t *>realloc(c.out, cap)
-        if grown == NULL:
-            c.broken = True
-            return False
-        c.out, c.out_cap = grown, cap
-        return True
-
-    cdef void append_frame(self, Conn *c, const uint8_t *data, size_t n, bint more) noexcept nogil:
-        """A data frame to the client: as it is, or for CURVE in a MESSAGE box (MORE
-        inside it, the frame's own flags clear, as libzmq frames them)."""
-        cdef uint8_t header[ZMTP_FRAME_HEADER_MAX]
-        if not c.curve:
-            self.append(c, header, zmtp_frame_header(header, n, more))
-            self.append(c, data, n)
-            return
-        self.append_box(c, data, n, CURVE_FLAG_MORE if more else 0)
-
-    cdef void append_box(self, Conn *c, const uint8_t *data, size_t n, uint8_t flags) noexcept nogil:
-        cdef uint8_t header[ZMTP_FRAME_HEADER_MAX]
-        cdef size_t h = zmtp_frame_header(header, n + CURVE_MESSAGE_OVERHEAD, False)
-        cdef size_t boxed
-        if not self.reserve(c, h + n + CURVE_MESSAGE_OVERHEAD):
-            return
-        memcpy(c.out + c.out_len, header, h)
-        boxed = curve_encrypt(&c.cs, data, n, flags, c.out + c.out_len + h)
-        if boxed:
-            self.queue(c, h + boxed)
-
-    cdef void send_command(self, Conn *c, const uint8_t *frame, size_t n) noexcept nogil:
-        """A command frame of ours (PING, PONG): for CURVE its body goes in a box with the
-        COMMAND flag, as libzmq sends its heartbeats (curve_mechanism_base.cpp)."""
-        if not c.curve:
-            self.append(c, frame, n)
-        elif c.state == ST_OPEN:
-            self.append_box(c, frame + 2, n - 2, CURVE_FLAG_COMMAND)  # short commands
-
-    cdef inline void mark_dirty(self, Conn *c) noexcept nogil:
-        if not c.dirty:
-            c.dirty = True
-            self.dirty[self.ndirty] = <int>(c - self.conns)
-            self.ndirty += 1
-
     cdef void flush_dirty(self) noexcept nogil:
         cdef int i
         cdef Conn *c
-        for i in range(self.ndirty):
-            c = &self.conns[self.dirty[i]]
+        for i in range(self.io.ndirty):
+            c = &self.io.conns[self.io.dirty[i]]
             c.dirty = False
             if c.fd >= 0:
                 self.flush(c)
-        self.ndirty = 0
-
-    cdef void flush(self, Conn *c) noexcept nogil:
-        cdef ssize_t n
-        cdef epoll_event ev
-        if c.fd < 0:
-            return
-        if c.broken:
-            self.drop(c, -1)  # output that could not be queued: its stream has a hole
-            return
-        while c.out_sent < c.out_len:
-            n = send(c.fd, c.out + c.out_sent, c.out_len - c.out_sent,
-                     MSG_NOSIGNAL | MSG_DONTWAIT)
-            if n < 0:
-                if errno == EINTR:
-                    continue
-                if errno != EAGAIN:
-                    self.drop(c, -1)
-                    return
-                break
-            c.out_sent += n
-            c.written += n
-            self.queued -= n
-        if c.out_sent == c.out_len:
-            self.release_out(c)
-            if c.writing:
-                epoll_ctl(self.outer, EPOLL_CTL_DEL, c.fd, NULL)
-                c.writing = False
-            return
-        self.requeue(c)
-        if not c.writing:
-            ev.events = EPOLLOUT
-            ev.data.u64 = tag(TAG_CONN, <uint64_t>(c - self.conns))
-            if epoll_ctl(self.outer, EPOLL_CTL_ADD, c.fd, &ev) == 0:
-                c.writing = True
-
-    cdef void release_out(self, Conn *c) noexcept nogil:
-        self.queued -= unsent(c)
-        if c.out != NULL:
-            pool_give(&self.out_buffers, c.out, c.out_cap == OUT_KEEP)
-        c.out = NULL
-        c.out_len = c.out_cap = c.out_sent = 0
-        c.queued = 0
-        self.requeue(c)
+        self.io.ndirty = 0
 
     # -- the reply budgets -----------------------------------------------------------
-
-    cdef inline void queue(self, Conn *c, size_t n) noexcept nogil:
-        """`n` bytes appended to `c`'s output."""
-        c.out_len += n
-        self.queued += n
-        self.requeue(c)
 
     cdef bint make_room(self, Conn *c, size_t n) noexcept nogil:
         """Whether `n` more bytes of a reply to `c` may be queued: within max_queued_bytes
@@ -1880,84 +1714,12 @@ cdef class NativeRelay:
         cdef Conn *hog
         if unsent(c) + n > self.max_queued:
             return False
-        while self.queued + n > self.max_queued_total:
-            hog = self.biggest(c)
+        while self.io.queued + n > self.max_queued_total:
+            hog = conn_biggest(&self.io, c)
             if hog == c:
                 return False
             self.cut_slow_reader(hog)
         return True
-
-    cdef Conn *biggest(self, Conn *c) noexcept nogil:
-        """The connection holding the most unsent bytes, or `c` when it holds as many.
-        Only the top list is read, at most HOG_SCAN of it: everyone there holds more than
-        half of what the biggest holds, so the one picked is within a factor of two of
-        it, and `c`, compared outright, is never passed over for a smaller one."""
-        cdef Conn *best = c
-        cdef int i, k
-        if self.queue_levels == 0:
-            return c
-        i = self.queue_heads[queue_level(self.queue_levels)]  # the top one
-        for k in range(HOG_SCAN):
-            if i < 0:
-                break
-            if unsent(&self.conns[i]) > unsent(best):
-                best = &self.conns[i]
-            i = self.conns[i].next_queued
-        return best
-
-    cdef void take_back(self, Conn *c, size_t before) noexcept nogil:
-        """Undo what was queued of a reply that does not fit, back to the `before`
-        unsent bytes `c` had. Under CURVE the nonces of the boxes taken back are never
-        sent: libzmq only requires them to increase (curve_mechanism_base.cpp, decode)."""
-        self.queued -= unsent(c) - before
-        c.out_len = c.out_sent + before
-        if c.out_len == c.out_sent:
-            self.release_out(c)  # nothing waits: its buffer must not stay uncounted
-        else:
-            self.requeue(c)
-
-    cdef void requeue(self, Conn *c) noexcept nogil:
-        """Keep `c` on the list of its level after its unsent bytes changed: O(1), and
-        nothing to do while the level stays the same."""
-        cdef int level = queue_level(unsent(c))
-        cdef int slot = <int>(c - self.conns)
-        if level == c.queue_level:
-            return
-        if c.queue_level:
-            if c.prev_queued >= 0:
-                self.conns[c.prev_queued].next_queued = c.next_queued
-            else:
-                self.queue_heads[c.queue_level] = c.next_queued
-                if c.next_queued < 0:
-                    self.queue_levels &= ~(<uint64_t>1 << (c.queue_level - 1))
-            if c.next_queued >= 0:
-                self.conns[c.next_queued].prev_queued = c.prev_queued
-        c.queue_level = level
-        if level:
-            c.prev_queued = -1
-            c.next_queued = self.queue_heads[level]
-            if c.next_queued >= 0:
-                self.conns[c.next_queued].prev_queued = slot
-            self.queue_heads[level] = slot
-            self.queue_levels |= <uint64_t>1 << (level - 1)
-
-    cdef bint stalled(self, Conn *c, double now) noexcept nogil:
-        """Whether `c` has taken no byte of its waiting output for slow_reader_timeout_ms.
-        Our writes alone would not tell: the kernel takes them only once a third of its
-        send buffer (up to tcp_wmem's 4 MiB) is free, which a client reading slowly takes
-        seconds to free. So its send queue shrinking counts as taking too. Called by the
-        sweep: one ioctl per connection with output waiting."""
-        cdef int outq = 0
-        if c.out_len == c.out_sent or self.slow_reader_timeout <= 0.0:
-            c.write_idle_since = now
-            return False
-        ioctl(c.fd, SIOCOUTQ, &outq)
-        if c.written == c.written_seen and outq == c.outq_seen:
-            return now - c.write_idle_since >= self.slow_reader_timeout
-        c.written_seen = c.written
-        c.outq_seen = outq
-        c.write_idle_since = now
-        return False
 
     cdef void cut_slow_reader(self, Conn *c) noexcept nogil:
         self.counts[SLOW_READER] += 1
@@ -1968,47 +1730,29 @@ cdef class NativeRelay:
     cdef void sweep(self, double now) noexcept nogil:
         """Handshake timeouts, heartbeats, the peers' TTLs, and the CURVE cookie key (RFC
         26: discarded after a short interval; a cookie opens under the last two)."""
-        cdef int i
+        cdef int i, timer
         cdef Conn *c
-        cdef uint8_t out[ZMTP_PING_MAX]
         self.expire(now)
         if self.curve_on and now >= self.next_rotation:
             curve_keys_rotate(&self.curve_keys)
             self.next_rotation = now + CURVE_COOKIE_KEY_PERIOD_S
-        for i in range(self.max_conns):
-            c = &self.conns[i]
+        for i in range(self.io.max_conns):
+            c = &self.io.conns[i]
             if c.fd < 0:
                 continue
-            if c.state != ST_OPEN:
-                if now > c.deadline:
-                    self.drop(c, HS_TIMEOUT)
-                continue
-            if self.throttled(c) and not self.holding(c):
+            if c.state == ST_OPEN and self.throttled(c) and not self.holding(c):
                 # Waiting for the budget with nothing held: bytes wait for it in the
                 # kernel (its PONGs among them), so it is alive. One that holds part of a
                 # message is not spared: when every holder waits on the others, the
                 # heartbeat cutting them is what frees the budget again.
                 c.last_recv = now
-            if c.ttl > 0.0 and now > c.last_recv + c.ttl:
+            timer = conn_timers(&self.io, c, now)
+            if timer == CONN_HANDSHAKE_TIMEOUT:
+                self.drop(c, HS_TIMEOUT)
+            elif timer == CONN_DEAD:
                 self.drop(c, -1)
-                continue
-            if self.stalled(c, now):
+            elif timer == CONN_STALLED:
                 self.cut_slow_reader(c)
-                continue
-            if not c.heartbeats or self.hb_interval <= 0.0:
-                continue
-            if c.ping_sent > c.last_recv and now > c.ping_sent + self.hb_timeout:
-                self.drop(c, -1)  # a dead peer: its routing id is free again
-                continue
-            if now >= c.next_ping and self.may_queue_command(c):
-                self.send_command(c, out, zmtp_ping(out, self.hb_ttl_ds, NULL, 0))
-                self.flush(c)
-                if c.fd < 0:
-                    continue
-                if c.ping_sent <= c.last_recv:
-                    c.ping_sent = now
-                c.next_ping = now + self.hb_interval
-
 
 cdef size_t whole_messages(const ZmtpDecoder *d, const uint8_t *buf, size_t n) noexcept nogil:
     """How many of the `n` bytes make whole messages and commands, by a copy of `d`."""
@@ -2027,23 +1771,6 @@ cdef size_t whole_messages(const ZmtpDecoder *d, const uint8_t *buf, size_t n) n
             whole = pos
     zmtp_decoder_free(&copy)  # only the copy's own command buffer: d held none
     return whole
-
-
-cdef inline size_t unsent(const Conn *c) noexcept nogil:
-    return c.out_len - c.out_sent
-
-
-cdef inline int queue_level(size_t n) noexcept nogil:
-    """The bit length of `n`: 2**(level - 1) <= n < 2**level; 0 for 0."""
-    return 0 if n == 0 else 64 - __builtin_clzll(n)
-
-
-cdef size_t framed_size(const Conn *c, size_t n) noexcept nogil:
-    """The bytes a data frame of `n` bytes takes in `c`'s output, boxed under CURVE."""
-    cdef uint8_t header[ZMTP_FRAME_HEADER_MAX]
-    if c.curve:
-        n += CURVE_MESSAGE_OVERHEAD
-    return zmtp_frame_header(header, n, False) + n
 
 
 cdef bint is_mechanism(const uint8_t *field, const char *name) noexcept nogil:
@@ -2123,3 +1850,6 @@ cdef void z85_encode(const uint8_t *key, char *out) noexcept nogil:
             out[5 * i + j] = Z85_DIGITS[value % 85]
             value //= 85
     out[40] = 0
+
+
+include "_native_conn.pxi"
