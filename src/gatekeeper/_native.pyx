@@ -276,17 +276,6 @@ cdef inline uint64_t tag(int kind, uint64_t index) noexcept nogil:
     return (<uint64_t>kind << 56) | index
 
 
-cdef bint cidr_contains(const Cidr *c, const uint8_t *ip, uint8_t ip_len) noexcept nogil:
-    cdef int full, rest
-    if c.len != ip_len:
-        return False
-    full = c.prefix // 8
-    rest = c.prefix % 8
-    if memcmp(c.net, ip, full) != 0:
-        return False
-    return rest == 0 or ((c.net[full] ^ ip[full]) & (0xFF << (8 - rest)) & 0xFF) == 0
-
-
 cdef class NativeRelay:
     """The loop over its own ZMTP connections and the backend DEALER; same calls as
     `_fast.Relay`: `run` until a service socket, a tick or a signal needs Python."""
@@ -513,7 +502,7 @@ cdef class NativeRelay:
         if self.io.conns != NULL:
             for i in range(self.io.max_conns):
                 if self.io.conns[i].fd >= 0:
-                    self.drop(&self.io.conns[i], -1)
+                    fe_drop(self, &self.io.conns[i], -1)
             free(self.io.conns)
         for i in range(self.nlisteners):
             if self.listeners[i] >= 0:
@@ -598,7 +587,7 @@ cdef class NativeRelay:
                     c.addr, PyBytes_AS_STRING(address), length) == 0:
                 n += 1
                 if close:
-                    self.drop(c, -1)
+                    fe_drop(self, c, -1)
         return n
 
     def close_frontend(self):
@@ -656,11 +645,11 @@ cdef class NativeRelay:
                 kind = <int>(events[i].data.u64 >> 56)
                 index = events[i].data.u64 & ((<uint64_t>1 << 56) - 1)
                 if kind == TAG_LISTENER:
-                    self.accept_from(<int>index, now)
+                    fe_accept_from(self, <int>index, now)
                 elif kind == TAG_INNER:
-                    self.read_ready(now)
+                    fe_read_ready(self, now)
                 elif kind == TAG_CONN:
-                    self.flush(&self.io.conns[index])
+                    fe_flush(self, &self.io.conns[index])
                 elif index == 0:
                     self.backend_due = True
                 else:
@@ -710,331 +699,12 @@ cdef class NativeRelay:
             self.flush_dirty()
         return 0
 
-    # -- connections -----------------------------------------------------------------
-
-    cdef void accept_from(self, int li, double now) noexcept nogil:
-        cdef sockaddr_storage addr
-        cdef socklen_t alen
-        cdef int fd, k
-        if now < self.listeners_resume or self.listeners[li] < 0:
-            return
-        for k in range(ACCEPT_BATCH):
-            alen = sizeof(addr)
-            fd = accept4(self.listeners[li], <sockaddr *>&addr, &alen,
-                         SOCK_NONBLOCK | SOCK_CLOEXEC)
-            if fd < 0:
-                if errno in (EMFILE, ENFILE, ENOBUFS, ENOMEM):
-                    # The listener stays readable: rest a sweep instead of spinning.
-                    self.listeners_resume = now + SWEEP_MS * 1e-3
-                    return
-                if errno == EINTR or errno == ECONNABORTED:
-                    continue
-                return
-            self.admit(fd, &addr, now)
-
-    cdef void admit(self, int fd, sockaddr_storage *addr, double now) noexcept nogil:
-        """Access at accept, before a byte is read: refusals are a plain close."""
-        cdef Conn *c
-        cdef int slot, refusal
-        cdef bint dirty
-        cdef epoll_event ev
-        cdef uint8_t sig[ZMTP_SIGNATURE_SIZE]
-        if self.io.nconns >= self.io.max_conns:
-            c = &self.over_limit  # for its address, in the log
-            peer_identity(c, fd, addr)
-            self.count_handshake(HS_CONNECTION_LIMIT, c)
-            close(fd)
-            return
-        slot = self.io.free_head
-        c = &self.io.conns[slot]
-        self.io.free_head = c.next_throttled
-        dirty = c.dirty  # the slot may still be on this wake-up's flush list: once only
-        memset(c, 0, sizeof(Conn))
-        c.dirty = dirty
-        c.fd = fd
-        c.prev_throttled = c.next_throttled = -1
-        peer_identity(c, fd, addr)
-        refusal = self.check_access(c, now)
-        if refusal >= 0:
-            self.count_handshake(refusal, c)
-            c.fd = -1
-            c.next_throttled = self.io.free_head
-            self.io.free_head = slot
-            close(fd)
-            return
-        self.io.nconns += 1
-        if c.ip_len:
-            self.count_address(c, 1)
-            conn_tune_tcp(&self.io, fd)
-        # CURVE has no ZMTP 2.0 form: such a peer is a legacy_protocol refusal
-        zmtp_decoder_init(&c.dec, self.max_frame_size, self.legacy_zmtp2 and not self.curve_on)
-        c.state = ST_GREETING
-        c.deadline = now + self.handshake_timeout
-        c.last_recv = now
-        c.write_idle_since = now
-        # The signature first: a peer of any ZMTP version waits for it (zmtp_engine.cpp).
-        conn_append(&self.io, c, sig, zmtp_signature(sig))
-        self.flush(c)
-        if c.fd < 0:
-            return
-        ev.events = EPOLLIN | EPOLLRDHUP
-        ev.data.u64 = tag(TAG_CONN, slot)
-        if epoll_ctl(self.inner, EPOLL_CTL_ADD, fd, &ev) < 0:
-            self.drop(c, -1)
-            return
-        c.reading = True
-
-    cdef int check_access(self, Conn *c, double now) noexcept nogil:
-        """The refusal (an HS_ code) of a new connection, or -1: in auth.py's order."""
-        cdef int i, slot
-        cdef Bucket *b
-        if c.ip_len == 0:
-            return -1  # ipc: no address to judge
-        for i in range(self.ndeny):
-            if cidr_contains(&self.deny[i], c.ip, c.ip_len):
-                return HS_ADDRESS_DENIED
-        if self.nallow:
-            for i in range(self.nallow):
-                if cidr_contains(&self.allow[i], c.ip, c.ip_len):
-                    break
-            else:
-                return HS_ADDRESS_NOT_ALLOWED
-        # before the connection rate: a banned host spends none of its address's tokens
-        if self.engine.rate_key == KEY_PEER_ADDRESS_ and self.engine.ban_table.count and (
-                self.engine.ban_active(<const uint8_t *>c.addr, c.addr_len, now)):
-            return HS_BANNED
-        if self.rate_on:
-            b = self.rate_bucket(c.ip, c.ip_len, now)
-            bucket_refill(b, &self.rate_limits, now)
-            if not bucket_take(b, &self.rate_limits, 0):
-                return HS_CONNECTION_RATE_LIMITED
-        if self.max_per_address:
-            slot = ki_find(&self.per_address, c.ip, c.ip_len)
-            if slot >= 0 and (<uint32_t *>self.per_address.payload)[slot] >= self.max_per_address:
-                return HS_TOO_MANY_CONNECTIONS
-        return -1
-
-    cdef Bucket *rate_bucket(self, const uint8_t *ip, size_t n, double now) noexcept nogil:
-        """An address's handshake bucket; idle (full) ones are reclaimed by a clock hand,
-        and with the table full of busy ones new addresses share one overflow bucket."""
-        cdef int slot = ki_find(&self.rates, ip, n)
-        cdef int scanned
-        cdef Bucket *b
-        if slot >= 0:
-            return <Bucket *>self.rates.payload + slot
-        slot = ki_add(&self.rates, ip, n)
-        if slot >= 0:
-            b = <Bucket *>self.rates.payload + slot
-            bucket_reset(b, &self.rate_limits, now)
-            return b
-        for scanned in range(min(<uint32_t>16, self.rates.count)):
-            slot = self.rate_hand % self.rates.count
-            self.rate_hand = slot + 1
-            b = <Bucket *>self.rates.payload + slot
-            if bucket_is_full(b, &self.rate_limits, now):
-                ki_remove(&self.rates, slot)
-                slot = ki_add(&self.rates, ip, n)
-                b = <Bucket *>self.rates.payload + slot
-                bucket_reset(b, &self.rate_limits, now)
-                return b
-        return &self.rate_overflow
-
-    cdef void count_address(self, Conn *c, int delta) noexcept nogil:
-        cdef int slot = ki_find(&self.per_address, c.ip, c.ip_len)
-        cdef uint32_t *count
-        if slot < 0:
-            if delta < 0:
-                return
-            slot = ki_add(&self.per_address, c.ip, c.ip_len)
-            if slot < 0:
-                return
-            (<uint32_t *>self.per_address.payload)[slot] = 0
-        count = <uint32_t *>self.per_address.payload + slot
-        if delta < 0:
-            count[0] -= 1
-            if count[0] == 0:
-                ki_remove(&self.per_address, slot)
-            c.counted = False
-        else:
-            count[0] += 1
-            c.counted = True
-
-    cdef void count_handshake(self, int result, const Conn *c) noexcept nogil:
-        cdef HandshakeSample *sample
-        self.hs[result] += 1
-        if result in (HS_ACCEPTED, HS_TIMEOUT, HS_PROTOCOL_ERROR, HS_DISCONNECTED):
-            return  # outcomes, not refusals: counted only
-        if self.window[result] < <uint32_t>self.log_per_second and self.nsamples < self.sample_cap:
-            self.window[result] += 1
-            sample = &self.samples[self.nsamples]
-            self.nsamples += 1
-            sample.result = result
-            memcpy(sample.addr, c.user, ADDR_TEXT)  # the address as the ZAP handler logs it
-        else:
-            self.suppressed[result] += 1
-
-    cdef void flush(self, Conn *c) noexcept nogil:
-        if not conn_flush(&self.io, c):
-            self.drop(c, -1)
-
-    cdef void drop(self, Conn *c, int result) noexcept nogil:
-        """Close a connection; `result` is the HS_ code to count, -1 for none."""
-        cdef int slot = <int>(c - self.io.conns)
-        cdef int found
-        cdef uint32_t i
-        if result >= 0:
-            self.count_handshake(result, c)
-        if self.stash_conn == slot:
-            self.drop_stash()
-        if c.state == ST_OPEN:
-            found = ki_find(&self.ids, c.id + 1, c.id[0])
-            if found >= 0 and (<uint32_t *>self.ids.payload)[found] == <uint32_t>slot:
-                ki_remove(&self.ids, found)
-        if c.counted:
-            self.count_address(c, -1)
-        self.unthrottle_one(c)
-        self.release_message(c)
-        conn_release_out(&self.io, c)
-        self.release_box(c)
-        zmtp_decoder_free(&c.dec)
-        if c.curve:
-            curve_state_clear(&c.cs)  # wipes the session key
-        close(c.fd)  # also leaves both epoll sets
-        c.fd = -1
-        c.state = ST_FREE
-        c.next_throttled = self.io.free_head
-        self.io.free_head = slot
-        self.io.nconns -= 1
-
-    # -- reading ---------------------------------------------------------------------
-
-    cdef void read_ready(self, double now) noexcept nogil:
-        cdef epoll_event events[MAX_EVENTS]
-        cdef int n, i
-        cdef Conn *c
-        n = epoll_wait(self.inner, events, MAX_EVENTS, 0)
-        for i in range(n):
-            c = &self.io.conns[events[i].data.u64 & ((<uint64_t>1 << 56) - 1)]
-            if c.fd < 0 or not c.reading:
-                continue
-            if events[i].events & EPOLLERR:
-                self.drop(c, HS_DISCONNECTED if c.state != ST_OPEN else -1)
-                continue
-            self.read_conn(c, now)
-            if self.npending or not self.frontend_open or self.paused:
-                return  # the rest stay ready, for the next wake-up
-
-    cdef inline bint holding(self, Conn *c) noexcept nogil:
-        """Whether the next bytes of `c` may be held: a message (or command) under way."""
-        return (c.held > 0 or c.box != NULL or (c.nframes > 0 and not c.discarding)
-                or zmtp_decoder_held(&c.dec) > 0)
-
-    cdef void read_conn(self, Conn *c, double now) noexcept nogil:
-        cdef size_t left = self.max_buffered - self.buffered if self.max_buffered > self.buffered else 0
-        cdef size_t want = READ_SLICE
-        cdef ssize_t n
-        if self.holding(c):
-            if left == 0:
-                self.throttle(c)
-                return
-            want = min(<size_t>READ_SLICE, left)
-        elif left < READ_SLICE:
-            if c.curve:
-                # whole messages are inside boxes, which only the real read may open
-                self.throttle(c)
-                return
-            # The budget cannot take a whole slice: read only the messages the bytes
-            # waiting hold in full, so that this connection starts nothing it must keep.
-            n = recv(c.fd, self.rbuf, READ_SLICE, MSG_PEEK)
-            if n > 0:
-                want = whole_messages(&c.dec, self.rbuf, n)
-                if want == 0:
-                    self.throttle(c)
-                    return
-        n = recv(c.fd, self.rbuf, want, 0)
-        if n <= 0:
-            if n < 0 and (errno == EAGAIN or errno == EINTR):
-                return
-            self.drop(c, HS_DISCONNECTED if c.state != ST_OPEN else -1)
-            return
-        c.last_recv = now
-        self.process(c, self.rbuf, <size_t>n, now)
-        if self.buffered > self.buffered_peak:
-            self.buffered_peak = self.buffered
-
-    cdef void throttle(self, Conn *c) noexcept nogil:
-        cdef int slot = <int>(c - self.io.conns)
-        if c.reading:
-            epoll_ctl(self.inner, EPOLL_CTL_DEL, c.fd, NULL)
-            c.reading = False
-        c.prev_throttled = -1
-        c.next_throttled = self.throttled_head
-        if self.throttled_head >= 0:
-            self.io.conns[self.throttled_head].prev_throttled = slot
-        self.throttled_head = slot
-
-    cdef inline bint throttled(self, Conn *c) noexcept nogil:
-        return not c.reading and (c.prev_throttled >= 0 or self.throttled_head == <int>(c - self.io.conns))
-
-    cdef bint unthrottle_one(self, Conn *c) noexcept nogil:
-        """Take `c` off the throttled list; False if it was not on it."""
-        if not self.throttled(c):
-            return False
-        if c.prev_throttled >= 0:
-            self.io.conns[c.prev_throttled].next_throttled = c.next_throttled
-        else:
-            self.throttled_head = c.next_throttled
-        if c.next_throttled >= 0:
-            self.io.conns[c.next_throttled].prev_throttled = c.prev_throttled
-        c.prev_throttled = c.next_throttled = -1
-        return True
-
-    cdef void release_budget(self, size_t n) noexcept nogil:
-        """Bytes of partial messages given back: read the throttled connections again."""
-        cdef epoll_event ev
-        cdef int slot
-        cdef Conn *c
-        self.buffered -= n
-        while self.throttled_head >= 0 and self.buffered < self.max_buffered:
-            slot = self.throttled_head
-            c = &self.io.conns[slot]
-            if not self.unthrottle_one(c):
-                break  # a list out of order must not hang the loop
-            ev.events = EPOLLIN | EPOLLRDHUP
-            ev.data.u64 = tag(TAG_CONN, slot)
-            if epoll_ctl(self.inner, EPOLL_CTL_ADD, c.fd, &ev) == 0:
-                c.reading = True
-
-    cdef void process(self, Conn *c, const uint8_t *buf, size_t n, double now) noexcept nogil:
-        cdef ZmtpEvent ev
-        cdef size_t pos = 0
-        cdef int slot = <int>(c - self.io.conns)
-        while True:
-            pos += <size_t>zmtp_next(&c.dec, buf + pos, n - pos, &ev)
-            if ev.kind == ZMTP_NEED_MORE:
-                return
-            if ev.kind == ZMTP_FRAME:
-                self.on_frame(c, &ev, now)
-            elif ev.kind == ZMTP_COMMAND:
-                self.on_command(c, &ev, now)
-            elif ev.kind == ZMTP_ERROR:
-                self.on_error(c, &ev)
-            else:
-                self.on_handshake(c, &ev, now)
-            if c.fd < 0:
-                return
-            if self.npending:
-                # The backend has no room (wait mode): keep what this read still holds
-                # until it has.
-                self.keep_stash(slot, buf + pos, n - pos)
-                return
-
     cdef void keep_stash(self, int slot, const uint8_t *p, size_t n) noexcept nogil:
         if n == 0:
             return
         self.stash = <uint8_t *>malloc(n)
         if self.stash == NULL:
-            self.drop(&self.io.conns[slot], -1)
+            fe_drop(self, &self.io.conns[slot], -1)
             return
         memcpy(self.stash, p, n)
         self.stash_len = n
@@ -1045,7 +715,7 @@ cdef class NativeRelay:
         free(self.stash)
         self.stash = NULL
         self.stash_conn = -1
-        self.release_budget(self.stash_len)
+        fe_release_budget(self, self.stash_len)
         self.stash_len = 0
 
     cdef void resume_stash(self, double now) noexcept nogil:
@@ -1055,424 +725,9 @@ cdef class NativeRelay:
         self.stash = NULL
         self.stash_len = 0
         self.stash_conn = -1
-        self.process(c, p, n, now)  # may stash again
+        fe_process(self, c, p, n, now)  # may stash again
         free(p)
-        self.release_budget(n)
-
-    # -- the handshake ---------------------------------------------------------------
-
-    cdef void on_handshake(self, Conn *c, ZmtpEvent *ev, double now) noexcept nogil:
-        cdef uint8_t out[ZMTP_GREETING_REST_MAX + ZMTP_V2_IDENTITY_SIZE]
-        cdef size_t n
-        if ev.kind == ZMTP_SIGNATURE:
-            conn_append(&self.io, c, out, zmtp_greeting_major(out))
-        elif ev.kind == ZMTP_REVISION:
-            n = zmtp_greeting_rest(out, ev.revision,
-                                   ZMTP_MECH_CURVE if self.curve_on else ZMTP_MECH_NULL)
-            c.v2 = ev.revision < 3
-            if c.v2:
-                n += zmtp_v2_identity(out + n)
-            conn_append(&self.io, c, out, n)
-        elif ev.kind == ZMTP_GREETING:
-            # libzmq too closes on a mechanism mismatch, without an ERROR
-            if not is_mechanism(ev.mechanism, "CURVE" if self.curve_on else "NULL"):
-                self.drop(c, HS_PROTOCOL_ERROR)
-                return
-            if self.curve_on:
-                zmtp_decoder_set_mechanism(&c.dec, ZMTP_MECH_CURVE)
-                curve_state_init(&c.cs)
-                c.curve = True
-            # PINGs go to 3.0 peers too, as libzmq sends them (stream_engine_base.cpp
-            # mechanism_ready): they ignore commands they do not know
-            c.heartbeats = True
-        elif ev.kind == ZMTP_READY:
-            self.admit_peer(c, ev, now, NULL, 0)
-            return
-        self.flush(c)
-
-    cdef void on_curve_handshake(self, Conn *c, ZmtpEvent *ev, double now) noexcept nogil:
-        """HELLO, then INITIATE: the whole command, name included, to the CURVE layer."""
-        cdef const uint8_t *cmd = ev.name - 1
-        cdef size_t n = 1 + ev.name_len + ev.len, out_len = 0
-        cdef uint8_t welcome[CURVE_WELCOME_FRAME_SIZE]
-        cdef uint8_t client_key[CURVE_KEY_SIZE]
-        cdef const uint8_t *metadata
-        cdef size_t metadata_len
-        cdef ZmtpEvent peer
-        if c.cs.phase == CURVE_EXPECT_HELLO:
-            if curve_on_hello(&c.cs, &self.curve_keys, cmd, n, welcome, &out_len) != 0:
-                self.drop(c, HS_PROTOCOL_ERROR)
-                return
-            conn_append(&self.io, c, welcome, out_len)
-            self.flush(c)
-            return
-        if curve_on_initiate(&c.cs, &self.curve_keys, cmd, n, client_key, &metadata,
-                             &metadata_len, self.curve_scratch, &out_len) != 0:
-            self.drop(c, HS_PROTOCOL_ERROR)
-            return
-        if not self.curve_any and ki_find(&self.curve_allowed, client_key, CURVE_KEY_SIZE) < 0:
-            self.refuse(c, HS_KEY_NOT_ALLOWED)
-            return
-        memset(&peer, 0, sizeof(ZmtpEvent))
-        if zmtp_parse_metadata(metadata, metadata_len, &peer) != 0:
-            self.drop(c, HS_PROTOCOL_ERROR)
-            return
-        # User-Id, as the ZAP handler sets it for CURVE: the client's key in Z85
-        z85_encode(client_key, c.user)
-        c.user_len = 40
-        self.admit_peer(c, &peer, now, self.curve_scratch, out_len)
-
-    cdef void admit_peer(self, Conn *c, ZmtpEvent *ev, double now, const uint8_t *ready,
-                         size_t ready_len) noexcept nogil:
-        """The peer's socket type and routing id decide (READY, a ZMTP 2.0 identity, or a
-        CURVE INITIATE's metadata); `ready` is the READY to send, NULL for the NULL one."""
-        cdef uint8_t null_ready[ZMTP_READY_SIZE]
-        cdef int slot = <int>(c - self.io.conns)
-        cdef int entry
-        if not is_client_type(ev.socket_type, ev.socket_type_len):
-            self.refuse(c, HS_INVALID_SOCKET_TYPE)
-            return
-        c.lockstep = ev.socket_type_len == 3  # REQ, of the three
-        if ev.identity_len == 0:
-            if not self.anonymous_id(c):
-                self.drop(c, HS_PROTOCOL_ERROR)
-                return
-        elif ev.identity[0] == 0:
-            self.refuse(c, HS_RESERVED_IDENTITY)  # zero-prefixed ids are ours to assign
-            return
-        elif ki_find(&self.ids, ev.identity, ev.identity_len) >= 0:
-            # ROUTER_HANDOVER=0: no takeover. A plain close: the client retries by
-            # itself and gets in once the holder is gone.
-            self.drop(c, HS_IDENTITY_IN_USE)
-            return
-        else:
-            c.id[0] = <uint8_t>ev.identity_len
-            memcpy(c.id + 1, ev.identity, ev.identity_len)
-        entry = ki_add(&self.ids, c.id + 1, c.id[0])
-        if entry < 0:
-            self.drop(c, HS_PROTOCOL_ERROR)
-            return
-        (<uint32_t *>self.ids.payload)[entry] = <uint32_t>slot
-        c.state = ST_OPEN
-        self.count_handshake(HS_ACCEPTED, c)
-        if ready != NULL:
-            conn_append(&self.io, c, ready, ready_len)
-            zmtp_decoder_handshake_done(&c.dec)
-        elif not c.v2:
-            conn_append(&self.io, c, null_ready, zmtp_ready(null_ready))
-        self.flush(c)
-        if c.heartbeats and self.io.hb_interval > 0:
-            c.next_ping = now + self.io.hb_interval
-
-    cdef bint anonymous_id(self, Conn *c) noexcept nogil:
-        """A random id the way libzmq's look (a zero byte, then 4 bytes), never in use:
-        random rather than libzmq's counter, so that no one can claim the next one."""
-        cdef int attempt
-        c.id[0] = ANON_ID_SIZE
-        c.id[1] = 0
-        for attempt in range(ID_ATTEMPTS):
-            if self.random_left < ANON_ID_SIZE - 1:
-                if getrandom(self.random, RANDOM_POOL, 0) != RANDOM_POOL:
-                    return False
-                self.random_left = RANDOM_POOL
-            self.random_left -= ANON_ID_SIZE - 1
-            memcpy(c.id + 2, self.random + self.random_left, ANON_ID_SIZE - 1)
-            if (ki_find(&self.ids, c.id + 1, ANON_ID_SIZE) < 0
-                    and ki_find(&self.retired, c.id + 1, ANON_ID_SIZE) < 0):
-                return True
-        return False
-
-    cdef void refuse(self, Conn *c, int result) noexcept nogil:
-        """A refusal that will not change for this peer: ZMTP 3 peers get an ERROR
-        naming it, which makes a libzmq client stop reconnecting. A refused CURVE key is
-        "400", as libzmq's ZAP path says it (curve_server.cpp produce_error): a libzmq
-        client then reports an authentication failure, as with a libzmq ROUTER."""
-        cdef uint8_t out[ZMTP_ERROR_MAX]
-        cdef const char *text = HS_TEXT[result]
-        if result == HS_KEY_NOT_ALLOWED:
-            text = "400"
-        if not c.v2:
-            conn_append(&self.io, c, out, zmtp_error(out, <const uint8_t *>text, strlen(text)))
-            self.flush(c)
-        if c.fd >= 0:
-            self.drop(c, result)
-
-    cdef void on_error(self, Conn *c, ZmtpEvent *ev) noexcept nogil:
-        if c.state == ST_OPEN:
-            self.drop(c, -1)  # a frame over max_message_size, or a protocol violation
-        elif ev.error == ZMTP_E_LEGACY_PROTOCOL:
-            self.drop(c, HS_LEGACY_PROTOCOL)  # neither ZMTP 1.0 nor 2.0 has an ERROR command
-        else:
-            self.drop(c, HS_PROTOCOL_ERROR)
-
-    cdef void on_command(self, Conn *c, ZmtpEvent *ev, double now) noexcept nogil:
-        if c.curve:
-            if c.state == ST_OPEN:
-                self.drop(c, -1)  # commands travel in boxes now: one in clear is an error
-            else:
-                self.on_curve_handshake(c, ev, now)
-            return
-        self.on_peer_command(c, ev.command, ev.ping_ttl, ev.context, ev.context_len)
-
-    cdef void on_peer_command(self, Conn *c, int command, uint16_t ttl, const uint8_t *context,
-                              size_t context_len) noexcept nogil:
-        cdef uint8_t out[ZMTP_PONG_MAX]
-        if command == ZMTP_CMD_PING:
-            if conn_may_queue_command(c):
-                conn_send_command(&self.io, c, out, zmtp_pong(out, context, context_len))
-                conn_mark_dirty(&self.io, c)
-            c.ttl = ttl * 0.1
-        elif command == ZMTP_CMD_ERROR:
-            self.drop(c, -1)
-        # PONG: any traffic answers a PING; other commands are ignored, as libzmq does
-
-    # -- messages --------------------------------------------------------------------
-
-    cdef bint may_hold(self, Conn *c, uint64_t frame_size) noexcept nogil:
-        """Whether the message stays within what it may hold, now that a frame of
-        `frame_size` begins (c's counts include it)."""
-        if self.engine.dry_run:
-            # forwarded whole whatever the verdict, within the budget of partial messages
-            return c.total + c.nframes * sizeof(gk_zmq_msg_t) <= self.max_buffered
-        return (c.nframes <= <uint64_t>self.engine.max_frames
-                and frame_size <= self.engine.max_frame_bytes
-                and c.total <= self.engine.max_message_bytes)
-
-    cdef void on_frame(self, Conn *c, ZmtpEvent *ev, double now) noexcept nogil:
-        if c.curve:
-            self.on_box(c, ev, now)
-        else:
-            self.on_message_frame(c, ev, now)
-
-    cdef void on_box(self, Conn *c, ZmtpEvent *ev, double now) noexcept nogil:
-        """A CURVE frame: one MESSAGE box, held whole (MORE is inside it), then opened in
-        place and taken as the frame (or command) it holds."""
-        cdef uint8_t *box
-        cdef size_t size
-        cdef ssize_t n
-        cdef uint8_t flags
-        cdef ZmtpEvent frame
-        if ev.more:
-            self.drop(c, -1)  # libzmq never sets MORE outside a box
-            return
-        if ev.begin and ev.end:
-            box = <uint8_t *>ev.data  # wholly in our read buffer: opened where it lies
-            size = ev.len
-        else:
-            if ev.begin:
-                c.box = <uint8_t *>malloc(ev.frame_size if ev.frame_size else 1)
-                if c.box == NULL:
-                    self.drop(c, -1)
-                    return
-                c.box_size, c.box_len = ev.frame_size, 0
-            memcpy(c.box + c.box_len, ev.data, ev.len)
-            c.box_len += ev.len
-            self.buffered += ev.len
-            if not ev.end:
-                return
-            box, size = c.box, c.box_len
-        n = curve_decrypt(&c.cs, box, size, box, &flags)
-        if n < 0:
-            self.drop(c, -1)  # a replayed nonce or a forged box: the session is over
-            return
-        if flags & CURVE_FLAG_COMMAND:
-            self.on_boxed_command(c, box, <size_t>n)
-        else:
-            memset(&frame, 0, sizeof(ZmtpEvent))
-            frame.kind = ZMTP_FRAME
-            frame.data, frame.len, frame.frame_size = box, n, n
-            frame.begin = frame.end = True
-            frame.more = (flags & CURVE_FLAG_MORE) != 0
-            self.on_message_frame(c, &frame, now)
-        if c.fd >= 0 and box == c.box:
-            self.release_box(c)
-
-    cdef void release_box(self, Conn *c) noexcept nogil:
-        cdef size_t n = c.box_len
-        free(c.box)
-        c.box = NULL
-        c.box_len = c.box_size = 0
-        if n:
-            self.release_budget(n)
-
-    cdef void on_boxed_command(self, Conn *c, const uint8_t *p, size_t n) noexcept nogil:
-        """A command from inside a box (libzmq sends its heartbeats so): name length,
-        name, body, as a command frame's (RFC 23); PING's body is TTL and context."""
-        cdef size_t name_len
-        if n == 0 or p[0] + 1 > n:
-            self.drop(c, -1)
-            return
-        name_len = p[0]
-        if name_len == 4 and memcmp(p + 1, b"PING", 4) == 0:
-            if n < 7:
-                self.drop(c, -1)
-                return
-            self.on_peer_command(c, ZMTP_CMD_PING, (<uint16_t>p[5] << 8) | p[6], p + 7,
-                                 min(n - 7, <size_t>ZMTP_PING_MAX_CONTEXT))
-        elif name_len == 5 and memcmp(p + 1, b"ERROR", 5) == 0:
-            self.drop(c, -1)
-
-    cdef void on_message_frame(self, Conn *c, ZmtpEvent *ev, double now) noexcept nogil:
-        cdef bint hold
-        if ev.begin:
-            c.nframes += 1
-            c.total += ev.frame_size
-            if ev.frame_size > c.largest:
-                c.largest = ev.frame_size
-            if c.nframes == 1:
-                c.first_len = ev.frame_size
-            if not c.discarding and not self.may_hold(c, ev.frame_size):
-                self.discard(c)
-            hold = not c.discarding or self.envelope_frame(c, ev.frame_size)
-            if hold and c.nheld == c.cap and not self.grow_frames(c):
-                self.discard(c)
-                hold = False
-            if hold and Z.msg_init_size(&c.frames[c.nheld], ev.frame_size) < 0:
-                self.discard(c)  # out of memory: refused as if over a limit, never cut
-                hold = False
-            if hold:
-                c.filling = True
-                c.frame_off = 0
-        if c.filling:
-            memcpy(<uint8_t *>Z.msg_data(&c.frames[c.nheld]) + c.frame_off, ev.data, ev.len)
-            c.frame_off += ev.len
-            c.held += ev.len
-            self.buffered += ev.len
-            if ev.end:
-                c.nheld += 1
-                c.filling = False
-        if ev.end and not ev.more:
-            self.finish(c, now)
-
-    cdef bint envelope_frame(self, Conn *c, uint64_t frame_size) noexcept nogil:
-        """While a refused message is discarded: whether this frame may still belong to
-        the envelope a reject echoes (frames up to the first empty one, as the libzmq
-        frontend holds them: within max_frames, each within max_frame_bytes)."""
-        if c.envelope_done:
-            return False
-        if (c.nheld + 1 == c.nframes and c.nframes <= <uint64_t>self.engine.max_frames
-                and frame_size <= self.engine.max_frame_bytes):
-            c.envelope_done = frame_size == 0
-            return True
-        self.release_message_frames(c)  # no envelope, then
-        c.envelope_done = True
-        return False
-
-    cdef bint grow_frames(self, Conn *c) noexcept nogil:
-        cdef gk_zmq_msg_t *p
-        cdef uint32_t cap
-        if c.frames == NULL:
-            c.frames = <gk_zmq_msg_t *>pool_take(&self.frame_arrays)
-            if c.frames == NULL:
-                c.frames = <gk_zmq_msg_t *>malloc(FRAME_ARRAY * sizeof(gk_zmq_msg_t))
-                if c.frames == NULL:
-                    return False
-            c.cap = FRAME_ARRAY
-            return True
-        # A zmq_msg_t holds no pointer to itself, so the array may move.
-        cap = c.cap * 2
-        p = <gk_zmq_msg_t *>realloc(c.frames, cap * sizeof(gk_zmq_msg_t))
-        if p == NULL:
-            return False
-        c.frames, c.cap = p, cap
-        return True
-
-    cdef void discard(self, Conn *c) noexcept nogil:
-        """Past a limit (at a frame's start): give back what the message held and count
-        the rest as it comes, but for the envelope a reject will echo."""
-        cdef uint32_t i
-        c.discarding = True
-        if not self.engine.reject:
-            c.envelope_done = True
-            self.release_message_frames(c)
-            return
-        for i in range(c.nheld):
-            if Z.msg_size(&c.frames[i]) == 0:
-                self.keep_frames(c, i + 1)
-                c.envelope_done = True
-                return
-
-    cdef void keep_frames(self, Conn *c, uint32_t k) noexcept nogil:
-        """Hold only the first `k` frames."""
-        cdef uint32_t i
-        cdef size_t n = 0
-        for i in range(k, c.nheld):
-            n += Z.msg_size(&c.frames[i])
-            Z.msg_close(&c.frames[i])
-        c.nheld = k
-        c.held -= n
-        self.release_budget(n)
-
-    cdef void release_message_frames(self, Conn *c) noexcept nogil:
-        cdef uint32_t i
-        cdef size_t n
-        for i in range(c.nheld):
-            Z.msg_close(&c.frames[i])
-        if c.filling:
-            Z.msg_close(&c.frames[c.nheld])
-            c.filling = False
-        c.nheld = 0
-        c.frame_off = 0
-        if c.frames != NULL:
-            pool_give(&self.frame_arrays, c.frames, c.cap == FRAME_ARRAY)
-            c.frames = NULL
-            c.cap = 0
-        if c.held:
-            n = c.held
-            c.held = 0
-            self.release_budget(n)
-
-    cdef void release_message(self, Conn *c) noexcept nogil:
-        self.release_message_frames(c)
-        c.nframes = c.total = c.largest = c.first_len = 0
-        c.discarding = c.envelope_done = False
-
-    cdef void finish(self, Conn *c, double now) noexcept nogil:
-        """A whole message is in: decide, as `_fast.Relay.handle_request` does."""
-        cdef const uint8_t *identity = c.id + 1
-        cdef size_t identity_len = c.id[0]
-        cdef const uint8_t *key = identity
-        cdef size_t key_len = identity_len
-        cdef const uint8_t *command = NULL
-        cdef size_t command_len = 0
-        cdef int reason, rc
-        cdef int command_frame = self.engine.command_frame
-        cdef bint whole = not c.discarding
-        self.counts[FE_MSGS_IN] += 1
-        self.counts[FE_BYTES_IN] += identity_len + c.total
-        key = self.rate_key_of(c, &key_len)
-        if whole and 0 <= command_frame < min(<int>c.nheld, self.engine.max_frames):
-            command = <const uint8_t *>Z.msg_data(&c.frames[command_frame])
-            command_len = Z.msg_size(&c.frames[command_frame])
-        self.engine.taken = NULL
-        reason = self.engine.check(now, identity, identity_len, key, key_len, c.nframes,
-                                   c.largest, c.total, c.first_len, command, command_len,
-                                   <const uint8_t *>c.user, c.user_len)
-        if reason:
-            self.engine.record(reason, key, key_len, c.nframes, c.total)
-        if whole and (reason == 0 or self.engine.dry_run):
-            rc = self.send_message(c, now)
-            if rc != 0 or not self.engine.backend_full_reject:
-                self.release_message(c)  # sent, or pending until the backend has room
-                return
-            if reason == 0:
-                self.engine.give_back()
-            self.engine.record(R_BACKEND_UNAVAILABLE, key, key_len, c.nframes, c.total)
-            reason = R_BACKEND_UNAVAILABLE
-        if self.engine.reject and reason:  # reason 0 here: it could not be held (memory)
-            self.send_reject(c, reason)
-        self.release_message(c)
-
-    cdef inline const uint8_t *rate_key_of(self, Conn *c, size_t *key_len) noexcept nogil:
-        """What `c`'s messages count against, as `[rate_limit].key` names it."""
-        if self.engine.rate_key == KEY_PEER_ADDRESS_:
-            key_len[0] = c.addr_len
-            return <const uint8_t *>c.addr
-        if self.engine.rate_key != KEY_IDENTITY_:
-            key_len[0] = c.user_len
-            return <const uint8_t *>c.user
-        key_len[0] = c.id[0]
-        return c.id + 1
+        fe_release_budget(self, n)
 
     cdef int send_message(self, Conn *c, double now) noexcept nogil:
         """To the backend, `[routing id, frames...]`: 1 sent; 0 no room, the message then
@@ -1483,7 +738,7 @@ cdef class NativeRelay:
         cdef gk_zmq_msg_t *p
         cdef uint32_t i, n = c.nheld
         cdef size_t key_len
-        cdef const uint8_t *key = self.rate_key_of(c, &key_len)
+        cdef const uint8_t *key = fe_rate_key_of(self, c, &key_len)
         Z.msg_init_size(&routing_id, c.id[0])
         memcpy(Z.msg_data(&routing_id), c.id + 1, c.id[0])
         self.backend_due = True  # a call on the socket: its signal may be gone
@@ -1542,34 +797,6 @@ cdef class NativeRelay:
         self.counts[BE_BYTES_OUT] += nbytes
         self.counts[FORWARDED] += 1
 
-    cdef void send_reject(self, Conn *c, int reason) noexcept nogil:
-        """Its envelope (up to the first empty frame) and GATEKEEPER, reason; never
-        queued past sndhwm or the reply budgets (an echoed envelope can be big)."""
-        cdef uint32_t envelope = 0, i
-        cdef size_t nbytes = 0, text_len, wire
-        cdef const char *text = reason_text(reason, &text_len)
-        for i in range(c.nheld):
-            if Z.msg_size(&c.frames[i]) == 0:
-                envelope = i + 1
-                break
-        wire = framed_size(c, REJECT_MARKER_LEN) + framed_size(c, text_len)
-        for i in range(envelope):
-            nbytes += Z.msg_size(&c.frames[i])
-            wire += framed_size(c, Z.msg_size(&c.frames[i]))
-        if c.queued >= self.sndhwm or not self.make_room(c, wire):
-            self.counts[REJECT_DROPPED] += 1
-            return
-        for i in range(envelope):
-            conn_append_frame(&self.io, c, <const uint8_t *>Z.msg_data(&c.frames[i]),
-                              Z.msg_size(&c.frames[i]), True)
-        conn_append_frame(&self.io, c, <const uint8_t *>REJECT_MARKER_TEXT, REJECT_MARKER_LEN, True)
-        conn_append_frame(&self.io, c, <const uint8_t *>text, text_len, False)
-        c.queued += 1
-        conn_mark_dirty(&self.io, c)
-        self.counts[REJECTS_SENT] += 1
-        self.counts[FE_MSGS_OUT] += 1
-        self.counts[FE_BYTES_OUT] += c.id[0] + nbytes + REJECT_MARKER_LEN + text_len
-
     # -- replies ---------------------------------------------------------------------
 
     cdef int relay_replies(self) noexcept nogil:
@@ -1614,7 +841,7 @@ cdef class NativeRelay:
                 if c == NULL:
                     continue
                 # libzmq hands a reply frame by frame: its size is known only at its end
-                if self.make_room(c, framed_size(c, size)):
+                if fe_make_room(self, c, framed_size(c, size)):
                     conn_append_frame(&self.io, c, <const uint8_t *>Z.msg_data(m), size, more)
                 else:
                     conn_take_back(&self.io, c, before)
@@ -1642,56 +869,6 @@ cdef class NativeRelay:
         else:
             self.counts[UNROUTABLE] += 1
 
-    # -- deadlines -------------------------------------------------------------------
-
-    cdef void expire(self, double now) noexcept nogil:
-        """Requests past `[requests] timeout_ms` leave the in-flight counts; a REQ client
-        with an id of ours is answered `timeout` and gets a fresh id toward the broker."""
-        cdef int i, n
-        self.counts[TIMED_OUT] += self.round_trips.expire_due(now, self.expired_ids, &n)
-        if not self.engine.answer_timeouts:
-            return
-        for i in range(n):
-            self.answer_timeout(self.expired_ids + i * KEY_STRIDE)
-
-    cdef void answer_timeout(self, const uint8_t *identity) noexcept nogil:
-        """`identity`: length, then the bytes. Only ids the gatekeeper assigned (a zero
-        byte first) are answered: their owner cannot tell, and the broker sees what a
-        client that reconnected would show it, so the late reply can never meet the next
-        request. A chosen id is the client's name to the broker; without a frame the broker
-        returns, its late reply could not be told from the next one, so it is not
-        answered, only forgotten."""
-        cdef int slot = ki_find(&self.ids, identity + 1, identity[0])
-        cdef Conn *c
-        if slot < 0 or identity[0] != ANON_ID_SIZE or identity[1] != 0:
-            return
-        c = &self.io.conns[(<uint32_t *>self.ids.payload)[slot]]
-        if not c.lockstep:
-            return
-        if self.retired.count == self.retired.max_entries:
-            ki_remove(&self.retired, self.retired_hand % self.retired.count)
-            self.retired_hand += 1
-        if ki_find(&self.retired, identity + 1, identity[0]) < 0:
-            ki_add(&self.retired, identity + 1, identity[0])
-        ki_remove(&self.ids, slot)
-        slot = ki_add(&self.ids, c.id + 1, c.id[0]) if self.anonymous_id(c) else -1
-        if slot < 0:
-            self.drop(c, -1)  # no id to give it: its REQ socket reconnects, as after a drop
-            return
-        (<uint32_t *>self.ids.payload)[slot] = <uint32_t>(c - self.io.conns)
-        if c.queued >= self.sndhwm or not self.make_room(
-                c, framed_size(c, 0) + framed_size(c, REJECT_MARKER_LEN) + framed_size(c, 7)):
-            self.counts[REJECT_DROPPED] += 1
-            return
-        # a REQ envelope is the empty delimiter alone
-        conn_append_frame(&self.io, c, <const uint8_t *>"", 0, True)
-        conn_append_frame(&self.io, c, <const uint8_t *>REJECT_MARKER_TEXT, REJECT_MARKER_LEN, True)
-        conn_append_frame(&self.io, c, <const uint8_t *>"timeout", 7, False)
-        c.queued += 1
-        conn_mark_dirty(&self.io, c)
-        self.counts[FE_MSGS_OUT] += 1
-        self.counts[FE_BYTES_OUT] += c.id[0] + REJECT_MARKER_LEN + 7
-
     # -- writing ---------------------------------------------------------------------
 
     cdef void flush_dirty(self) noexcept nogil:
@@ -1701,29 +878,8 @@ cdef class NativeRelay:
             c = &self.io.conns[self.io.dirty[i]]
             c.dirty = False
             if c.fd >= 0:
-                self.flush(c)
+                fe_flush(self, c)
         self.io.ndirty = 0
-
-    # -- the reply budgets -----------------------------------------------------------
-
-    cdef bint make_room(self, Conn *c, size_t n) noexcept nogil:
-        """Whether `n` more bytes of a reply to `c` may be queued: within max_queued_bytes
-        for `c`, and within max_queued_total_bytes for all once the biggest holders are
-        cut to make room (each cut frees at least one byte, so at most one round per
-        connection); False when `c` is itself the biggest."""
-        cdef Conn *hog
-        if unsent(c) + n > self.max_queued:
-            return False
-        while self.io.queued + n > self.max_queued_total:
-            hog = conn_biggest(&self.io, c)
-            if hog == c:
-                return False
-            self.cut_slow_reader(hog)
-        return True
-
-    cdef void cut_slow_reader(self, Conn *c) noexcept nogil:
-        self.counts[SLOW_READER] += 1
-        self.drop(c, -1)
 
     # -- timers ----------------------------------------------------------------------
 
@@ -1732,7 +888,7 @@ cdef class NativeRelay:
         26: discarded after a short interval; a cookie opens under the last two)."""
         cdef int i, timer
         cdef Conn *c
-        self.expire(now)
+        fe_expire(self, now)
         if self.curve_on and now >= self.next_rotation:
             curve_keys_rotate(&self.curve_keys)
             self.next_rotation = now + CURVE_COOKIE_KEY_PERIOD_S
@@ -1740,7 +896,7 @@ cdef class NativeRelay:
             c = &self.io.conns[i]
             if c.fd < 0:
                 continue
-            if c.state == ST_OPEN and self.throttled(c) and not self.holding(c):
+            if c.state == ST_OPEN and fe_throttled(self, c) and not fe_holding(self, c):
                 # Waiting for the budget with nothing held: bytes wait for it in the
                 # kernel (its PONGs among them), so it is alive. One that holds part of a
                 # message is not spared: when every holder waits on the others, the
@@ -1748,108 +904,13 @@ cdef class NativeRelay:
                 c.last_recv = now
             timer = conn_timers(&self.io, c, now)
             if timer == CONN_HANDSHAKE_TIMEOUT:
-                self.drop(c, HS_TIMEOUT)
+                fe_drop(self, c, HS_TIMEOUT)
             elif timer == CONN_DEAD:
-                self.drop(c, -1)
+                fe_drop(self, c, -1)
             elif timer == CONN_STALLED:
-                self.cut_slow_reader(c)
-
-cdef size_t whole_messages(const ZmtpDecoder *d, const uint8_t *buf, size_t n) noexcept nogil:
-    """How many of the `n` bytes make whole messages and commands, by a copy of `d`."""
-    cdef ZmtpDecoder copy = d[0]
-    cdef ZmtpEvent ev
-    cdef size_t pos = 0, whole = 0
-    while True:
-        pos += <size_t>zmtp_next(&copy, buf + pos, n - pos, &ev)
-        if ev.kind == ZMTP_NEED_MORE:
-            break
-        if ev.kind == ZMTP_ERROR:
-            whole = n  # let the real read meet the error and close
-            break
-        if (ev.kind == ZMTP_FRAME and ev.end and not ev.more) or (
-                ev.kind != ZMTP_FRAME and not copy.in_message):
-            whole = pos
-    zmtp_decoder_free(&copy)  # only the copy's own command buffer: d held none
-    return whole
-
-
-cdef bint is_mechanism(const uint8_t *field, const char *name) noexcept nogil:
-    """The greeting's NUL-padded mechanism field names `name`."""
-    cdef size_t i, n = strlen(name)
-    if memcmp(field, name, n) != 0:
-        return False
-    for i in range(n, ZMTP_MECHANISM_SIZE):
-        if field[i] != 0:
-            return False
-    return True
-
-
-cdef bint is_ipv4_mapped(const uint8_t *a) noexcept nogil:
-    """::ffff:a.b.c.d, a dual-stack listener's IPv4 peer."""
-    cdef int i
-    for i in range(10):
-        if a[i] != 0:
-            return False
-    return a[10] == 0xFF and a[11] == 0xFF
-
-
-cdef bint is_client_type(const uint8_t *name, size_t n) noexcept nogil:
-    """The peers a ROUTER talks to (RFC 28): REQ, DEALER, ROUTER."""
-    return ((n == 3 and memcmp(name, b"REQ", 3) == 0)
-            or (n == 6 and (memcmp(name, b"DEALER", 6) == 0 or memcmp(name, b"ROUTER", 6) == 0)))
-
-
-cdef void peer_identity(Conn *c, int fd, sockaddr_storage *addr) noexcept nogil:
-    """The peer's address as the two properties libzmq and the ZAP handler give it:
-    Peer-Address (the IP as text; for ipc "localhost:uid:gid:pid", stream_engine_base.cpp)
-    and User-Id (the IP with an IPv4-mapped address as IPv4; for ipc the same text)."""
-    cdef sockaddr_in6 *a6
-    cdef gk_ucred cred
-    cdef socklen_t n = sizeof(gk_ucred)
-    c.family = addr.ss_family
-    if addr.ss_family == AF_INET:
-        c.ip_len = 4
-        memcpy(c.ip, &(<sockaddr_in *>addr).sin_addr, 4)
-        inet_ntop(AF_INET, c.ip, c.addr, ADDR_TEXT)
-    elif addr.ss_family == AF_INET6:
-        a6 = <sockaddr_in6 *>addr
-        inet_ntop(AF_INET6, &a6.sin6_addr, c.addr, ADDR_TEXT)
-        if is_ipv4_mapped(a6.sin6_addr.s6_addr):
-            c.ip_len = 4
-            memcpy(c.ip, a6.sin6_addr.s6_addr + 12, 4)
-        else:
-            c.ip_len = 16
-            memcpy(c.ip, a6.sin6_addr.s6_addr, 16)
-    else:
-        c.ip_len = 0
-        if getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &n) == 0:
-            snprintf(c.addr, ADDR_TEXT, "localhost:%u:%u:%ld", cred.uid, cred.gid, cred.pid)
-        else:
-            snprintf(c.addr, ADDR_TEXT, "localhost")
-    c.addr_len = <uint8_t>strlen(c.addr)
-    if c.ip_len == 4:
-        inet_ntop(AF_INET, c.ip, c.user, ADDR_TEXT)
-    else:
-        memcpy(c.user, c.addr, c.addr_len + 1)
-    c.user_len = <uint8_t>strlen(c.user)
-
-
-cdef const char *Z85_DIGITS = (b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                               b".-:+=^!/*?&<>()[]{}@%$#")
-
-
-cdef void z85_encode(const uint8_t *key, char *out) noexcept nogil:
-    """A 32-byte key as its 40 Z85 characters and a NUL (ZeroMQ RFC 32), as the User-Id
-    the ZAP handler gives a CURVE client."""
-    cdef int i, j
-    cdef uint32_t value
-    for i in range(8):
-        value = ((<uint32_t>key[4 * i] << 24) | (<uint32_t>key[4 * i + 1] << 16)
-                 | (<uint32_t>key[4 * i + 2] << 8) | key[4 * i + 3])
-        for j in range(4, -1, -1):
-            out[5 * i + j] = Z85_DIGITS[value % 85]
-            value //= 85
-    out[40] = 0
+                fe_cut_slow_reader(self, c)
 
 
 include "_native_conn.pxi"
+include "_native_frontend.pxi"
+include "_native_requests.pxi"

@@ -79,7 +79,8 @@ cdef inline void conn_queue(ConnTable *t, Conn *c, size_t n) noexcept nogil:
     conn_requeue(t, c)
 
 
-cdef void conn_append_frame(ConnTable *t, Conn *c, const uint8_t *data, size_t n, bint more) noexcept nogil:
+cdef void conn_append_frame(ConnTable *t, Conn *c, const uint8_t *data, size_t n,
+                            bint more) noexcept nogil:
     """A data frame to the client: as it is, or for CURVE in a MESSAGE box (MORE
     inside it, the frame's own flags clear, as libzmq frames them)."""
     cdef uint8_t header[ZMTP_FRAME_HEADER_MAX]
@@ -90,7 +91,8 @@ cdef void conn_append_frame(ConnTable *t, Conn *c, const uint8_t *data, size_t n
     conn_append_box(t, c, data, n, CURVE_FLAG_MORE if more else 0)
 
 
-cdef void conn_append_box(ConnTable *t, Conn *c, const uint8_t *data, size_t n, uint8_t flags) noexcept nogil:
+cdef void conn_append_box(ConnTable *t, Conn *c, const uint8_t *data, size_t n,
+                          uint8_t flags) noexcept nogil:
     cdef uint8_t header[ZMTP_FRAME_HEADER_MAX]
     cdef size_t h = zmtp_frame_header(header, n + CURVE_MESSAGE_OVERHEAD, False)
     cdef size_t boxed
