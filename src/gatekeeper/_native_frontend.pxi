@@ -192,7 +192,7 @@ cdef void fe_drop(NativeRelay r, Conn *c, int result) noexcept nogil:
     if result >= 0:
         fe_count_handshake(r, result, c)
     if r.stash_conn == slot:
-        r.drop_stash()
+        be_drop_stash(r)
     if c.state == ST_OPEN:
         found = ki_find(&r.ids, c.id + 1, c.id[0])
         if found >= 0 and (<uint32_t *>r.ids.payload)[found] == <uint32_t>slot:

@@ -156,7 +156,7 @@ cdef void fe_process(NativeRelay r, Conn *c, const uint8_t *buf, size_t n,
         if r.npending:
             # The backend has no room (wait mode): keep what this read still holds
             # until it has.
-            r.keep_stash(slot, buf + pos, n - pos)
+            be_keep_stash(r, slot, buf + pos, n - pos)
             return
 
 
@@ -397,7 +397,7 @@ cdef void fe_finish(NativeRelay r, Conn *c, double now) noexcept nogil:
     if reason:
         r.engine.record(reason, key, key_len, c.nframes, c.total)
     if whole and (reason == 0 or r.engine.dry_run):
-        rc = r.send_message(c, now)
+        rc = be_send_message(r, c, now)
         if rc != 0 or not r.engine.backend_full_reject:
             fe_release_message(r, c)  # sent, or pending until the backend has room
             return
