@@ -603,127 +603,14 @@ cdef class NativeRelay:
     def run(self, long timeout_ms):
         cdef int rc
         with nogil:
-            rc = self._run(timeout_ms)
+            rc = loop_run(self, timeout_ms)
         if rc == C_RUN_ERROR:
             raise OSError(self.error, "native frontend")
         return rc
-
-    # -- the loop --------------------------------------------------------------------
-
-    cdef int _run(self, long timeout_ms) noexcept nogil:
-        cdef double now = monotonic()
-        cdef double deadline = now + timeout_ms * 1e-3
-        cdef epoll_event events[MAX_EVENTS]
-        cdef int n, i, kind, wait
-        cdef uint64_t index
-        # A ZMQ_FD only says that something changed since the socket was last looked at,
-        # and any libzmq call on the socket may take that signal: the backend is looked
-        # at whenever its descriptor fired or we used it, the service sockets when theirs
-        # fired, and both on entry (Python may have left messages in them).
-        self.backend_due = True
-        self.services_due = True
-        while True:
-            if self.backend_due:
-                self.backend_due = False
-                if be_serve(self, now) < 0:
-                    return C_RUN_ERROR
-            if now >= self.next_sweep:
-                self.sweep(now)
-                self.next_sweep = now + SWEEP_MS * 1e-3
-            self.set_reading(self.frontend_open and not self.paused and self.npending == 0)
-            wait = 0
-            if not self.backend_due and not self.services_due:
-                wait = <int>((min(deadline, self.next_sweep) - now) * 1e3) + 1
-                if wait < 0:
-                    wait = 0
-            n = epoll_wait(self.io.outer, events, MAX_EVENTS, wait)
-            if n < 0:
-                self.error = errno
-                return C_RUN_INTERRUPTED if errno == EINTR else C_RUN_ERROR
-            now = monotonic()
-            for i in range(n):
-                kind = <int>(events[i].data.u64 >> 56)
-                index = events[i].data.u64 & ((<uint64_t>1 << 56) - 1)
-                if kind == TAG_LISTENER:
-                    fe_accept_from(self, <int>index, now)
-                elif kind == TAG_INNER:
-                    fe_read_ready(self, now)
-                elif kind == TAG_CONN:
-                    fe_flush(self, &self.io.conns[index])
-                elif index == 0:
-                    self.backend_due = True
-                else:
-                    self.services_due = True
-            self.flush_dirty()  # rejects and PONGs written while reading
-            # Service sockets after the clients' turn: a flood of control requests must
-            # not keep the loop from them.
-            if self.services_due:
-                self.services_due = False
-                for i in range(self.nservices):
-                    if self.zmq_events(self.service_handles[i]) & GK_ZMQ_POLLIN:
-                        return C_RUN_SERVICE
-            if now >= deadline:
-                return C_RUN_TICK
-
-    cdef int zmq_events(self, void *handle) noexcept nogil:
-        cdef int value = 0
-        cdef size_t size = sizeof(int)
-        if Z.getsockopt(handle, GK_ZMQ_EVENTS, &value, &size) < 0:
-            return 0
-        return value
-
-    cdef void set_reading(self, bint on) noexcept nogil:
-        cdef epoll_event ev
-        if on == self.reading:
-            return
-        ev.events = EPOLLIN
-        ev.data.u64 = tag(TAG_INNER, 0)
-        epoll_ctl(self.io.outer, EPOLL_CTL_ADD if on else EPOLL_CTL_DEL, self.inner, &ev)
-        self.reading = on
-
-    # -- writing ---------------------------------------------------------------------
-
-    cdef void flush_dirty(self) noexcept nogil:
-        cdef int i
-        cdef Conn *c
-        for i in range(self.io.ndirty):
-            c = &self.io.conns[self.io.dirty[i]]
-            c.dirty = False
-            if c.fd >= 0:
-                fe_flush(self, c)
-        self.io.ndirty = 0
-
-    # -- timers ----------------------------------------------------------------------
-
-    cdef void sweep(self, double now) noexcept nogil:
-        """Handshake timeouts, heartbeats, the peers' TTLs, and the CURVE cookie key (RFC
-        26: discarded after a short interval; a cookie opens under the last two)."""
-        cdef int i, timer
-        cdef Conn *c
-        fe_expire(self, now)
-        if self.curve_on and now >= self.next_rotation:
-            curve_keys_rotate(&self.curve_keys)
-            self.next_rotation = now + CURVE_COOKIE_KEY_PERIOD_S
-        for i in range(self.io.max_conns):
-            c = &self.io.conns[i]
-            if c.fd < 0:
-                continue
-            if c.state == ST_OPEN and fe_throttled(self, c) and not fe_holding(self, c):
-                # Waiting for the budget with nothing held: bytes wait for it in the
-                # kernel (its PONGs among them), so it is alive. One that holds part of a
-                # message is not spared: when every holder waits on the others, the
-                # heartbeat cutting them is what frees the budget again.
-                c.last_recv = now
-            timer = conn_timers(&self.io, c, now)
-            if timer == CONN_HANDSHAKE_TIMEOUT:
-                fe_drop(self, c, HS_TIMEOUT)
-            elif timer == CONN_DEAD:
-                fe_drop(self, c, -1)
-            elif timer == CONN_STALLED:
-                fe_cut_slow_reader(self, c)
 
 
 include "_native_conn.pxi"
 include "_native_frontend.pxi"
 include "_native_requests.pxi"
 include "_native_backend.pxi"
+include "_native_loop.pxi"

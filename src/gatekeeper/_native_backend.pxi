@@ -12,7 +12,7 @@
 
 cdef int be_serve(NativeRelay r, double now) noexcept nogil:
     """The pending request out, replies in; -1 on an error."""
-    cdef int events = r.zmq_events(r.be)
+    cdef int events = zmq_events(r.be)
     cdef int rc
     if r.npending and events & GK_ZMQ_POLLOUT:
         rc = be_send_pending(r, now)
@@ -25,7 +25,7 @@ cdef int be_serve(NativeRelay r, double now) noexcept nogil:
         if rc < 0:
             return -1
         r.backend_due = r.backend_due or rc == 1  # a full batch: more may wait
-        r.flush_dirty()
+        fe_flush_dirty(r)
     return 0
 
 

@@ -2,7 +2,8 @@
 # (address rules, bans, the handshake rate, connections per address), the handshake in
 # the clear or under CURVE, routing ids (ours random, never in use nor retired; a
 # client's own unique), refusals counted and sampled for the log, the one close path
-# (`fe_drop`), and the REQ deadlines that retire an id and answer `timeout`.
+# (`fe_drop`) and the flushes that may need it, the sweep over its connections' timers,
+# and the REQ deadlines that retire an id and answer `timeout`.
 #
 # It writes through the connection room (conn_*) and hands what clients send to
 # _native_requests.pxi; the backend socket is the backend room's (be_*).
@@ -177,11 +178,22 @@ cdef void fe_count_handshake(NativeRelay r, int result, const Conn *c) noexcept 
         r.suppressed[result] += 1
 
 
-# -- closing -------------------------------------------------------------------------
+# -- writing and closing -------------------------------------------------------------
 
 cdef void fe_flush(NativeRelay r, Conn *c) noexcept nogil:
     if not conn_flush(&r.io, c):
         fe_drop(r, c, -1)
+
+
+cdef void fe_flush_dirty(NativeRelay r) noexcept nogil:
+    cdef int i
+    cdef Conn *c
+    for i in range(r.io.ndirty):
+        c = &r.io.conns[r.io.dirty[i]]
+        c.dirty = False
+        if c.fd >= 0:
+            fe_flush(r, c)
+    r.io.ndirty = 0
 
 
 cdef void fe_drop(NativeRelay r, Conn *c, int result) noexcept nogil:
@@ -389,7 +401,35 @@ cdef void fe_on_peer_command(NativeRelay r, Conn *c, int command, uint16_t ttl,
     # PONG: any traffic answers a PING; other commands are ignored, as libzmq does
 
 
-# -- REQ deadlines -------------------------------------------------------------------
+# -- timers and REQ deadlines -------------------------------------------------------
+
+cdef void fe_sweep(NativeRelay r, double now) noexcept nogil:
+    """Handshake timeouts, heartbeats, the peers' TTLs, and the CURVE cookie key (RFC
+    26: discarded after a short interval; a cookie opens under the last two)."""
+    cdef int i, timer
+    cdef Conn *c
+    fe_expire(r, now)
+    if r.curve_on and now >= r.next_rotation:
+        curve_keys_rotate(&r.curve_keys)
+        r.next_rotation = now + CURVE_COOKIE_KEY_PERIOD_S
+    for i in range(r.io.max_conns):
+        c = &r.io.conns[i]
+        if c.fd < 0:
+            continue
+        if c.state == ST_OPEN and fe_throttled(r, c) and not fe_holding(r, c):
+            # Waiting for the budget with nothing held: bytes wait for it in the
+            # kernel (its PONGs among them), so it is alive. One that holds part of a
+            # message is not spared: when every holder waits on the others, the
+            # heartbeat cutting them is what frees the budget again.
+            c.last_recv = now
+        timer = conn_timers(&r.io, c, now)
+        if timer == CONN_HANDSHAKE_TIMEOUT:
+            fe_drop(r, c, HS_TIMEOUT)
+        elif timer == CONN_DEAD:
+            fe_drop(r, c, -1)
+        elif timer == CONN_STALLED:
+            fe_cut_slow_reader(r, c)
+
 
 cdef void fe_expire(NativeRelay r, double now) noexcept nogil:
     """Requests past `[requests] timeout_ms` leave the in-flight counts; a REQ client
