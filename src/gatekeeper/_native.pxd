@@ -1,10 +1,14 @@
-# The native frontend engine's declarations: its bounds, its states and results, and the
-# structs its rooms share. The code is in _native.pyx and the room files it includes
-# (_native_*.pxi); each names what it owns.
+# The native frontend engine's declarations: its bounds, its states and results, the
+# structs its rooms share, and NativeRelay's fields by the room that owns them. The code
+# is in _native.pyx and the room files it includes (_native_*.pxi); each names what it
+# owns.
 
+cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
-from gatekeeper._curve cimport CurveState
+from gatekeeper._curve cimport CurveKeys, CurveState
+from gatekeeper._fast cimport NCOUNTERS, PolicyEngine, RoundTrips
+from gatekeeper._tables cimport KEY_STRIDE, Bucket, KeyIndex, Limits
 from gatekeeper._zmq_abi cimport gk_zmq_msg_t
 from gatekeeper._zmtp cimport ZmtpDecoder
 
@@ -167,3 +171,94 @@ cdef struct ConnTable:
     uint16_t hb_ttl_ds
     bint keepalive
     int keepalive_idle, keepalive_interval, keepalive_count
+
+
+# Final: the rooms' calls on it are direct C calls, with no lookup of an override.
+@cython.final
+cdef class NativeRelay:
+    # What Python holds and reads (_native.pyx)
+    cdef readonly object backend, services
+    cdef readonly PolicyEngine engine
+    cdef readonly RoundTrips round_trips
+    cdef object _listener_files       # unix socket paths to remove at close
+    cdef public bint paused
+    cdef readonly bint frontend_open
+    cdef uint64_t counts[NCOUNTERS]
+    cdef int error
+
+    # The loop (_native_loop.pxi)
+    cdef int inner                    # the inner epoll: the client connections to read
+    cdef bint reading                 # the inner epoll is in the outer one
+    cdef bint backend_due, services_due   # their ZMQ_EVENTS must be read (see loop_run)
+    cdef double next_sweep
+    cdef void *service_handles[MAX_SERVICES]
+    cdef int nservices
+
+    # The connections (_native_conn.pxi)
+    cdef ConnTable io                 # the connections, their output and their timers
+
+    # The frontend, who gets in (_native_frontend.pxi)
+    cdef int listeners[MAX_LISTENERS]
+    cdef int nlisteners
+    cdef double listeners_resume      # after EMFILE: accept again from this time
+    cdef KeyIndex ids                 # routing id -> connection index (uint32 payload)
+    # ids taken from REQ clients answered `timeout`: a reply to one is late, delivered to
+    # no one; at most max_conns, then the oldest-placed slot gives way (its late reply
+    # then counts as unroutable, still delivered to no one)
+    cdef KeyIndex retired
+    cdef uint32_t retired_hand
+    cdef uint8_t *expired_ids         # TIMEOUT_ANSWERS_ ids, as RoundTrips.expire_due gives
+    cdef KeyIndex per_address         # client IP -> connections (uint32 payload)
+    cdef KeyIndex rates               # client IP -> handshake bucket
+    cdef Limits rate_limits
+    cdef Bucket rate_overflow
+    cdef uint32_t rate_hand
+    cdef bint rate_on
+    cdef bint curve_on                # [frontend.curve]: every client speaks CURVE
+    cdef CurveKeys curve_keys
+    cdef double next_rotation         # of the cookie key
+    cdef KeyIndex curve_allowed       # client keys allowed in (raw 32 bytes)
+    cdef bint curve_any               # no allowed_clients_dir: any key, encryption only
+    cdef uint8_t *curve_scratch       # what curve_on_initiate writes
+    cdef Cidr *allow
+    cdef Cidr *deny
+    cdef int nallow, ndeny
+    cdef uint32_t max_per_address
+    cdef uint64_t max_frame_size
+    cdef bint legacy_zmtp2
+    cdef double handshake_timeout
+    cdef uint8_t random[RANDOM_POOL]
+    cdef int random_left
+    cdef uint64_t hs[NHS]
+    cdef Conn over_limit              # a connection refused for want of a slot
+    # refusals logged: at most log_per_second a reason a second (the pump takes them)
+    cdef HandshakeSample *samples
+    cdef int nsamples, sample_cap, log_per_second
+    cdef uint32_t window[NHS]
+    cdef uint64_t suppressed[NHS]
+
+    # The frontend, what clients send (_native_requests.pxi)
+    cdef uint8_t *rbuf
+    # budget of partially received messages
+    cdef size_t max_buffered
+    cdef size_t buffered
+    cdef readonly size_t buffered_peak
+    cdef int throttled_head
+    cdef Pool frame_arrays
+    # the reply budgets
+    cdef uint32_t sndhwm
+    cdef size_t max_queued, max_queued_total
+
+    # The backend (_native_backend.pxi)
+    cdef void *be
+    # a message the backend has no room for (wait mode), and what its connection sent
+    # after it in the same read
+    cdef gk_zmq_msg_t *pending
+    cdef uint32_t npending, pending_cap
+    cdef size_t pending_bytes
+    cdef bint pending_lockstep
+    cdef uint8_t pending_key[KEY_STRIDE]  # its rate-limit key: length, then the bytes
+    cdef uint8_t *stash
+    cdef size_t stash_len
+    cdef int stash_conn
+    cdef gk_zmq_msg_t scratch         # the reply frame being relayed

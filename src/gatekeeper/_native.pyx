@@ -13,6 +13,13 @@ the client connections to read: the inner one is in the outer set only while cli
 read, so pause, drain and a full backend stop all reads in O(1). Client reads are
 level-triggered, one bounded slice per ready connection per wake-up, so that a busy
 connection cannot delay the others.
+
+The code is in rooms of one extension module, as uvloop's is (no call crosses a module
+on the hot path): `_native.pxd` declares the bounds, the structs and NativeRelay's fields
+by room; this file holds the imports, the constants and the class Python calls, and
+includes the rooms: `_native_conn.pxi` (what every connection has: output, flush,
+timers), `_native_frontend.pxi` (who gets in), `_native_requests.pxi` (what clients
+send), `_native_backend.pxi` (the libzmq DEALER) and `_native_loop.pxi` (the epoll loop).
 """
 
 import socket as _socket
@@ -279,83 +286,6 @@ cdef inline uint64_t tag(int kind, uint64_t index) noexcept nogil:
 cdef class NativeRelay:
     """The loop over its own ZMTP connections and the backend DEALER; same calls as
     `_fast.Relay`: `run` until a service socket, a tick or a signal needs Python."""
-
-    cdef readonly object backend, services
-    cdef readonly PolicyEngine engine
-    cdef readonly RoundTrips round_trips
-    cdef object _listener_files       # unix socket paths to remove at close
-    cdef void *be
-    cdef void *service_handles[MAX_SERVICES]
-    cdef int nservices
-    cdef int inner
-    cdef int listeners[MAX_LISTENERS]
-    cdef int nlisteners
-    cdef double listeners_resume      # after EMFILE: accept again from this time
-    cdef ConnTable io                # the connections, their output and their timers
-    cdef KeyIndex ids                 # routing id -> connection index (uint32 payload)
-    # ids taken from REQ clients answered `timeout`: a reply to one is late, delivered to
-    # no one; at most max_conns, then the oldest-placed slot gives way (its late reply
-    # then counts as unroutable, still delivered to no one)
-    cdef KeyIndex retired
-    cdef uint32_t retired_hand
-    cdef uint8_t *expired_ids         # TIMEOUT_ANSWERS_ ids, as RoundTrips.expire_due gives
-    cdef KeyIndex per_address         # client IP -> connections (uint32 payload)
-    cdef KeyIndex rates               # client IP -> handshake bucket
-    cdef Limits rate_limits
-    cdef Bucket rate_overflow
-    cdef uint32_t rate_hand
-    cdef bint rate_on
-    cdef bint curve_on                # [frontend.curve]: every client speaks CURVE
-    cdef CurveKeys curve_keys
-    cdef double next_rotation         # of the cookie key
-    cdef KeyIndex curve_allowed       # client keys allowed in (raw 32 bytes)
-    cdef bint curve_any               # no allowed_clients_dir: any key, encryption only
-    cdef uint8_t *curve_scratch       # what curve_on_initiate writes
-    cdef Cidr *allow
-    cdef Cidr *deny
-    cdef int nallow, ndeny
-    cdef uint32_t max_per_address
-    # settings
-    cdef size_t max_buffered
-    cdef uint64_t max_frame_size
-    cdef bint legacy_zmtp2
-    cdef uint32_t sndhwm
-    cdef size_t max_queued, max_queued_total
-    cdef double handshake_timeout
-    # budget of partially received messages
-    cdef size_t buffered
-    cdef readonly size_t buffered_peak
-    cdef int throttled_head
-    # a message the backend has no room for (wait mode), and what its connection sent
-    # after it in the same read
-    cdef gk_zmq_msg_t *pending
-    cdef uint32_t npending, pending_cap
-    cdef size_t pending_bytes
-    cdef bint pending_lockstep
-    cdef uint8_t pending_key[KEY_STRIDE]  # its rate-limit key: length, then the bytes
-    cdef uint8_t *stash
-    cdef size_t stash_len
-    cdef int stash_conn
-    # reused memory
-    cdef Pool frame_arrays
-    cdef uint8_t *rbuf
-    cdef uint8_t random[RANDOM_POOL]
-    cdef int random_left
-    cdef gk_zmq_msg_t scratch
-    cdef public bint paused
-    cdef readonly bint frontend_open
-    cdef bint reading                 # the inner epoll is in the outer one
-    cdef bint backend_due, services_due   # their ZMQ_EVENTS must be read (see _run)
-    cdef double next_sweep
-    cdef uint64_t counts[NCOUNTERS]
-    cdef uint64_t hs[NHS]
-    cdef Conn over_limit              # a connection refused for want of a slot
-    # refusals logged: at most log_per_second a reason a second (the pump takes them)
-    cdef HandshakeSample *samples
-    cdef int nsamples, sample_cap, log_per_second
-    cdef uint32_t window[NHS]
-    cdef uint64_t suppressed[NHS]
-    cdef int error
 
     def __cinit__(self):
         cdef int i
