@@ -161,7 +161,7 @@ cdef struct ConnTable:
     Pool out_buffers
     int *dirty                # connections with output appended since the last flush
     int ndirty
-    # replies waiting to be written: the unsent bytes of all connections, and the lists
+    # output waiting to be written: the unsent bytes of all connections, and the lists
     # of connections by level (Conn.queue_level) that `conn_biggest` looks in
     size_t queued
     int queue_heads[QUEUE_LEVELS + 1]

@@ -81,7 +81,7 @@ cdef inline void conn_queue(ConnTable *t, Conn *c, size_t n) noexcept nogil:
 
 cdef void conn_append_frame(ConnTable *t, Conn *c, const uint8_t *data, size_t n,
                             bint more) noexcept nogil:
-    """A data frame to the client: as it is, or for CURVE in a MESSAGE box (MORE
+    """A data frame to the peer: as it is, or for CURVE in a MESSAGE box (MORE
     inside it, the frame's own flags clear, as libzmq frames them)."""
     cdef uint8_t header[ZMTP_FRAME_HEADER_MAX]
     if not c.curve:
@@ -114,7 +114,7 @@ cdef void conn_send_command(ConnTable *t, Conn *c, const uint8_t *frame, size_t 
 
 
 cdef inline bint conn_may_queue_command(const Conn *c) noexcept nogil:
-    """A PING or PONG only to a client that reads what it is sent: one that floods
+    """A PING or PONG only to a peer that reads what it is sent: one that floods
     PINGs and reads nothing must not grow its queue (any traffic answers a PING)."""
     return c.out_len - c.out_sent <= OUT_KEEP
 
@@ -232,7 +232,7 @@ cdef void conn_take_back(ConnTable *t, Conn *c, size_t before) noexcept nogil:
 cdef bint conn_stalled(ConnTable *t, Conn *c, double now) noexcept nogil:
     """Whether `c` has taken no byte of its waiting output for slow_reader_timeout_ms.
     Our writes alone would not tell: the kernel takes them only once a third of its
-    send buffer (up to tcp_wmem's 4 MiB) is free, which a client reading slowly takes
+    send buffer (up to tcp_wmem's 4 MiB) is free, which a peer reading slowly takes
     seconds to free. So its send queue shrinking counts as taking too. Called by the
     sweep: one ioctl per connection with output waiting."""
     cdef int outq = 0
