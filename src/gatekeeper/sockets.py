@@ -169,6 +169,12 @@ def backend_options(p: Policy) -> list[SocketOption]:
     )
     opts += _liveness(b, "broker")
     opts += _ipv6(b.connect or b.bind, "broker")
+    opts += [
+        _opt("RECONNECT_IVL", b.reconnect_ivl_ms,
+             "first retry after a broker connection is lost or refused (ms)"),
+        _opt("RECONNECT_IVL_MAX", b.reconnect_ivl_max_ms,
+             "retries back off, doubling, up to this (ms)"),
+    ]
     opts.append(
         _opt(
             "IMMEDIATE",
