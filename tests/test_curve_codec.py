@@ -20,12 +20,11 @@ from zmq.utils import z85
 
 from codec_server import CodecServer, monitor_events, monitored
 from system_libzmq import build
+import curvezmq as cz  # the reference client: PyNaCl and RFC 26 only
+import zmtp as wire  # the hostile suite's hand-written ZMTP
 
 from gatekeeper import _curve, _zmtp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "hostile"))
-import curvezmq as cz  # noqa: E402  (the reference client: PyNaCl and RFC 26 only)
-import zmtp as wire  # noqa: E402  (the hostile suite's hand-written ZMTP)
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import sys
-from pathlib import Path
 
 import pytest
 import zmq
@@ -15,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from codec_server import CodecServer, monitor_events, monitored
+import zmtp as wire  # the hostile suite's hand-written ZMTP, an independent encoder
+
 from gatekeeper import _zmtp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "hostile"))
-import zmtp as wire  # noqa: E402  (the hostile suite's hand-written ZMTP, an independent encoder)
 
 pytestmark = pytest.mark.timeout(60)
 
