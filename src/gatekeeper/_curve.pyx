@@ -1,4 +1,4 @@
-# cython: language_level=3, cdivision=True
+# cython: language_level=3
 """The native engine's CurveZMQ (RFC 26), server and client: a sans-IO layer over whole
 commands and frame bodies, with pyzmq's libsodium for the crypto. `_curve.pxd` is the C API
 and documents it; `CurveServer`, `CurveConnection` and `CurveClient` below wrap it for

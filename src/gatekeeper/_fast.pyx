@@ -1,8 +1,10 @@
-# cython: language_level=3, cdivision=True
+# cython: language_level=3
 """The data plane: receive, check and forward with raw libzmq calls, GIL released.
 
 `_fast_py.py` is the readable twin and the specification of every decision made here.
 """
+
+cimport cython
 
 import os
 import time
@@ -394,6 +396,8 @@ cdef class PolicyEngine:
                 state["banned_for_s"] = None if ban.until == INFINITY else ban.until - now
         return state or None
 
+    # C division: the reclaim hand wraps at max_entries, never 0 in the scan that turns it
+    @cython.cdivision(True)
     cdef void strike(self, int reason, const uint8_t *key, size_t n) noexcept nogil:
         cdef double now = self.clock, length
         cdef const Limits *limits
@@ -458,6 +462,8 @@ cdef class PolicyEngine:
 
     # -- the decision --------------------------------------------------------------
 
+    # C division: the reclaim hand wraps at max_entries, never 0 in the scan that turns it
+    @cython.cdivision(True)
     cdef Bucket *lookup(self, const uint8_t *key, size_t n, double now,
                         const Limits **limits) noexcept nogil:
         cdef int slot = ki_find(&self.overrides, key, n)
@@ -865,6 +871,8 @@ cdef class RoundTrips:
         e.stamp[i] = now
         e.nstamps += 1
 
+    # C division: the reclaim hand wraps at max_entries, never 0 in the scan that turns it
+    @cython.cdivision(True)
     cdef int new_entry(self, const uint8_t *identity, size_t n, double now) noexcept nogil:
         cdef int slot = -1, scanned
         cdef uint32_t candidate

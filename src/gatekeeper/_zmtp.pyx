@@ -1,4 +1,4 @@
-# cython: language_level=3, cdivision=True
+# cython: language_level=3
 """The native frontend's ZMTP codec: a server-side, sans-IO ZMTP 3.x/2.0 decoder and
 encoder (RFC 23, RFC 37, RFC 15). `_zmtp.pxd` is the C API and documents it; `Decoder`
 and the encoder functions below wrap it for tests and fuzzing.
