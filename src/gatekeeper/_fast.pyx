@@ -99,6 +99,8 @@ assert NSOURCES == len(BAN_SOURCES) and SOURCE_PENALTY_ == SOURCE_PENALTY
 assert BAN_EVENTS_ == BAN_EVENTS
 
 REJECT_MARKER = b"GATEKEEPER"
+cdef const char *REJECT_MARKER_TEXT = REJECT_MARKER   # REJECT_MARKER is never freed
+cdef size_t REJECT_MARKER_LEN = len(REJECT_MARKER)
 cdef tuple _REASON_BYTES = tuple(r.encode() for r in REASONS)
 cdef const char *REASON_TEXT[NREASONS]
 cdef size_t REASON_LEN[NREASONS]
@@ -1298,11 +1300,11 @@ cdef class Relay:
             return
         for i in range(1, envelope + 1):
             Z.msg_send(&self.msgs[i], self.fe, GK_ZMQ_SNDMORE)
-        Z.send(self.fe, "GATEKEEPER", 10, GK_ZMQ_SNDMORE)
+        Z.send(self.fe, REJECT_MARKER_TEXT, REJECT_MARKER_LEN, GK_ZMQ_SNDMORE)
         Z.send(self.fe, REASON_TEXT[reason - 1], REASON_LEN[reason - 1], 0)
         self.counts[REJECTS_SENT] += 1
         self.counts[FE_MSGS_OUT] += 1
-        self.counts[FE_BYTES_OUT] += nbytes + 10 + REASON_LEN[reason - 1]
+        self.counts[FE_BYTES_OUT] += nbytes + REJECT_MARKER_LEN + REASON_LEN[reason - 1]
 
     # -- backend -> client ---------------------------------------------------------
 
