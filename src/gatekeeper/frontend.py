@@ -33,7 +33,6 @@ import errno
 import os
 import socket
 import stat
-import struct
 import sys
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -48,13 +47,6 @@ from .rules import HANDSHAKE_REASONS, HANDSHAKE_RESULTS, KEY_PEER_ADDRESS
 from .sockets import SocketSetupError, unix_socket_in_use
 
 
-# Monitor events drained per call, so that a flood of connections cannot starve the data
-# plane; the loop calls back while the monitor stays readable.
-MONITOR_BATCH = 4096
-# libzmq sends monitor events from its I/O thread with a blocking send: a full pipe would
-# stall that thread (never lose an event, which would skew the counts). This bounds the
-# queue at ~100k events (~10 MB) and only a flood of connections can fill it.
-MONITOR_RCVHWM = 100_000
 _MONITOR_EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
                    | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
@@ -96,31 +88,16 @@ class LibzmqFrontend:
         self.zap = zap
         self._results = dict.fromkeys(("accepted", "timeout", "protocol_error",
                                        "disconnected"), 0)
-        self.monitor = ctx.socket(zmq.PAIR)
-        self.monitor.setsockopt(zmq.LINGER, 0)
-        self.monitor.setsockopt(zmq.RCVHWM, MONITOR_RCVHWM)
-        endpoint = f"inproc://gatekeeper.monitor.{id(self):x}"
-
-        def watch(frontend: zmq.Socket) -> None:
-            # before the first bind, so that no connection goes unseen
-            frontend.monitor(endpoint, _MONITOR_EVENTS)
-            self.monitor.connect(endpoint)
-
+        self._monitor = sockets.Monitor(ctx, _MONITOR_EVENTS)
+        self.monitor = self._monitor.socket
         try:
-            self.socket = sockets.make_frontend(ctx, policy, prepare=watch)
+            self.socket = sockets.make_frontend(ctx, policy, prepare=self._monitor.watch)
         except BaseException:
             self.monitor.close(0)
             raise
 
     def serve_ready(self) -> None:
-        for _ in range(MONITOR_BATCH):
-            try:
-                event = self.monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(event[0]) < 6:
-                continue
-            kind, value = struct.unpack("=HI", event[0][:6])
+        for kind, value in self._monitor.events():
             if kind == zmq.EVENT_ACCEPTED:
                 self.zap.connections.accepted(value, _peer_ip(value))
             elif kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):

@@ -43,6 +43,10 @@ class _Engine(Protocol):
     def bans_total(self) -> tuple[int, ...]: ...
 
 
+class _Backend(Protocol):
+    def connections(self) -> int: ...
+
+
 class _Cluster(Protocol):
     def metrics(self) -> Iterator[Metric]: ...
 
@@ -53,6 +57,7 @@ class Observed(Protocol):
     relay: _Relay
     engine: _Engine
     frontend_engine: FrontendEngine
+    backend_engine: _Backend
     loaded: LoadedPolicy
     reloads: dict[str, int]
     cluster: _Cluster | None
@@ -120,6 +125,9 @@ class GatekeeperCollector:
         front = gk.frontend_engine
         yield GaugeMetricFamily("gatekeeper_connections", "Frontend connections open now, "
                                 "handshakes in progress included", value=front.connections())
+        yield GaugeMetricFamily("gatekeeper_backend_connections", "Broker connections open "
+                                "now",
+                                value=gk.backend_engine.connections())
         handshakes = CounterMetricFamily("gatekeeper_handshakes", "Frontend handshakes by "
                                          "result", labels=["result"])
         for result, count in front.handshakes().items():

@@ -19,6 +19,7 @@ import zmq
 from . import frontend, sockets
 from ._impl import IMPLEMENTATION, RUN_SERVICE, NativeRelay, PolicyEngine, Relay
 from .auth import ZapHandler
+from .backend import LibzmqBackend
 from .cluster import ClusterSync, cluster_config
 from .control import ControlServer, round_trip_figures
 from .frontend import LibzmqFrontend
@@ -71,11 +72,12 @@ class Gatekeeper:
             else:
                 listeners = frontend.make_listeners(policy)
                 self.endpoints = frontend.bound_endpoints(listeners)
-            self.backend = sockets.make_backend(self.ctx, policy)
-            self._sockets.append(self.backend)
+            self.backend_engine = LibzmqBackend(self.ctx, policy)
+            self.backend = self.backend_engine.socket
+            self._sockets.extend([self.backend, self.backend_engine.monitor])
             self.control = ControlServer(self.ctx, policy.control, self)
             self._sockets.append(self.control.socket)
-            services = [self.control.socket, self.zap.socket]
+            services = [self.control.socket, self.zap.socket, self.backend_engine.monitor]
             if self.engine_name == "libzmq":
                 services.append(self.frontend_engine.monitor)
                 self.relay = Relay(self.frontend, self.backend, services, self.engine)
@@ -123,6 +125,7 @@ class Gatekeeper:
                     if self.engine_name == "libzmq":
                         self.frontend_engine.serve_ready()  # before ZAP, which it feeds
                     self.zap.serve_ready()
+                    self.backend_engine.serve_ready()
                 self._dispatch_signals()
                 now = time.monotonic()
                 self.notify.watchdog(now)
@@ -364,6 +367,8 @@ class Gatekeeper:
             "implementation": IMPLEMENTATION,
             "engine": self.frontend_engine.name,
             "connections": self.frontend_engine.connections(),
+            "backend_engine": self.backend_engine.name,
+            "backend_connections": self.backend_engine.connections(),
             "queued_bytes": self.queued_bytes(),
             "handshakes": self.frontend_engine.handshakes(),
             "round_trip_s": self.round_trip_summary(),
