@@ -83,13 +83,16 @@ class GatekeeperProcess:
 
     def __init__(self, workdir: Path, extra: str = "", *, python_twin: bool = False,
                  backend_port: int | None = None, metrics: bool = False,
-                 engine: str = "native") -> None:
+                 engine: str = "native", brokers: int = 1) -> None:
         self.workdir = workdir
         self.engine = engine
         self.frontend_port = free_port()
         self.backend_port = backend_port or free_port()
         self.frontend = f"tcp://127.0.0.1:{self.frontend_port}"
         self.backend = f"tcp://127.0.0.1:{self.backend_port}"
+        # every broker endpoint the backend connects to, `backend` first
+        self.backends = [self.backend] + [f"tcp://127.0.0.1:{free_port()}"
+                                          for _ in range(brokers - 1)]
         self.control = f"ipc://{workdir}/gk.ctl"
         self.metrics_port = free_port() if metrics else None
         self.policy_path = workdir / "policy.toml"
@@ -108,7 +111,7 @@ class GatekeeperProcess:
             bind = ["{self.frontend}"]
             engine = "{self.engine}"
             [backend]
-            connect = ["{self.backend}"]
+            connect = {json.dumps(self.backends)}
             [control]
             bind = "{self.control}"
             [metrics]

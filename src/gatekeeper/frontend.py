@@ -97,7 +97,7 @@ class LibzmqFrontend:
             raise
 
     def serve_ready(self) -> None:
-        for kind, value in self._monitor.events():
+        for kind, value, _ in self._monitor.events():
             if kind == zmq.EVENT_ACCEPTED:
                 self.zap.connections.accepted(value, _peer_ip(value))
             elif kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):

@@ -125,8 +125,8 @@ class GatekeeperCollector:
         front = gk.frontend_engine
         yield GaugeMetricFamily("gatekeeper_connections", "Frontend connections open now, "
                                 "handshakes in progress included", value=front.connections())
-        yield GaugeMetricFamily("gatekeeper_backend_connections", "Broker connections open "
-                                "now",
+        yield GaugeMetricFamily("gatekeeper_backend_connections", "Broker connections up "
+                                "(past their handshake)",
                                 value=gk.backend_engine.connections())
         handshakes = CounterMetricFamily("gatekeeper_handshakes", "Frontend handshakes by "
                                          "result", labels=["result"])

@@ -319,15 +319,16 @@ class Monitor:
         watched.monitor(endpoint, self._events)
         self.socket.connect(endpoint)
 
-    def events(self) -> Iterator[tuple[int, int]]:
-        """(event, value) of up to MONITOR_BATCH events waiting now."""
+    def events(self) -> Iterator[tuple[int, int, bytes]]:
+        """(event, value, endpoint) of up to MONITOR_BATCH events waiting now."""
         for _ in range(MONITOR_BATCH):
             try:
                 event = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             if len(event[0]) >= 6:
-                yield struct.unpack("=HI", event[0][:6])
+                kind, value = struct.unpack("=HI", event[0][:6])
+                yield kind, value, event[1] if len(event) > 1 else b""
 
 
 def check_libzmq(version: tuple[int, ...] | None = None) -> None:

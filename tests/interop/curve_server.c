@@ -1,12 +1,13 @@
 /*
  * A CURVE server linked against the system's libzmq (Debian's 4.3.4 with its own
- * libsodium: a second, independent build from pyzmq's), for tests/test_curve_client.py: a
- * ROUTER on an ephemeral loopback port that echoes COUNT messages to whoever sent them.
+ * libsodium: a second, independent build from pyzmq's), for tests/test_curve_client.py
+ * and tests/test_backend.py: a ROUTER bound to ENDPOINT that echoes COUNT messages to
+ * whoever sent them.
  *
- *     curve_server SECRET_KEY_Z85 COUNT
+ *     curve_server ENDPOINT SECRET_KEY_Z85 COUNT
  *
- * First line "libzmq X.Y.Z ENDPOINT", last line "ok COUNT", exit 0; or says what failed
- * and exits 1.
+ * First line "libzmq X.Y.Z", once bound; last line "ok COUNT", exit 0; or says what
+ * failed and exits 1.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,11 +21,11 @@ static int fail(const char *what) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 3) {
-        fprintf(stderr, "usage: %s SECRET_KEY_Z85 COUNT\n", argv[0]);
+    if (argc < 4) {
+        fprintf(stderr, "usage: %s ENDPOINT SECRET_KEY_Z85 COUNT\n", argv[0]);
         return 2;
     }
-    int count = atoi(argv[2]);
+    int count = atoi(argv[3]);
     int major, minor, patch, yes = 1, timeout = 10000, linger = 0;
     zmq_version(&major, &minor, &patch);
     void *ctx = zmq_ctx_new();
@@ -32,14 +33,11 @@ int main(int argc, char **argv) {
     zmq_setsockopt(s, ZMQ_RCVTIMEO, &timeout, sizeof timeout);
     zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger);
     if (zmq_setsockopt(s, ZMQ_CURVE_SERVER, &yes, sizeof yes) != 0
-            || zmq_setsockopt(s, ZMQ_CURVE_SECRETKEY, argv[1], 40) != 0)
+            || zmq_setsockopt(s, ZMQ_CURVE_SECRETKEY, argv[2], 40) != 0)
         return fail("curve keys");
-    if (zmq_bind(s, "tcp://127.0.0.1:*") != 0)
+    if (zmq_bind(s, argv[1]) != 0)
         return fail("bind");
-    char endpoint[256];
-    size_t endpoint_size = sizeof endpoint;
-    zmq_getsockopt(s, ZMQ_LAST_ENDPOINT, endpoint, &endpoint_size);
-    printf("libzmq %d.%d.%d %s\n", major, minor, patch, endpoint);
+    printf("libzmq %d.%d.%d\n", major, minor, patch);
     fflush(stdout);
     for (int i = 0; i < count; i++) {
         zmq_msg_t frames[MAX_FRAMES];
