@@ -357,18 +357,58 @@ def check_frontend(policy: Policy) -> tuple[tuple[str, list[Setting]] | None, st
     return (heading, native_rows(policy)), "native"
 
 
-def make_listeners(policy: Policy) -> list[socket.socket]:
+def make_listeners(policy: Policy, given: list[socket.socket] | None = None
+                   ) -> list[socket.socket]:
     """A bound, listening socket for each frontend endpoint (tcp or ipc), as libzmq would
-    bind it: SO_REUSEADDR, `*` for every IPv4 address, a bracketed IPv6 literal dual-stack."""
+    bind it: SO_REUSEADDR, `*` for every IPv4 address, a bracketed IPv6 literal dual-stack.
+    An endpoint that one of `given` (sockets from systemd or a takeover) is bound to takes
+    that socket, out of `given`, instead of binding anew."""
     listeners: list[socket.socket] = []
     try:
         for endpoint in policy.frontend.bind:
-            listeners.append(_listen(endpoint, policy.frontend.backlog))
+            match = next((s for s in given or () if bound_to(endpoint, s)), None)
+            if match is not None:
+                given.remove(match)
+                listeners.append(match)
+            else:
+                listeners.append(_listen(endpoint, policy.frontend.backlog))
     except BaseException:
         for s in listeners:
-            s.close()
+            if given is None or s not in given:
+                s.close()
         raise
     return listeners
+
+
+def bound_to(endpoint: str, sock: socket.socket) -> bool:
+    """Whether `sock` listens where `endpoint` (tcp:// or ipc://) asks: the same address
+    family and address, and the same port unless the endpoint leaves it to the system."""
+    scheme, _, address = endpoint.partition("://")
+    name = sock.getsockname()
+    if scheme == "ipc":
+        if sock.family != socket.AF_UNIX:
+            return False
+        if address.startswith("@"):
+            return name == b"\0" + address[1:].encode()
+        return isinstance(name, str) and bool(name) and (
+            os.path.abspath(name) == os.path.abspath(address))
+    if scheme != "tcp" or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    host, _, port = address.rpartition(":")
+    if port not in ("*", "0") and name[1] != int(port):
+        return False
+    if host.startswith("["):
+        family, host = socket.AF_INET6, host.strip("[]")
+    else:
+        family, host = socket.AF_INET, "0.0.0.0" if host == "*" else host
+    if sock.family != family:
+        return False
+    try:
+        wanted = {info[4][0] for info in socket.getaddrinfo(host, None, family,
+                                                             socket.SOCK_STREAM)}
+    except OSError:
+        return False
+    return name[0] in wanted
 
 
 def _listen(endpoint: str, backlog: int) -> socket.socket:
