@@ -149,3 +149,41 @@ def test_a_passed_socket_that_does_not_fit_is_named(engine, tmp_path, case):
     }[case]
     assert error.startswith(expected), error
     assert not os.path.exists(tmp_path / "gk.ctl")  # nothing else was bound
+
+
+@pytest.mark.engines("native")
+def test_restart_under_load_refuses_nothing_and_loses_nothing(engine, tmp_path):
+    from test_takeover import JitterBroker, Load, RefusalProbe, wait_for
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen(100)
+    gk = on_port(GatekeeperProcess(tmp_path), held.getsockname()[1])
+    broker = JitterBroker(gk.backend)
+    launch = [sys.executable, "-c", LAUNCH, str(held.fileno())]
+    load = probe = None
+    try:
+        activated(gk, launch, pass_fds=(held.fileno(),)).wait_ready()
+        load = Load(gk.frontend)
+        wait_for(lambda: len(load.last_reply) == 16, 10, "every client answered")
+        probe = RefusalProbe([(socket.AF_INET, ("127.0.0.1", gk.frontend_port))])
+        gk.signal(signal.SIGTERM)
+        assert gk.wait() == 0
+        gk._stderr.close()
+        first = [e["event"] for e in gk.events()]
+        # it drained as a takeover does: every client connection closed once idle
+        assert "drain_timeout" not in first and "stopped" in first
+        down_at = time.monotonic()
+        activated(gk, launch, pass_fds=(held.fileno(),)).wait_ready()
+        wait_for(lambda: all(t > down_at for t in load.last_reply.values()), 10,
+                 "every client answered by the restarted gatekeeper")
+        probe.stop()
+        load.stop()
+        assert load.errors == [] and probe.refused == []
+    finally:
+        for part in (probe, load):
+            if part is not None and not part.stopping.is_set():
+                part.stop()
+        gk.stop()
+        broker.close()
+        held.close()

@@ -77,7 +77,8 @@ class Gatekeeper:
         self.took_over: dict[str, Any] | None = None  # STATS: from which pid, when
         self.socket_activated: list[str] = []  # endpoints served on systemd's sockets
         self.handover: HandoverServer | None = None
-        self.handed_over_to: int | None = None
+        # a drain that reads on and closes each client connection once idle (see shutdown)
+        self.closing_idle = False
         try:
             # ZAP first: no connection may complete before the handler is there.
             self.zap = ZapHandler(self.ctx, policy, self.log)
@@ -185,7 +186,7 @@ class Gatekeeper:
                 now = time.monotonic()
                 if self.handover is not None:
                     self._serve_handover(now)
-                if self.handed_over_to is not None:
+                if self.closing_idle:
                     self.relay.close_idle(HANDOVER_QUIET_S, HANDOVER_GAP_S)
                 self.notify.watchdog(now)
                 if self.cluster is not None and now >= next_sync:
@@ -207,11 +208,11 @@ class Gatekeeper:
         return 1 if self._forced else 0
 
     def _end_drain(self, now: float) -> None:
-        """Stops once every forwarded request is answered (after a handover: and every
-        client connection closed, each as it fell idle, so that none is cut with a
-        request it sent unread), or at the deadline."""
+        """Stops once every forwarded request is answered (when closing idle connections:
+        and every client connection closed, each as it fell idle, so that none is cut
+        with a request it sent unread), or at the deadline."""
         left = self.relay.outstanding
-        connections = self.frontend_engine.connections() if self.handed_over_to else 0
+        connections = self.frontend_engine.connections() if self.closing_idle else 0
         if left == 0 and connections == 0 or now >= self._drain_deadline:
             if left or connections:
                 self.log.warning("drain_timeout", outstanding=left, connections=connections)
@@ -241,9 +242,8 @@ class Gatekeeper:
 
     def _hand_over(self, pid: int) -> None:
         """The process `pid` holds every listening socket: stop accepting on ours (it
-        accepts on its own), then drain."""
+        accepts on its own), then drain (unless a signal started a drain already)."""
         assert self.handover is not None
-        self.handed_over_to = pid
         self._listener_files = []  # the files now name the new process's sockets
         self.handover.close()
         self.handover = None
@@ -277,8 +277,13 @@ class Gatekeeper:
         # The native engine closes its listening sockets; libzmq's unbind would also cut
         # the clients still waiting for replies, so a libzmq frontend stays bound and ZAP
         # refuses new handshakes instead.
-        if self.handed_over_to is not None:
-            self.relay.close_frontend(reading=True)  # read on; each closed when idle
+        # When another process takes the listeners over (a takeover's, or the next one
+        # systemd starts on the sockets it holds), clients are read on and each connection
+        # is closed once nothing is under way on it: the client reconnects, to that
+        # process, and its next request waits for it instead of being lost unread here.
+        self.closing_idle = source == "takeover" or bool(self.socket_activated)
+        if self.closing_idle:
+            self.relay.close_frontend(reading=True)
             self.relay.close_idle(HANDOVER_QUIET_S, HANDOVER_GAP_S)
         else:
             self.relay.close_frontend()
