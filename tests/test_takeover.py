@@ -237,6 +237,31 @@ def urllib_open(url: str):
 
 
 @pytest.mark.engines("native")
+def test_notify_states_of_both_processes(gatekeeper_factory, engine, tmp_path):
+    from test_systemd import NotifyListener
+
+    listeners = [NotifyListener(str(tmp_path / name)) for name in ("old.notify", "new.notify")]
+    new = None
+    try:
+        old = gatekeeper_factory(start=False)
+        old.env["NOTIFY_SOCKET"] = listeners[0].sock.getsockname()
+        old.start()
+        assert listeners[0].until("READY")["READY"] == "1"
+        new = taker_for(old, tmp_path / "new", [old.frontend])
+        new.env["NOTIFY_SOCKET"] = listeners[1].sock.getsockname()
+        new.start(wait=False, args=("--takeover",))
+        assert listeners[1].until("READY")["READY"] == "1"  # serving, on what it took over
+        assert listeners[0].until("STOPPING")["STOPPING"] == "1"  # the old one drains
+        assert old.wait() == 0
+        assert not any("STOPPING" in m for m in listeners[1].received)
+    finally:
+        if new is not None:
+            new.stop()
+        for listener in listeners:
+            listener.close()
+
+
+@pytest.mark.engines("native")
 def test_failed_takeover_leaves_the_old_one_serving(gatekeeper_factory, engine, tmp_path):
     old = gatekeeper_factory()
     with socket.socket() as taken:  # an endpoint the new policy adds, which it cannot bind
@@ -246,6 +271,7 @@ def test_failed_takeover_leaves_the_old_one_serving(gatekeeper_factory, engine, 
         new = taker_for(old, tmp_path / "new", [old.frontend, busy])
         new.start(wait=False, args=("--takeover",))
         assert new.wait(15) == 1
+        new.stop()
     failed = event(new, "startup_failed")
     assert busy in failed["error"]
     assert_untouched(old)
@@ -399,6 +425,7 @@ def test_libzmq_engine_cannot_take_over(gatekeeper_factory, engine, tmp_path):
     new = taker_for(old, tmp_path / "new", [old.frontend], engine="libzmq")
     new.start(wait=False, args=("--takeover",))
     assert new.wait(15) == 1
+    new.stop()
     assert "libzmq engine" in event(new, "takeover_failed")["error"]
     assert old.ctl("STATS")["ok"]
     check = subprocess.run([sys.executable, "-m", "gatekeeper", "check", "--config",
