@@ -43,6 +43,7 @@ from zmq.utils import z85
 
 from . import _impl, sockets
 from .auth import MAX_RATE_ADDRESSES, IPAddress, ZapHandler, client_ip, network
+from .handover import describe
 from .policy import Policy
 from .rules import HANDSHAKE_REASONS, HANDSHAKE_RESULTS, KEY_PEER_ADDRESS
 from .sockets import SocketSetupError, unix_socket_in_use
@@ -458,13 +459,4 @@ def _listen_ipc(endpoint: str, path: str, backlog: int) -> socket.socket:
 
 def bound_endpoints(listeners: list[socket.socket]) -> list[str]:
     """The endpoints as bound (ephemeral ports resolved), for the started log line."""
-    out = []
-    for s in listeners:
-        name = s.getsockname()
-        if s.family == socket.AF_UNIX:
-            out.append("ipc://" + (name if isinstance(name, str) else "@" + name[1:].decode()))
-        elif s.family == socket.AF_INET6:
-            out.append(f"tcp://[{name[0]}]:{name[1]}")
-        else:
-            out.append(f"tcp://{name[0]}:{name[1]}")
-    return out
+    return [describe(s) for s in listeners]

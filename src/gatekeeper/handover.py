@@ -23,7 +23,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Mapping
 
 from .log import EventLog
 from .sockets import SocketSetupError, listen_private
@@ -127,6 +127,8 @@ def from_systemd(environ: Mapping[str, str] = os.environ) -> Inherited | None:
         return None  # meant for another process (the one that exec'd us, say)
     if not count.isdigit() or int(count) > MAX_FDS:
         raise SocketSetupError(f"LISTEN_FDS={count!r}: expected a count of at most {MAX_FDS}")
+    if int(count) == 0:
+        return None
     names = environ.get("LISTEN_FDNAMES", "").split(":")
     inherited = Inherited("systemd")
     try:
@@ -256,7 +258,7 @@ class HandoverServer:
             # may take this process's sockets.
             reason = f"uid {uid} is not this gatekeeper's ({os.getuid()})"
             self.log.warning("takeover_refused", pid=pid, uid=uid, reason=reason)
-            _reply(peer, {"ok": False, "error": f"refused: {reason}"})
+            _refuse(peer, reason)
             peer.close()
             return
         peer.setblocking(False)
@@ -286,7 +288,7 @@ class HandoverServer:
     def _drop(self, reason: str, refuse: bool = False) -> None:
         if self.peer is not None:
             if refuse:
-                _reply(self.peer, {"ok": False, "error": f"refused: {reason}"})
+                _refuse(self.peer, reason)
             self.peer.close()
             self.log.warning("takeover_abandoned" if self.sent else "takeover_refused",
                              pid=self.peer_pid, reason=reason)
@@ -302,9 +304,10 @@ class HandoverServer:
         self.socket.close()
 
 
-def _reply(peer: socket.socket, message: dict[str, Any]) -> None:
-    """A short reply on a fresh connection: it fits the socket's buffer, so this never
+def _refuse(peer: socket.socket, reason: str) -> None:
+    """A short answer on a fresh connection: it fits the socket's buffer, so this never
     waits; a peer that has gone is no matter."""
+    message = {"ok": False, "gatekeeper": "handover", "error": f"refused: {reason}"}
     try:
         peer.send(json.dumps(message).encode() + b"\n", socket.MSG_DONTWAIT)
     except OSError:
@@ -377,11 +380,10 @@ def _unpack(path: str, line: bytes, fds: list[int], into: Inherited) -> None:
         header = None
     entries = header.get("sockets") if isinstance(header, dict) else None
     why = ""
-    if not isinstance(header, dict) or header.get("gatekeeper") != "handover" and not (
-            header.get("ok") is False and isinstance(header.get("error"), str)):
+    if not isinstance(header, dict) or header.get("gatekeeper") != "handover":
         why = f"{path} is not a gatekeeper's handover socket: it answered {line[:80]!r}"
     elif header.get("ok") is not True:
-        why = f"the gatekeeper at {path} {header['error']}"
+        why = f"the gatekeeper at {path} {header.get('error')}"
     elif not isinstance(entries, list) or len(entries) != len(sockets) or not all(
             isinstance(e, dict) for e in entries):
         why = f"{path}: {len(sockets)} sockets came with a list that does not name them"
