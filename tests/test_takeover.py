@@ -69,14 +69,17 @@ class Load:
     LOST_S = 10.0
 
     def __init__(self, endpoint: str) -> None:
-        self.ctx = zmq.Context()
         self.stopping = threading.Event()
         self.errors: list[str] = []
         self.answered = 0
         self.last_reply: dict[str, float] = {}
-        self.clients = {f"req{i}": client(self.ctx, endpoint, zmq.REQ) for i in range(8)}
-        self.clients.update({f"dealer{i}": client(self.ctx, endpoint, zmq.DEALER)
-                             for i in range(8)})
+        # A context, so an I/O thread, each: as clients in processes of their own, whose
+        # I/O thread reads the FIN that follows their last reply before it writes what
+        # they send next (see README, "Restarts that lose nothing").
+        names = [f"req{i}" for i in range(8)] + [f"dealer{i}" for i in range(8)]
+        self.contexts = [zmq.Context() for _ in names]
+        self.clients = {name: client(ctx, endpoint, zmq.REQ if name.startswith("req")
+                                     else zmq.DEALER) for name, ctx in zip(names, self.contexts)}
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -121,7 +124,8 @@ class Load:
     def stop(self) -> None:
         self.stopping.set()
         self.thread.join(15)
-        self.ctx.destroy(0)
+        for ctx in self.contexts:
+            ctx.destroy(0)
 
 
 class RefusalProbe:
@@ -200,10 +204,12 @@ def test_takeover_under_load_loses_nothing(gatekeeper_factory, engine, tmp_path)
         load.stop()
         assert load.errors == []
         assert probe.refused == [] and probe.attempts > 30
-        assert drained < 2.0 and served_by_new < 2.5, (drained, served_by_new)
+        assert drained < 2.0 and served_by_new < 2.0, (drained, served_by_new)
 
         stats = new.ctl("STATS")
         assert stats["took_over"]["from_pid"] == old.proc.pid
+        assert stats["policy"]["path"] == str(new.policy_path)
+        assert stats["policy"]["sha256"] != before["policy"]["sha256"]
         assert stats["frontend"]["messages_in"] > 0
         # the new policy's own: its added endpoint, bound by itself, and its limit
         assert event(new, "started")["frontend"] == [old.frontend, added]
