@@ -268,6 +268,28 @@ def test_notify_states_of_both_processes(gatekeeper_factory, engine, tmp_path):
 
 
 @pytest.mark.engines("native")
+def test_takeover_of_a_paused_gatekeeper_answers_what_waited(gatekeeper_factory, engine,
+                                                             tmp_path, ctx):
+    old = gatekeeper_factory()
+    s = client(ctx, old.frontend, zmq.REQ, timeout_ms=10_000)
+    s.send(b"first")
+    assert s.recv() == b"first"
+    assert old.ctl("PAUSE")["ok"]
+    s.send(b"waiting")  # unread while paused
+    new = taker_for(old, tmp_path / "new", [old.frontend])
+    try:
+        new.start(wait=False, args=("--takeover",))
+        assert old.wait(15) == 0  # it read on to drain, so the request was not cut unread
+        assert s.recv() == b"waiting"
+        s.send(b"next")
+        assert s.recv() == b"next"  # from the new process: the old one is gone
+        assert new.ctl("STATS")["frontend"]["messages_in"] == 1
+    finally:
+        s.close(0)
+        new.stop()
+
+
+@pytest.mark.engines("native")
 def test_failed_takeover_leaves_the_old_one_serving(gatekeeper_factory, engine, tmp_path):
     old = gatekeeper_factory()
     with socket.socket() as taken:  # an endpoint the new policy adds, which it cannot bind

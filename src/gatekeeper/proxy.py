@@ -283,6 +283,9 @@ class Gatekeeper:
         # process, and its next request waits for it instead of being lost unread here.
         self.closing_idle = source == "takeover" or bool(self.socket_activated)
         if self.closing_idle:
+            # paused, no client is read, so none falls idle: each would be cut, unread, at
+            # the deadline
+            self.relay.paused = False
             self.relay.close_frontend(reading=True)
             self.relay.close_idle(HANDOVER_QUIET_S, HANDOVER_GAP_S)
         else:
