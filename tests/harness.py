@@ -119,11 +119,13 @@ class GatekeeperProcess:
             """) + textwrap.dedent(extra)
         self.policy_path.write_text(merge_sections(text))
 
-    def start(self, wait: bool = True) -> "GatekeeperProcess":
+    def start(self, wait: bool = True, args: tuple[str, ...] = (),
+              **popen: object) -> "GatekeeperProcess":
+        """`args`: more command-line arguments; `popen`: more for subprocess.Popen."""
         self._stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gatekeeper", "--config", str(self.policy_path)],
-            stdout=subprocess.DEVNULL, stderr=self._stderr, env=self.env,
+            [sys.executable, "-m", "gatekeeper", "--config", str(self.policy_path), *args],
+            stdout=subprocess.DEVNULL, stderr=self._stderr, env=self.env, **popen,
         )
         if wait:
             self.wait_ready()

@@ -39,6 +39,7 @@ from gatekeeper._fast cimport (
     FE_MSGS_IN,
     FE_MSGS_OUT,
     FORWARDED,
+    InFlight,
     KEY_IDENTITY_,
     KEY_PEER_ADDRESS_,
     NCOUNTERS,
@@ -215,6 +216,7 @@ cdef extern from "<netinet/in.h>" nogil:
 cdef extern from "<netinet/tcp.h>" nogil:
     enum:
         TCP_NODELAY
+        TCP_CORK
         TCP_KEEPIDLE
         TCP_KEEPINTVL
         TCP_KEEPCNT
@@ -516,6 +518,8 @@ cdef class NativeRelay:
     cdef gk_zmq_msg_t scratch
     cdef public bint paused
     cdef readonly bint frontend_open
+    cdef bint closing_idle            # a handover's drain: see close_idle
+    cdef double idle_gap
     cdef bint reading                 # the inner epoll is in the outer one
     cdef bint backend_due, services_due   # their ZMQ_EVENTS must be read (see _run)
     cdef double next_sweep
@@ -762,15 +766,48 @@ cdef class NativeRelay:
                     self.drop(c, -1)
         return n
 
-    def close_frontend(self):
-        """Stop reading clients and close the listening sockets, so that the kernel
-        refuses new connections at once; replies still reach the clients connected."""
+    def close_frontend(self, bint reading=False):
+        """Close the listening sockets, so that the kernel refuses new connections at once
+        (or, handed over, another process takes them), and stop reading clients unless
+        `reading` (a handover's drain, see close_idle); replies still reach the clients."""
         cdef int i
-        self.frontend_open = False
+        self.frontend_open = reading
         for i in range(self.nlisteners):
             if self.listeners[i] >= 0:
                 close(self.listeners[i])
                 self.listeners[i] = -1
+
+    def close_idle(self, double quiet_s, double gap_s):
+        """A handover's drain: close each client connection that has nothing under way and
+        has sent nothing for `quiet_s`, and from now on each one as soon as a reply leaves
+        it so (a DEALER's if it has sent nothing for `gap_s`, see flush), so that its
+        client reconnects to the process that took the listeners over, losing nothing.
+        Returns how many were closed here."""
+        cdef int i, n = 0
+        cdef double now = monotonic()
+        self.closing_idle, self.idle_gap = True, gap_s
+        for i in range(self.max_conns):
+            if (self.conns[i].fd >= 0 and now - self.conns[i].last_recv >= quiet_s
+                    and not unsent(&self.conns[i]) and self.idle(&self.conns[i])):
+                self.drop(&self.conns[i], -1)
+                n += 1
+        return n
+
+    cdef bint idle(self, Conn *c) noexcept nogil:
+        """Nothing under way from `c`: no request in flight or pending, no part of a
+        message held, and no byte unread (closing over one would reset the connection)."""
+        cdef uint8_t byte
+        cdef int slot
+        cdef InFlight *e
+        if (c.state != ST_OPEN or self.holding(c) or self.npending
+                or self.stash_conn == <int>(c - self.conns)
+                or recv(c.fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0):
+            return False
+        slot = ki_find(&self.round_trips.ids, c.id + 1, min(<size_t>c.id[0], <size_t>MAX_KEY))
+        if slot < 0:
+            return True
+        e = <InFlight *>self.round_trips.ids.payload + slot
+        return e.sent == e.replied
 
     def run(self, long timeout_ms):
         cdef int rc
@@ -1950,11 +1987,22 @@ cdef class NativeRelay:
     cdef void flush(self, Conn *c) noexcept nogil:
         cdef ssize_t n
         cdef epoll_event ev
+        cdef int cork = 1
+        cdef bint closing
         if c.fd < 0:
             return
         if c.broken:
             self.drop(c, -1)  # output that could not be queued: its stream has a hole
             return
+        # A handover's drain closes a connection with the reply that leaves it idle, the
+        # FIN in that reply's segment (TCP_CORK), so that its client reads both at once and
+        # reconnects before it can send again: a request sent after our FIN is lost. A REQ
+        # cannot send before that reply; a DEALER can, any time, so only one quiet for
+        # idle_gap is taken for done, not one still sending a burst.
+        closing = (self.closing_idle and c.queued > 0 and self.idle(c) and (
+            c.lockstep or monotonic() - c.last_recv >= self.idle_gap))
+        if closing:
+            setsockopt(c.fd, IPPROTO_TCP, TCP_CORK, &cork, sizeof(cork))
         while c.out_sent < c.out_len:
             n = send(c.fd, c.out + c.out_sent, c.out_len - c.out_sent,
                      MSG_NOSIGNAL | MSG_DONTWAIT)
@@ -1968,6 +2016,12 @@ cdef class NativeRelay:
             c.out_sent += n
             c.written += n
             self.queued -= n
+        if closing and c.out_sent == c.out_len and self.idle(c):
+            self.drop(c, -1)
+            return
+        if closing:
+            cork = 0
+            setsockopt(c.fd, IPPROTO_TCP, TCP_CORK, &cork, sizeof(cork))
         if c.out_sent == c.out_len:
             self.release_out(c)
             if c.writing:

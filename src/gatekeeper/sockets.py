@@ -392,3 +392,28 @@ def unix_socket_refusal(path: str) -> OSError | None:
 def unix_socket_in_use(path: str) -> bool:
     """Whether a process accepts connections on the unix socket at `path`."""
     return unix_socket_refusal(path) is None
+
+
+def listen_private(path: str, what: str) -> socket.socket:
+    """A listening unix socket at `path`, mode 0600 from its first instant, replacing a
+    file left there by a process that died; SocketSetupError naming `what` if a process
+    listens there."""
+    if unix_socket_in_use(path):
+        # Replacing the file of a running instance would silently take its socket.
+        raise SocketSetupError(f"{what}: in use by a running process")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock.bind(path)
+        sock.listen(64)
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        sock.close()
+        raise SocketSetupError(f"{what}: {exc.strerror or exc}") from None
+    finally:
+        os.umask(old)
+    return sock
