@@ -328,7 +328,7 @@ def run_one(kind: str, args: argparse.Namespace, ctx: zmq.Context) -> dict:
             os.kill(redis_pid, signal.SIGSTOP)
             stack.callback(os.kill, redis_pid, signal.SIGCONT)  # before it is stopped
         proxy = psutil.Process(servers[-1].proc.pid) if kind != "direct" else None
-        cpu_before = _cpu_seconds(proxy)
+        cpu_before, threads_before = _cpu_seconds(proxy), _thread_seconds(proxy)
         load = loadgen.throughput(
             ctx, target, connections=args.connections, depth=args.depth, size=args.size,
             warmup_s=args.warmup, seconds=args.seconds, curve=client_keys)
@@ -337,8 +337,9 @@ def run_one(kind: str, args: argparse.Namespace, ctx: zmq.Context) -> dict:
         if proxy is not None and load["received_total"]:
             load["cpu_us_per_msg"] = (
                 1e6 * (_cpu_seconds(proxy) - cpu_before) / load["received_total"])
+            load["top_thread_share"] = _top_thread_share(threads_before, _thread_seconds(proxy))
         else:
-            load["cpu_us_per_msg"] = None
+            load["cpu_us_per_msg"] = load["top_thread_share"] = None
         single = loadgen.latency(ctx, target, requests=args.latency_requests, size=args.size,
                                  curve=client_keys)
         for s in servers:  # numbers from a run during which a server died mean nothing
@@ -357,6 +358,20 @@ def _cpu_seconds(process: psutil.Process | None) -> float:
         return 0.0
     times = process.cpu_times()
     return times.user + times.system
+
+
+def _thread_seconds(process: psutil.Process | None) -> dict[int, float]:
+    if process is None:
+        return {}
+    return {t.id: t.user_time + t.system_time for t in process.threads()}
+
+
+def _top_thread_share(before: dict[int, float], after: dict[int, float]) -> float | None:
+    """The share of the process's CPU time that its busiest thread used during the run:
+    how much of the work one thread does (the loop, against libzmq's I/O threads)."""
+    used = [seconds - before.get(tid, 0.0) for tid, seconds in after.items()]
+    total = sum(used)
+    return max(used) / total if total > 0 else None
 
 
 def free_ports(n: int) -> list[int]:
@@ -388,6 +403,7 @@ def summarize(runs: list[dict]) -> dict:
         "single_p50_us": median("single", "p50_us"),
         "single_p99_us": median("single", "p99_us"),
         "cpu_us_per_msg": median("load", "cpu_us_per_msg"),
+        "top_thread_share": median("load", "top_thread_share"),
         "lost": sum(r[p]["lost"] for r in runs for p in ("load", "single")),
         "refused": sum(r[p]["bad"] for r in runs for p in ("load", "single")),
     }
@@ -424,16 +440,22 @@ def print_report(summary: dict, ratio_values: dict, skipped: dict) -> None:
     def us(v: float | None) -> str:
         return "-" if v is None else f"{v:,.1f}"
 
+    def share(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.0f}%"
+
     print()
     print(f"{'kind':<16}{'msgs/s':>11}{'spread':>8}{'p50 load':>11}{'p99 load':>11}"
-          f"{'p50 1-flight':>14}{'p99 1-flight':>14}{'cpu/msg':>9}{'lost':>7}{'refused':>9}")
+          f"{'p50 1-flight':>14}{'p99 1-flight':>14}{'cpu/msg':>9}{'thread':>8}{'lost':>7}"
+          f"{'refused':>9}")
     for kind, s in summary.items():
         spread = "-" if s["spread"] is None else f"{100 * s['spread']:.0f}%"
         print(f"{kind:<16}{s['msgs_per_s']:>11,.0f}{spread:>8}{us(s['load_p50_us']):>11}"
               f"{us(s['load_p99_us']):>11}{us(s['single_p50_us']):>14}"
               f"{us(s['single_p99_us']):>14}{us(s['cpu_us_per_msg']):>9}"
+              f"{share(s['top_thread_share']):>8}"
               f"{s['lost']:>7}{s['refused']:>9}")
     print("latencies and cpu/msg (the proxy process's CPU time per message) in microseconds;"
+          "\nthread: the share of that CPU time its busiest thread used;"
           "\nmsgs/s, latencies and cpu/msg are medians over rounds;"
           " spread = (max - min) / median of msgs/s")
     for kind, reason in skipped.items():

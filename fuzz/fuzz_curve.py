@@ -1,5 +1,6 @@
-"""Fuzz target: the CurveZMQ server layer (gatekeeper._curve) on the handshake path and
-the MESSAGE boxes after it, against a PyNaCl client (tests/hostile/curvezmq.py).
+"""Fuzz target: the CurveZMQ layer (gatekeeper._curve) on the handshake path and the
+MESSAGE boxes after it: its server against a PyNaCl client (tests/hostile/curvezmq.py),
+and its client (CurveClient) against its server.
 
     python fuzz/fuzz_curve.py -atheris_runs=1000000 [CORPUS_DIR] [libFuzzer flags]
 
@@ -9,7 +10,8 @@ zeros); a valid HELLO, then an INITIATE mutated outside its box, or inside it (t
 client's key, the vouch, the metadata) or sent with another nonce, after 0 to 2
 cookie-key rotations; or a whole handshake, then valid, replayed, mutated and random
 MESSAGE boxes (some with chosen nonces or reserved flags) and replies with random data
-and flags. Mutations flip bits, cut, grow, overwrite a slice, or replace the whole.
+and flags; or our client given a WELCOME, then a READY, then the server's boxes, each
+valid, mutated or (boxes) replayed. Mutations flip bits, cut, grow, overwrite a slice, or replace the whole.
 Invariants:
 - no crash (run it on an ASan build, fuzz/README.md); the wrapper hands the C code heap
   blocks of exactly the sizes the C API names, and checks every output against its bound
@@ -54,6 +56,7 @@ SERVER_PUBLIC, SERVER_SECRET = cz.keypair()
 SERVER = _curve.CurveServer(SERVER_SECRET)
 CLIENT_PUBLIC, CLIENT_SECRET = cz.keypair()
 CODES = set(_curve.ERRORS) - {"ok", "crypto_unavailable"}
+ROUTER_META = cz.metadata((b"Socket-Type", b"ROUTER"), (b"Identity", b""))
 P25519 = 2**255 - 19
 METADATA = [
     b"",
@@ -80,12 +83,20 @@ def call(conn, method: str, *args):
         raise Refused(exc.code) from None
 
 
+# What a failed state is asked next, by role: each must answer the same code.
+LATER_CALLS = {
+    _curve.CurveConnection: (("on_hello", (bytes(200),)), ("decrypt", (bytes(40),))),
+    _curve.CurveClient: (("on_welcome", (bytes(168), b"")), ("on_ready", (bytes(40),)),
+                         ("decrypt", (bytes(40),))),
+}
+
+
 def check_final(conn, code: str) -> None:
     if conn.phase != "FAILED" or not (conn.transient_keys_cleared and conn.session_key_cleared):
         raise AssertionError(f"{code} left phase {conn.phase} or keys behind")
-    for method, arg in (("on_hello", bytes(200)), ("decrypt", bytes(40))):
+    for method, args in LATER_CALLS[type(conn)]:
         try:
-            getattr(conn, method)(arg)
+            getattr(conn, method)(*args)
         except _curve.CurveError as exc:
             if exc.code != code:
                 raise AssertionError(f"after {code}, {method} answered {exc.code}") from None
@@ -155,11 +166,11 @@ def messages(fd: Bytes, conn, client) -> None:
                 raise AssertionError("a reply opened as something else")
 
 
-def outcome(conn, method: str, cmd: bytes, refused_with: set[str] | None):
+def outcome(conn, method: str, cmd: bytes, refused_with: set[str] | None, *more):
     """Call, and hold the result to what was expected: None = must pass, else a refusal
     with one of these codes (empty: any)."""
     try:
-        result = call(conn, method, cmd)
+        result = call(conn, method, cmd, *more)
     except Refused as refused:
         if refused_with is None:
             raise AssertionError(f"{method} refused a valid command: {refused.code}") from None
@@ -221,9 +232,45 @@ def initiate_stage(fd: Bytes, conn, client, rotations: int, mutating: bool) -> b
     return ready
 
 
+def client_stages(fd: Bytes) -> None:
+    """Our client against our server: a WELCOME valid or mutated, then a READY valid or
+    mutated, then the server's boxes: valid, mutated or replayed."""
+    conn, client = SERVER.connection(), _curve.CurveClient(CLIENT_SECRET, SERVER_PUBLIC)
+    try:
+        meta = fd.pick(METADATA)
+        valid = cz.strip_command_frame(conn.on_hello(cz.strip_command_frame(client.hello())))
+        welcome = mutate(fd, valid)
+        initiate = outcome(client, "on_welcome", welcome, None if welcome == valid else set(),
+                           meta)
+        valid = cz.strip_command_frame(conn.on_initiate(cz.strip_command_frame(initiate))[2])
+        ready = mutate(fd, valid)
+        if outcome(client, "on_ready", ready, None if ready == valid else set()) != ROUTER_META:
+            raise AssertionError("READY opened as other metadata")
+        sent = []
+        while not fd.exhausted and len(sent) < 32:
+            data, flags = fd.bytes(fd.pick([0, 40, 3000])), fd.int(0, 3)
+            valid = conn.encrypt(data, flags)
+            op = fd.int(0, 3)
+            if op == 0 and sent:
+                outcome(client, "decrypt", fd.pick(sent), {"replayed_nonce"})
+            box = mutate(fd, valid) if op == 1 else valid
+            got = outcome(client, "decrypt", box, None if box == valid else set())
+            if got != (data, flags):
+                raise AssertionError(f"MESSAGE opened as {got!r}, sent {(data, flags)!r}")
+            sent.append(box)
+    except Refused:
+        return
+    finally:
+        conn.close()
+        client.close()
+
+
 def TestOneInput(data: bytes) -> None:
     fd = Bytes(data)
-    stage = fd.int(0, 3)
+    stage = fd.int(0, 4)
+    if stage == 4:
+        client_stages(fd)
+        return
     rotations = fd.int(0, 2) if stage >= 2 and fd.int(0, 3) == 0 else 0
     server = _curve.CurveServer(SERVER_SECRET) if rotations else SERVER
     conn = server.connection()

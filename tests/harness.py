@@ -83,13 +83,16 @@ class GatekeeperProcess:
 
     def __init__(self, workdir: Path, extra: str = "", *, python_twin: bool = False,
                  backend_port: int | None = None, metrics: bool = False,
-                 engine: str = "native") -> None:
+                 engine: str = "native", brokers: int = 1) -> None:
         self.workdir = workdir
         self.engine = engine
         self.frontend_port = free_port()
         self.backend_port = backend_port or free_port()
         self.frontend = f"tcp://127.0.0.1:{self.frontend_port}"
         self.backend = f"tcp://127.0.0.1:{self.backend_port}"
+        # every broker endpoint the backend connects to, `backend` first
+        self.backends = [self.backend] + [f"tcp://127.0.0.1:{free_port()}"
+                                          for _ in range(brokers - 1)]
         self.control = f"ipc://{workdir}/gk.ctl"
         self.metrics_port = free_port() if metrics else None
         self.policy_path = workdir / "policy.toml"
@@ -108,7 +111,7 @@ class GatekeeperProcess:
             bind = ["{self.frontend}"]
             engine = "{self.engine}"
             [backend]
-            connect = ["{self.backend}"]
+            connect = {json.dumps(self.backends)}
             [control]
             bind = "{self.control}"
             [metrics]
@@ -116,11 +119,13 @@ class GatekeeperProcess:
             """) + textwrap.dedent(extra)
         self.policy_path.write_text(merge_sections(text))
 
-    def start(self, wait: bool = True) -> "GatekeeperProcess":
+    def start(self, wait: bool = True, args: tuple[str, ...] = (),
+              **popen: object) -> "GatekeeperProcess":
+        """`args`: more command-line arguments; `popen`: more for subprocess.Popen."""
         self._stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gatekeeper", "--config", str(self.policy_path)],
-            stdout=subprocess.DEVNULL, stderr=self._stderr, env=self.env,
+            [sys.executable, "-m", "gatekeeper", "--config", str(self.policy_path), *args],
+            stdout=subprocess.DEVNULL, stderr=self._stderr, env=self.env, **popen,
         )
         if wait:
             self.wait_ready()

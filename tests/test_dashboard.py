@@ -89,6 +89,7 @@ def test_every_queried_metric_is_exported(gatekeeper_factory):
         assert grouped <= known, (expr, grouped - known)
     # what the dashboard is for
     for name in ("gatekeeper_refused_total", "gatekeeper_connections",
+                 "gatekeeper_backend_connections",
                  "gatekeeper_handshakes_total", "gatekeeper_backend_round_trip_seconds_bucket",
                  "gatekeeper_policy_reloads_total", "gatekeeper_forwarded_total",
                  "gatekeeper_bans", "gatekeeper_bans_total"):

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import zmq
 
+from system_libzmq import build
+
 pytestmark = pytest.mark.timeout(120)
 
 HERE = Path(__file__).resolve().parent / "interop"
@@ -20,24 +22,14 @@ def _run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
 
-def _build_c_client(tmp_path_factory, name: str) -> Path:
-    """tests/interop/NAME.c, linked against the system's libzmq."""
-    if shutil.which("gcc") is None or not Path("/usr/include/zmq.h").exists():
-        pytest.skip("needs gcc and the system libzmq headers (apt-get install libzmq3-dev)")
-    binary = tmp_path_factory.mktemp("interop") / name
-    built = _run(["gcc", "-O2", "-o", str(binary), str(HERE / f"{name}.c"), "-lzmq"])
-    assert built.returncode == 0, built.stderr
-    return binary
-
-
 @pytest.fixture(scope="module")
 def c_client(tmp_path_factory) -> Path:
-    return _build_c_client(tmp_path_factory, "echo_client")
+    return build(tmp_path_factory, "echo_client")
 
 
 @pytest.fixture(scope="module")
 def c_curve_client(tmp_path_factory) -> Path:
-    return _build_c_client(tmp_path_factory, "curve_client")
+    return build(tmp_path_factory, "curve_client")
 
 
 @pytest.fixture(scope="module")

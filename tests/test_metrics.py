@@ -33,6 +33,7 @@ TYPES = {
     "gatekeeper_policy_reloads": "counter",
     "gatekeeper_up": "gauge",
     "gatekeeper_connections": "gauge",
+    "gatekeeper_backend_connections": "gauge",
     "gatekeeper_queued_reply_bytes": "gauge",
     "gatekeeper_handshakes": "counter",
     "gatekeeper_backend_round_trip_seconds": "histogram",
@@ -139,6 +140,24 @@ def test_connections_come_and_go(gatekeeper_factory, ctx):
         c.close(0)
     assert wait_for(lambda: scrape(gk)["gatekeeper_connections", frozenset()] == 0)
     assert gk.ctl("STATS")["connections"] == 0
+
+
+def test_broker_connections_come_and_go(gatekeeper_factory, echo_broker_factory, ctx):
+    gk = gatekeeper_factory(metrics=True)
+
+    def up() -> tuple[int, int]:
+        return (gk.ctl("STATS")["backend_connections"],
+                scrape(gk)["gatekeeper_backend_connections", frozenset()])
+
+    assert gk.ctl("STATS")["backend_engine"] == "libzmq"
+    assert wait_for(lambda: up() == (1, 1))
+    gk.broker.close()
+    assert wait_for(lambda: up() == (0, 0))
+    gk.broker = echo_broker_factory(gk.backend)  # the same endpoint: reconnected to
+    assert wait_for(lambda: up() == (1, 1))
+    c = client(ctx, gk.frontend, identity=b"after")
+    c.send_multipart([b"", b"ping"])
+    assert c.recv_multipart() == [b"", b"ping"]
 
 
 def test_handshake_results_by_reason(gatekeeper_factory, peers, engine, refused):

@@ -234,6 +234,8 @@ CROSS_KEY_ERRORS = [
      "timeout_ms > 0"),
     (make(extra="[requests]\nmax_in_flight = 4"), "requests.max_in_flight", "timeout_ms > 0"),
     (make(extra="[penalty]\nban_s = 10.0\nmax_ban_s = 5.0"), "penalty.max_ban_s", ">= ban_s"),
+    (make(backend=BACKEND + "\nreconnect_ivl_ms = 500\nreconnect_ivl_max_ms = 200"),
+     "backend.reconnect_ivl_max_ms", ">= reconnect_ivl_ms"),
 ]
 
 

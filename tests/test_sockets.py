@@ -95,7 +95,8 @@ def test_plain_sockets_get_every_option(ctx, tmp_path):
             frontend="sndhwm = 10\nrcvhwm = 20\nmax_message_size = 70000\n"
             "heartbeat_ttl_ms = 2500\nbacklog = 7",
             backend=f'connect = ["tcp://127.0.0.1:{free_port()}"]\n'
-            "linger_ms = 250\ntcp_keepalive = false",
+            "linger_ms = 250\ntcp_keepalive = false\nreconnect_ivl_ms = 40\n"
+            "reconnect_ivl_max_ms = 900",
         )
     )
     front_opts, back_opts = frontend_options(p), backend_options(p)
@@ -127,9 +128,13 @@ def test_plain_sockets_get_every_option(ctx, tmp_path):
         "HEARTBEAT_TIMEOUT",
         "HEARTBEAT_TTL",
         "TCP_KEEPALIVE",
+        "RECONNECT_IVL",
+        "RECONNECT_IVL_MAX",
         "IMMEDIATE",
     ]
     assert {o.name: o.value for o in back_opts}["TCP_KEEPALIVE"] == 0
+    assert ({o.name: o.value for o in back_opts}["RECONNECT_IVL"],
+            {o.name: o.value for o in back_opts}["RECONNECT_IVL_MAX"]) == (40, 900)
     front = make_frontend(ctx, p)
     back = make_backend(ctx, p)
     try:

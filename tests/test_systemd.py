@@ -19,6 +19,7 @@ from harness import client
 pytestmark = pytest.mark.timeout(60)
 
 UNIT = Path(__file__).resolve().parent.parent / "examples" / "gatekeeper.service"
+SOCKET_UNIT = UNIT.with_suffix(".socket")
 
 
 class NotifyListener:
@@ -172,6 +173,28 @@ def test_example_unit_verifies(tmp_path):
     # the check sees a planted mistake, so the silence above means something
     rc, complaints = verify(text.replace("WatchdogSec=", "WatchdogSecs="))
     assert any("WatchdogSecs" in line for line in complaints)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_example_socket_unit_verifies(tmp_path):
+    """gatekeeper.socket, with the service it activates beside it."""
+    gatekeeper = shutil.which("gatekeeper") or str(Path(sys.executable).parent / "gatekeeper")
+    (tmp_path / "gatekeeper.service").write_text(
+        UNIT.read_text().replace("/usr/local/bin/gatekeeper", gatekeeper))
+    socket_unit = tmp_path / "gatekeeper.socket"
+
+    def verify(unit_text: str) -> tuple[int, list[str]]:
+        socket_unit.write_text(unit_text)
+        done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(socket_unit)],
+                              capture_output=True, text=True, timeout=30)
+        return done.returncode, [line for line in (done.stdout + done.stderr).splitlines()
+                                 if "gatekeeper." in line]
+
+    text = SOCKET_UNIT.read_text()
+    assert _unit_settings(text)["Service"] == ["gatekeeper.service"]
+    assert verify(text) == (0, [])
+    rc, complaints = verify(text.replace("Backlog=", "Backlogs="))
+    assert any("Backlogs" in line for line in complaints)
 
 
 def test_unsupported_or_unreachable_notify_sockets_never_stop_the_proxy(tmp_path):

@@ -90,7 +90,8 @@ def test_pipe_gets_plain_snapshots(gatekeeper_factory, ctx):
         assert (key in stats) == (label in last), (key, last)
 
 
-RETURN_PATH_GAUGES = (("queued_bytes", "reply bytes queued now"),
+RETURN_PATH_GAUGES = (("backend_connections", "broker connections now"),
+                      ("queued_bytes", "reply bytes queued now"),
                       ("in_flight", "requests in flight now"))
 
 
@@ -139,7 +140,7 @@ def test_pipe_shows_the_return_path(gatekeeper_factory, tmp_path):
 
     def step(stats: dict, n: int) -> None:  # one second of uptime per reply
         stats["uptime_s"] = real["uptime_s"] + n
-        stats["queued_bytes"], stats["in_flight"] = 3_145_728, 7
+        stats["queued_bytes"], stats["in_flight"], stats["backend_connections"] = 3_145_728, 7, 3
         stats["dropped"].update(slow_reader=10 * n, late_reply=5 * n)
         stats["violations"]["too_many_in_flight"] = 20 * n
 
@@ -152,6 +153,7 @@ def test_pipe_shows_the_return_path(gatekeeper_factory, tmp_path):
     last = done.stdout.split("gatekeeper at ")[-1]
     assert re.search(r"^\s*reply bytes queued now\s+3,145,728\s*$", last, re.M), last
     assert re.search(r"^\s*requests in flight now\s+7\s*$", last, re.M), last
+    assert re.search(r"^\s*broker connections now\s+3\s*$", last, re.M), last
     assert row(last, "slow_reader") == ("20", "10.0")
     assert row(last, "late_reply") == ("10", "5.0")
     assert row(last, "too_many_in_flight") == ("40", "20.0")

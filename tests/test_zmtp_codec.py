@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import sys
-from pathlib import Path
 
 import pytest
 import zmq
@@ -15,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from codec_server import CodecServer, monitor_events, monitored
+import zmtp as wire  # the hostile suite's hand-written ZMTP, an independent encoder
+
 from gatekeeper import _zmtp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "hostile"))
-import zmtp as wire  # noqa: E402  (the hostile suite's hand-written ZMTP, an independent encoder)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -594,6 +592,9 @@ def test_encoder_bytes_are_libzmqs():
     assert _zmtp.greeting_rest(3) == b"\x01" + NULL_MECHANISM + b"\x00" * 32
     assert _zmtp.ready() == (b"\x04\x29\x05READY" + prop(b"Socket-Type", b"ROUTER")
                              + prop(b"Identity", b""))
+    # as the backend's DEALER: what a libzmq DEALER without a routing id sends
+    assert _zmtp.ready("DEALER") == (b"\x04\x29\x05READY" + prop(b"Socket-Type", b"DEALER")
+                                     + prop(b"Identity", b""))
     assert _zmtp.frame_header(255) == b"\x00\xff"
     assert _zmtp.frame_header(256, more=True) == b"\x03" + struct.pack(">Q", 256)
     assert _zmtp.ping(25) == b"\x04\x07\x04PING\x00\x19"
@@ -603,6 +604,8 @@ def test_encoder_bytes_are_libzmqs():
 
 
 def test_encoder_refuses_what_does_not_fit():
+    with pytest.raises(ValueError):
+        _zmtp.ready("REQ")
     with pytest.raises(ValueError):
         _zmtp.error(b"r" * 256)
     with pytest.raises(ValueError):
@@ -626,3 +629,36 @@ def test_encoder_output_decodes():
         ("FRAME", b"a", True),
         ("FRAME", b"b" * 300, False),
     ]
+
+
+def test_a_libzmq_router_takes_our_dealer_handshake_and_answers_it(ctx):
+    """The backend's side of the handshake, with nothing but the codec and a TCP socket:
+    a libzmq ROUTER (the broker) sees a DEALER, takes its messages and answers them."""
+    router = ctx.socket(zmq.ROUTER)
+    router.linger, router.rcvtimeo = 0, 5000
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer = socket.create_connection(("127.0.0.1", port), timeout=5)
+    decoder = Decoder()
+    events: list[tuple] = []
+
+    def read_until(kind: str, count: int) -> None:
+        while len([e for e in joined(events) if e[0] == kind]) < count:
+            events.extend(decoder.feed(dealer.recv(65536)))
+
+    try:
+        dealer.sendall(_zmtp.signature() + _zmtp.greeting_major() + _zmtp.greeting_rest(3)
+                       + _zmtp.ready("DEALER"))
+        # Data only after the peer's READY, as a libzmq DEALER: libzmq 4.3.5 closed the
+        # connection when a message came in the same segment as the greeting and READY.
+        read_until("READY", 1)
+        dealer.sendall(encode_message([b"", b"request"]))
+        ident, *request = router.recv_multipart()
+        assert request == [b"", b"request"]
+        router.send_multipart([ident, b"", b"reply"])
+        read_until("FRAME", 2)
+        assert [e[:3] for e in joined(events) if e[0] in ("READY", "FRAME")] == [
+            ("READY", b"ROUTER", b""), ("FRAME", b"", True), ("FRAME", b"reply", False)]
+    finally:
+        decoder.close()
+        dealer.close()
+        router.close()

@@ -1,6 +1,6 @@
 # cython: language_level=3
-"""The CurveZMQ server's C-level API (RFC 26, as ZMTP 3's CURVE mechanism, RFC 25):
-`from gatekeeper._curve cimport ...`.
+"""CurveZMQ's C-level API (RFC 26, as ZMTP 3's CURVE mechanism, RFC 25), server and
+client: `from gatekeeper._curve cimport ...`.
 
 Sans-IO like the codec: whole commands and frame bodies in, whole replies out, no
 sockets, no clock, no Python objects, no allocation; every call `noexcept nogil`. The
@@ -29,6 +29,19 @@ The handshake, driven by the codec's COMMAND events while zmtp_decoder_set_mecha
         and calls zmtp_decoder_handshake_done, or refuses with a plain ERROR command
         (zmtp_error) and closes.
 
+The client (the native backend toward a CURVE broker), one CurveClientKeys per
+[backend.curve] (C, c and the broker's S), one CurveState per broker connection, as
+libzmq's curve_client.cpp:
+
+    curve_client_start -> write out[:out_len] (the HELLO frame); phase EXPECT_WELCOME
+    phase EXPECT_WELCOME: curve_client_on_welcome with our metadata -> write
+        out[:out_len] (the INITIATE frame, with its vouch); the session key is made here
+        and the transient keys wiped, so nothing of the WELCOME is kept
+    phase EXPECT_READY: curve_client_on_ready -> the broker's metadata, which the engine
+        parses (zmtp_parse_metadata), then zmtp_decoder_handshake_done
+An ERROR command in clear may come instead of WELCOME or READY (curve_server.cpp
+produce_error): the engine takes it before calling these, as a refusal.
+
 Handshake replies come out as whole ZMTP command frames, header included. An ERROR is
 not boxed: RFC 26 "The ERROR Command" and libzmq's curve_server.cpp produce_error send it
 in clear, with the ZAP status code as the reason ("400" for a refused key, which a libzmq
@@ -47,9 +60,11 @@ must hold a data frame whole before curve_decrypt (MORE is inside the box, known
 it is open); libzmq's MAXMSGSIZE counts the frame as sent, box included.
 
 Nonces (RFC 26 "short nonces"): the peer's must strictly increase over HELLO, INITIATE
-and every MESSAGE (a replayed or smaller one is CURVE_E_REPLAYED_NONCE, checked before the
-box is opened and recorded only once it opened); ours start at 1 with READY and go up by
-one per MESSAGE, as libzmq's do.
+(resp. READY) and every MESSAGE (a replayed or smaller one is CURVE_E_REPLAYED_NONCE,
+checked before the box is opened and recorded only once it opened); a server's start at 1
+with READY, a client's at 1 with HELLO, and go up by one per command and MESSAGE, as
+libzmq's do. The MESSAGE nonce prefixes name the sender's role ("CurveZMQMESSAGEC" from
+the client, "...S" from the server): the state's role picks them.
 
 Every error is final: the state wipes its secrets, remembers the error and answers it to
 every later call; the engine closes the connection, and sends nothing of `out` (on error
@@ -79,6 +94,11 @@ cdef enum:
     # (C 32, vouch 96, metadata)
     CURVE_INITIATE_OUT_SIZE = CURVE_READY_FRAME_SIZE + 128 + CURVE_MAX_METADATA
     # MESSAGE: "\x07MESSAGE", short nonce 8, MAC 16, then the boxed flags byte and data
+    # The client's: HELLO, and INITIATE with at most CURVE_MAX_METADATA of metadata (a
+    # long header: INITIATE is over 255 bytes)
+    CURVE_HELLO_FRAME_SIZE = 2 + CURVE_HELLO_SIZE
+    CURVE_INITIATE_FRAME_MAX = 9 + CURVE_INITIATE_MAX
+    CURVE_READY_MIN = 30               # name, nonce, MAC: a READY with no metadata
     CURVE_MESSAGE_HEADER = 32
     CURVE_MESSAGE_OVERHEAD = 33
     # The boxed flags byte (curve_mechanism_base.cpp flag_mask: msg_t::more | command)
@@ -104,6 +124,13 @@ cdef enum CurveErrorCode:
     CURVE_E_BAD_MESSAGE_FLAGS       # boxed flag bits RFC 26 and libzmq leave unused
     CURVE_E_OUT_OF_PHASE            # a call the state is not at (engine order)
     CURVE_E_CRYPTO_UNAVAILABLE      # no libsodium could be resolved
+    # the client's, last (the tests tell them from the server's by that)
+    CURVE_E_MALFORMED_WELCOME       # not CURVE_WELCOME_SIZE bytes
+    CURVE_E_BAD_WELCOME_BOX         # does not open from S to C'
+    CURVE_E_BAD_SERVER_KEY          # S' of small order: no session key
+    CURVE_E_MALFORMED_READY         # under CURVE_READY_MIN
+    CURVE_E_BAD_READY_BOX           # does not open from S' to C'
+    CURVE_E_METADATA_TOO_LARGE      # our metadata over CURVE_MAX_METADATA
     CURVE_NERRORS
 
 
@@ -112,6 +139,8 @@ cdef enum CurvePhase:
     CURVE_EXPECT_INITIATE = 1
     CURVE_READY = 2
     CURVE_FAILED = 3
+    CURVE_EXPECT_WELCOME = 4     # the client's phases
+    CURVE_EXPECT_READY = 5
 
 
 cdef struct CurveKeys:
@@ -121,19 +150,27 @@ cdef struct CurveKeys:
     uint8_t previous_cookie_key[CURVE_KEY_SIZE]  # the one before the last rotation
 
 
+cdef struct CurveClientKeys:
+    uint8_t public_key[CURVE_KEY_SIZE]          # C
+    uint8_t secret_key[CURVE_KEY_SIZE]          # c
+    uint8_t server_key[CURVE_KEY_SIZE]          # S, the broker's
+
+
 cdef struct CurveState:
     # Fixed size, all inline. HELLO leaves C' and s' here: the INITIATE's cookie must hold
     # exactly these, as libzmq's curve_server.cpp process_initiate checks. RFC 26's
     # stateless server would instead trust any cookie that opens, and so accept a whole
     # recorded session (HELLO, INITIATE, MESSAGEs) replayed on a new connection while its
     # cookie key lives. Once READY, only the session key and the nonces remain.
+    # A client keeps its C' and c' from HELLO to WELCOME only.
     int phase                    # CurvePhase
     int error                    # CurveErrorCode that ended it (phase CURVE_FAILED)
+    bint client                  # our role: which MESSAGE nonce prefix is ours
     uint64_t peer_nonce          # the peer's last short nonce
     uint64_t nonce               # our next short nonce
     uint8_t client_transient[CURVE_KEY_SIZE]   # C'
-    uint8_t transient_secret[CURVE_KEY_SIZE]   # s'
-    uint8_t session_key[CURVE_KEY_SIZE]        # crypto_box_beforenm(C', s')
+    uint8_t transient_secret[CURVE_KEY_SIZE]   # ours: s' (server), c' (client)
+    uint8_t session_key[CURVE_KEY_SIZE]        # crypto_box_beforenm(C', s') = (S', c')
 
 
 cdef bint curve_is_available() noexcept nogil
@@ -172,3 +209,21 @@ cdef ssize_t curve_decrypt(CurveState *s, const uint8_t *frame, size_t n, uint8_
 # data may already sit at out + CURVE_MESSAGE_OVERHEAD: then nothing is copied.
 cdef size_t curve_encrypt(CurveState *s, const uint8_t *data, size_t n, uint8_t flags,
                           uint8_t *out) noexcept nogil
+
+# The client. keys: C derived from c; CURVE_OK or CURVE_E_CRYPTO_UNAVAILABLE.
+cdef int curve_client_keys_init(CurveClientKeys *k, const uint8_t *secret_key,
+                                const uint8_t *server_key) noexcept nogil
+cdef void curve_client_keys_clear(CurveClientKeys *k) noexcept nogil
+# Initialises s (as curve_state_init does, for the client's role) and writes the HELLO
+# frame: out holds CURVE_HELLO_FRAME_SIZE bytes.
+cdef int curve_client_start(CurveState *s, const CurveClientKeys *k, uint8_t *out,
+                            size_t *out_len) noexcept nogil
+# WELCOME (the whole command body) and our metadata (at most CURVE_MAX_METADATA) -> the
+# INITIATE frame; out holds CURVE_INITIATE_FRAME_MAX bytes.
+cdef int curve_client_on_welcome(CurveState *s, const CurveClientKeys *k, const uint8_t *cmd,
+                                 size_t n, const uint8_t *metadata, size_t metadata_len,
+                                 uint8_t *out, size_t *out_len) noexcept nogil
+# READY -> the broker's metadata, n - CURVE_READY_MIN bytes into plain (which holds that
+# many; at most ZMTP_MAX_COMMAND, what the codec delivers).
+cdef int curve_client_on_ready(CurveState *s, const uint8_t *cmd, size_t n, uint8_t *plain,
+                               size_t *metadata_len) noexcept nogil

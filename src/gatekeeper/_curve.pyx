@@ -1,7 +1,8 @@
-# cython: language_level=3, cdivision=True
-"""The native frontend's CurveZMQ server (RFC 26): a sans-IO layer over whole commands
-and frame bodies, with pyzmq's libsodium for the crypto. `_curve.pxd` is the C API and
-documents it; `CurveServer` and `CurveConnection` below wrap it for tests and fuzzing.
+# cython: language_level=3
+"""The native engine's CurveZMQ (RFC 26), server and client: a sans-IO layer over whole
+commands and frame bodies, with pyzmq's libsodium for the crypto. `_curve.pxd` is the C API
+and documents it; `CurveServer`, `CurveConnection` and `CurveClient` below wrap it for
+tests and fuzzing.
 """
 
 import os
@@ -11,7 +12,12 @@ from libc.stdio cimport snprintf
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memmove, memset
 
-from gatekeeper._zmtp cimport get_be64, put_be64, zmtp_command_header, zmtp_router_metadata
+from gatekeeper._zmtp cimport (
+    get_be64,
+    put_be64,
+    zmtp_command_header,
+    zmtp_router_metadata,
+)
 
 
 cdef extern from "_sodium_abi.h" nogil:
@@ -89,6 +95,7 @@ assert INITIATE_BOX + MAC + INITIATE_PLAIN_MIN == CURVE_INITIATE_MIN
 assert VOUCH_BOX + MAC + VOUCH_PLAIN == METADATA
 assert READY_BOX + MAC + ZMTP_ROUTER_METADATA_SIZE == CURVE_READY_SIZE
 assert MESSAGE_BOX + MAC == CURVE_MESSAGE_HEADER == CURVE_MESSAGE_OVERHEAD - 1
+assert READY_BOX + MAC == CURVE_READY_MIN
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,10 +148,12 @@ ERROR_NAMES[:] = [
     b"ok", b"unexpected_command", b"malformed_hello", b"bad_version", b"bad_padding",
     b"bad_hello_box", b"malformed_initiate", b"bad_cookie", b"bad_initiate_box", b"bad_vouch",
     b"bad_client_key", b"malformed_message", b"replayed_nonce", b"bad_message_box", b"bad_message_flags",
-    b"out_of_phase", b"crypto_unavailable",
+    b"out_of_phase", b"crypto_unavailable", b"malformed_welcome", b"bad_welcome_box",
+    b"bad_server_key", b"malformed_ready", b"bad_ready_box", b"metadata_too_large",
 ]
-cdef const char *PHASE_NAMES[<int>CURVE_FAILED + 1]
-PHASE_NAMES[:] = [b"EXPECT_HELLO", b"EXPECT_INITIATE", b"READY", b"FAILED"]
+cdef const char *PHASE_NAMES[<int>CURVE_EXPECT_READY + 1]
+PHASE_NAMES[:] = [b"EXPECT_HELLO", b"EXPECT_INITIATE", b"READY", b"FAILED", b"EXPECT_WELCOME",
+                  b"EXPECT_READY"]
 
 
 cdef const char *curve_error_name(int error) noexcept nogil:
@@ -410,6 +419,142 @@ cdef int curve_on_initiate(CurveState *s, const CurveKeys *k, const uint8_t *cmd
 
 
 # ---------------------------------------------------------------------------------------
+# The client: HELLO, WELCOME -> INITIATE, READY (curve_client.cpp, curve_client_tools.hpp)
+
+cdef int curve_client_keys_init(CurveClientKeys *k, const uint8_t *secret_key,
+                                const uint8_t *server_key) noexcept nogil:
+    memset(k, 0, sizeof(CurveClientKeys))
+    if not _available:
+        return CURVE_E_CRYPTO_UNAVAILABLE
+    memcpy(k.secret_key, secret_key, KEY)
+    memcpy(k.server_key, server_key, KEY)
+    S.scalarmult_base(k.public_key, k.secret_key)
+    return CURVE_OK
+
+
+cdef void curve_client_keys_clear(CurveClientKeys *k) noexcept nogil:
+    wipe(k, sizeof(CurveClientKeys))
+
+
+cdef int curve_client_start(CurveState *s, const CurveClientKeys *k, uint8_t *out,
+                            size_t *out_len) noexcept nogil:
+    cdef uint8_t nonce[NONCE]
+    cdef uint8_t shared[KEY]
+    cdef uint8_t *body
+    curve_state_init(s)
+    s.client = True
+    if not _available:
+        return fail(s, CURVE_E_CRYPTO_UNAVAILABLE)
+    S.box_keypair(s.client_transient, s.transient_secret)
+    # Box [64 * %x0](C'->S). A server key of small order leaves no shared key.
+    if S.box_beforenm(shared, k.server_key, s.transient_secret) != 0:
+        return fail(s, CURVE_E_BAD_SERVER_KEY)
+    out_len[0] = zmtp_command_header(out, CURVE_HELLO_SIZE)
+    body = out + out_len[0]
+    memcpy(body, "\x05HELLO\x01\x00", HELLO_PADDING)
+    memset(body + HELLO_PADDING, 0, HELLO_PADDING_SIZE)
+    memcpy(body + HELLO_CLIENT, s.client_transient, KEY)
+    put_be64(body + HELLO_NONCE, s.nonce)
+    s.nonce += 1
+    short_nonce(nonce, "CurveZMQHELLO---", body + HELLO_NONCE)
+    memset(body + HELLO_BOX + MAC, 0, HELLO_PLAIN)
+    S.box_detached_afternm(body + HELLO_BOX + MAC, body + HELLO_BOX, body + HELLO_BOX + MAC,
+                           HELLO_PLAIN, nonce, shared)
+    wipe(shared, KEY)
+    out_len[0] += CURVE_HELLO_SIZE
+    s.phase = CURVE_EXPECT_WELCOME
+    return CURVE_OK
+
+
+cdef int curve_client_on_welcome(CurveState *s, const CurveClientKeys *k, const uint8_t *cmd,
+                                 size_t n, const uint8_t *metadata, size_t metadata_len,
+                                 uint8_t *out, size_t *out_len) noexcept nogil:
+    cdef int rc = enter(s, CURVE_EXPECT_WELCOME)
+    cdef uint8_t nonce[NONCE]
+    cdef uint8_t shared[KEY]
+    cdef uint8_t plain[WELCOME_PLAIN]   # S' and the cookie
+    cdef uint8_t *body
+    cdef uint8_t *inner
+    cdef size_t size
+    if rc != CURVE_OK:
+        return rc
+    if not same_name(cmd, n, "\x07WELCOME", 8):
+        return fail(s, CURVE_E_UNEXPECTED_COMMAND)
+    if n != CURVE_WELCOME_SIZE:
+        return fail(s, CURVE_E_MALFORMED_WELCOME)
+    if metadata_len > CURVE_MAX_METADATA:
+        return fail(s, CURVE_E_METADATA_TOO_LARGE)
+    # Box [S' + cookie](S->C')
+    rc = S.box_beforenm(shared, k.server_key, s.transient_secret)
+    long_nonce(nonce, "WELCOME-", cmd + WELCOME_NONCE)
+    if rc != 0 or S.box_open_detached_afternm(plain, cmd + WELCOME_BOX + MAC, cmd + WELCOME_BOX,
+                                              WELCOME_PLAIN, nonce, shared) != 0:
+        wipe(shared, KEY)
+        return fail(s, CURVE_E_BAD_WELCOME_BOX)
+    wipe(shared, KEY)
+    if S.box_beforenm(s.session_key, plain, s.transient_secret) != 0:
+        wipe(plain, WELCOME_PLAIN)
+        return fail(s, CURVE_E_BAD_SERVER_KEY)
+
+    # INITIATE: cookie, nonce, Box [C + vouch + metadata](C'->S'), sealed in place
+    size = CURVE_INITIATE_MIN + metadata_len
+    out_len[0] = zmtp_command_header(out, size)
+    body = out + out_len[0]
+    memcpy(body, "\x08INITIATE", INITIATE_COOKIE)
+    memcpy(body + INITIATE_COOKIE, plain + KEY, COOKIE_SIZE)
+    put_be64(body + INITIATE_NONCE, s.nonce)
+    s.nonce += 1
+    inner = body + INITIATE_BOX + MAC
+    memcpy(inner, k.public_key, KEY)
+    # vouch: a long nonce, then Box [C' + S](C->S')
+    S.randombytes_buf(inner + VOUCH_NONCE, LONG_NONCE)
+    memcpy(inner + VOUCH_BOX + MAC, s.client_transient, KEY)
+    memcpy(inner + VOUCH_BOX + MAC + KEY, k.server_key, KEY)
+    long_nonce(nonce, "VOUCH---", inner + VOUCH_NONCE)
+    rc = S.box_beforenm(shared, plain, k.secret_key)
+    wipe(plain, WELCOME_PLAIN)
+    if rc != 0:
+        return fail(s, CURVE_E_BAD_SERVER_KEY)
+    S.box_detached_afternm(inner + VOUCH_BOX + MAC, inner + VOUCH_BOX, inner + VOUCH_BOX + MAC,
+                           VOUCH_PLAIN, nonce, shared)
+    wipe(shared, KEY)
+    if metadata_len:
+        memcpy(inner + METADATA, metadata, metadata_len)
+    short_nonce(nonce, "CurveZMQINITIATE", body + INITIATE_NONCE)
+    S.box_detached_afternm(inner, body + INITIATE_BOX, inner, INITIATE_PLAIN_MIN + metadata_len,
+                           nonce, s.session_key)
+    out_len[0] += size
+    wipe(s.client_transient, KEY)
+    wipe(s.transient_secret, KEY)
+    s.phase = CURVE_EXPECT_READY
+    return CURVE_OK
+
+
+cdef int curve_client_on_ready(CurveState *s, const uint8_t *cmd, size_t n, uint8_t *plain,
+                               size_t *metadata_len) noexcept nogil:
+    cdef int rc = enter(s, CURVE_EXPECT_READY)
+    cdef uint8_t nonce[NONCE]
+    cdef uint64_t peer_nonce
+    if rc != CURVE_OK:
+        return rc
+    if not same_name(cmd, n, "\x05READY", 6):
+        return fail(s, CURVE_E_UNEXPECTED_COMMAND)
+    if n < CURVE_READY_MIN:
+        return fail(s, CURVE_E_MALFORMED_READY)
+    peer_nonce = get_be64(cmd + READY_NONCE)
+    if peer_nonce <= s.peer_nonce:
+        return fail(s, CURVE_E_REPLAYED_NONCE)
+    short_nonce(nonce, "CurveZMQREADY---", cmd + READY_NONCE)
+    if S.box_open_detached_afternm(plain, cmd + READY_BOX + MAC, cmd + READY_BOX,
+                                   n - CURVE_READY_MIN, nonce, s.session_key) != 0:
+        return fail(s, CURVE_E_BAD_READY_BOX)
+    s.peer_nonce = peer_nonce
+    metadata_len[0] = n - CURVE_READY_MIN
+    s.phase = CURVE_READY
+    return CURVE_OK
+
+
+# ---------------------------------------------------------------------------------------
 # MESSAGE both ways
 
 cdef ssize_t curve_decrypt(CurveState *s, const uint8_t *frame, size_t n, uint8_t *plain,
@@ -424,7 +569,8 @@ cdef ssize_t curve_decrypt(CurveState *s, const uint8_t *frame, size_t n, uint8_
     peer_nonce = get_be64(frame + MESSAGE_NONCE)
     if peer_nonce <= s.peer_nonce:
         return -fail(s, CURVE_E_REPLAYED_NONCE)
-    short_nonce(nonce, "CurveZMQMESSAGEC", frame + MESSAGE_NONCE)
+    short_nonce(nonce, "CurveZMQMESSAGES" if s.client else "CurveZMQMESSAGEC",
+                frame + MESSAGE_NONCE)
     if S.box_open_detached_afternm(plain, frame + MESSAGE_BOX + MAC, frame + MESSAGE_BOX,
                                    n - CURVE_MESSAGE_HEADER, nonce, s.session_key) != 0:
         return -fail(s, CURVE_E_BAD_MESSAGE_BOX)
@@ -447,7 +593,8 @@ cdef size_t curve_encrypt(CurveState *s, const uint8_t *data, size_t n, uint8_t 
     if data != out + CURVE_MESSAGE_OVERHEAD:
         memmove(out + CURVE_MESSAGE_OVERHEAD, data, n)
     out[CURVE_MESSAGE_HEADER] = flags
-    short_nonce(nonce, "CurveZMQMESSAGES", out + MESSAGE_NONCE)
+    short_nonce(nonce, "CurveZMQMESSAGEC" if s.client else "CurveZMQMESSAGES",
+                out + MESSAGE_NONCE)
     S.box_detached_afternm(out + CURVE_MESSAGE_HEADER, out + MESSAGE_BOX,
                            out + CURVE_MESSAGE_HEADER, n + 1, nonce, s.session_key)
     return n + CURVE_MESSAGE_OVERHEAD
@@ -466,6 +613,8 @@ HELLO_SIZE = CURVE_HELLO_SIZE
 WELCOME_SIZE = CURVE_WELCOME_SIZE
 INITIATE_MIN = CURVE_INITIATE_MIN
 INITIATE_MAX = CURVE_INITIATE_MAX
+HELLO_FRAME_SIZE = CURVE_HELLO_FRAME_SIZE
+READY_MIN = CURVE_READY_MIN
 MAX_METADATA = CURVE_MAX_METADATA
 READY_SIZE = CURVE_READY_SIZE
 MESSAGE_OVERHEAD = CURVE_MESSAGE_OVERHEAD
@@ -552,15 +701,13 @@ cdef class CurveServer:
         return CurveConnection(self)
 
 
-cdef class CurveConnection:
-    """One connection's CurveState. Each method raises CurveError with the code the C
-    call returned; after one, every later call raises the same."""
+cdef class _Session:
+    """One connection's CurveState, either role. Each method raises CurveError with the
+    code the C call returned; after one, every later call raises the same."""
 
     cdef CurveState state
-    cdef CurveServer server
 
-    def __cinit__(self, CurveServer server not None):
-        self.server = server
+    def __cinit__(self, *args):
         curve_state_init(&self.state)
 
     def __dealloc__(self):
@@ -591,6 +738,40 @@ cdef class CurveConnection:
     def session_key_cleared(self) -> bool:
         return memcmp(self.state.session_key, ZEROS, KEY) == 0
 
+    def decrypt(self, const uint8_t[:] frame not None) -> tuple:
+        """A MESSAGE box (a data frame's body) -> (data, flags)."""
+        cdef size_t n = frame.shape[0]
+        cdef _Blocks b = _Blocks(frame, n - CURVE_MESSAGE_HEADER if n > CURVE_MESSAGE_HEADER else 0)
+        cdef uint8_t flags = 0
+        cdef ssize_t got = curve_decrypt(&self.state, b.inp, n, b.out, &flags)
+        if got < 0:
+            raise error(<int>-got)
+        if <size_t>got != n - CURVE_MESSAGE_OVERHEAD:
+            raise AssertionError(f"{got} bytes out of a box of {n}")
+        return (b.out[:got] if got else b""), flags
+
+    def encrypt(self, const uint8_t[:] data not None, int flags=0) -> bytes:
+        """Data and boxed flags -> a MESSAGE box; CurveError out_of_phase where the C
+        call writes nothing."""
+        if not 0 <= flags <= 0xFF:
+            raise ValueError("the boxed flags are one byte")
+        cdef _Blocks b = _Blocks(data, data.shape[0] + CURVE_MESSAGE_OVERHEAD)
+        cdef size_t got = curve_encrypt(&self.state, b.inp, b.n, <uint8_t>flags, b.out)
+        if got == 0:
+            raise CurveError("out_of_phase")
+        if got != b.n + CURVE_MESSAGE_OVERHEAD:
+            raise AssertionError(f"a box of {got} bytes for {b.n}")
+        return b.out[:got]
+
+
+cdef class CurveConnection(_Session):
+    """The server's side of one connection."""
+
+    cdef CurveServer server
+
+    def __cinit__(self, CurveServer server not None):
+        self.server = server
+
     def on_hello(self, const uint8_t[:] cmd not None) -> bytes:
         """HELLO (the command body, name included) -> the WELCOME frame."""
         cdef _Blocks b = _Blocks(cmd, CURVE_WELCOME_FRAME_SIZE)
@@ -620,27 +801,61 @@ cdef class CurveConnection:
         return (client_key[:CURVE_KEY_SIZE], metadata[:metadata_len] if metadata_len else b"",
                 b.out[:out_len])
 
-    def decrypt(self, const uint8_t[:] frame not None) -> tuple:
-        """A MESSAGE box (a data frame's body) -> (data, flags)."""
-        cdef size_t n = frame.shape[0]
-        cdef _Blocks b = _Blocks(frame, n - CURVE_MESSAGE_HEADER if n > CURVE_MESSAGE_HEADER else 0)
-        cdef uint8_t flags = 0
-        cdef ssize_t got = curve_decrypt(&self.state, b.inp, n, b.out, &flags)
-        if got < 0:
-            raise error(<int>-got)
-        if <size_t>got != n - CURVE_MESSAGE_OVERHEAD:
-            raise AssertionError(f"{got} bytes out of a box of {n}")
-        return (b.out[:got] if got else b""), flags
 
-    def encrypt(self, const uint8_t[:] data not None, int flags=0) -> bytes:
-        """Data and boxed flags -> a MESSAGE box; CurveError out_of_phase where the C
-        call writes nothing."""
-        if not 0 <= flags <= 0xFF:
-            raise ValueError("the boxed flags are one byte")
-        cdef _Blocks b = _Blocks(data, data.shape[0] + CURVE_MESSAGE_OVERHEAD)
-        cdef size_t got = curve_encrypt(&self.state, b.inp, b.n, <uint8_t>flags, b.out)
-        if got == 0:
-            raise CurveError("out_of_phase")
-        if got != b.n + CURVE_MESSAGE_OVERHEAD:
-            raise AssertionError(f"a box of {got} bytes for {b.n}")
-        return b.out[:got]
+cdef class CurveClient(_Session):
+    """The client's side of one connection: our secret key c and the server's public S."""
+
+    cdef CurveClientKeys keys
+
+    def __cinit__(self, const uint8_t[:] secret_key not None,
+                  const uint8_t[:] server_key not None):
+        if secret_key.shape[0] != CURVE_KEY_SIZE or server_key.shape[0] != CURVE_KEY_SIZE:
+            raise ValueError(f"CURVE keys have {CURVE_KEY_SIZE} bytes")
+        cdef int rc = curve_client_keys_init(&self.keys, &secret_key[0], &server_key[0])
+        if rc != CURVE_OK:
+            raise error(rc)
+
+    def __dealloc__(self):
+        curve_client_keys_clear(&self.keys)
+
+    @property
+    def public_key(self) -> bytes:
+        return self.keys.public_key[:CURVE_KEY_SIZE]
+
+    def hello(self) -> bytes:
+        """The HELLO frame (a fresh transient key pair; the state starts over)."""
+        cdef uint8_t out[CURVE_HELLO_FRAME_SIZE]
+        cdef size_t out_len = 0
+        cdef int rc = curve_client_start(&self.state, &self.keys, out, &out_len)
+        if rc != CURVE_OK:
+            raise error(rc)
+        if out_len != CURVE_HELLO_FRAME_SIZE:
+            raise AssertionError(f"HELLO frame of {out_len} bytes")
+        return out[:out_len]
+
+    def on_welcome(self, const uint8_t[:] cmd not None, const uint8_t[:] metadata not None
+                   ) -> bytes:
+        """WELCOME (the command body, name included) and our metadata -> the INITIATE
+        frame."""
+        cdef _Blocks b = _Blocks(cmd, CURVE_INITIATE_FRAME_MAX)
+        cdef _Blocks m = _Blocks(metadata, 0)
+        cdef size_t out_len = 0
+        cdef int rc = curve_client_on_welcome(&self.state, &self.keys, b.inp, b.n, m.inp, m.n,
+                                              b.out, &out_len)
+        if rc != CURVE_OK:
+            raise error(rc)
+        if out_len > CURVE_INITIATE_FRAME_MAX:
+            raise AssertionError(f"INITIATE frame of {out_len} bytes")
+        return b.out[:out_len]
+
+    def on_ready(self, const uint8_t[:] cmd not None) -> bytes:
+        """READY -> the server's metadata."""
+        cdef size_t n = cmd.shape[0]
+        cdef _Blocks b = _Blocks(cmd, n - CURVE_READY_MIN if n > CURVE_READY_MIN else 0)
+        cdef size_t metadata_len = 0
+        cdef int rc = curve_client_on_ready(&self.state, b.inp, b.n, b.out, &metadata_len)
+        if rc != CURVE_OK:
+            raise error(rc)
+        if metadata_len != n - CURVE_READY_MIN:
+            raise AssertionError(f"{metadata_len} bytes of metadata out of a READY of {n}")
+        return b.out[:metadata_len] if metadata_len else b""

@@ -1,8 +1,10 @@
-# cython: language_level=3, cdivision=True
+# cython: language_level=3
 """The data plane: receive, check and forward with raw libzmq calls, GIL released.
 
 `_fast_py.py` is the readable twin and the specification of every decision made here.
 """
+
+cimport cython
 
 import os
 import time
@@ -97,6 +99,9 @@ assert NSOURCES == len(BAN_SOURCES) and SOURCE_PENALTY_ == SOURCE_PENALTY
 assert BAN_EVENTS_ == BAN_EVENTS
 
 REJECT_MARKER = b"GATEKEEPER"
+cdef const char *REJECT_MARKER_TEXT = "GATEKEEPER"
+cdef size_t REJECT_MARKER_LEN = len(REJECT_MARKER)
+assert REJECT_MARKER_TEXT[:REJECT_MARKER_LEN] == REJECT_MARKER
 cdef tuple _REASON_BYTES = tuple(r.encode() for r in REASONS)
 cdef const char *REASON_TEXT[NREASONS]
 cdef size_t REASON_LEN[NREASONS]
@@ -394,6 +399,8 @@ cdef class PolicyEngine:
                 state["banned_for_s"] = None if ban.until == INFINITY else ban.until - now
         return state or None
 
+    # C division: the reclaim hand wraps at max_entries, never 0 in the scan that turns it
+    @cython.cdivision(True)
     cdef void strike(self, int reason, const uint8_t *key, size_t n) noexcept nogil:
         cdef double now = self.clock, length
         cdef const Limits *limits
@@ -458,6 +465,8 @@ cdef class PolicyEngine:
 
     # -- the decision --------------------------------------------------------------
 
+    # C division: the reclaim hand wraps at max_entries, never 0 in the scan that turns it
+    @cython.cdivision(True)
     cdef Bucket *lookup(self, const uint8_t *key, size_t n, double now,
                         const Limits **limits) noexcept nogil:
         cdef int slot = ki_find(&self.overrides, key, n)
@@ -865,6 +874,8 @@ cdef class RoundTrips:
         e.stamp[i] = now
         e.nstamps += 1
 
+    # C division: the reclaim hand wraps at max_entries, never 0 in the scan that turns it
+    @cython.cdivision(True)
     cdef int new_entry(self, const uint8_t *identity, size_t n, double now) noexcept nogil:
         cdef int slot = -1, scanned
         cdef uint32_t candidate
@@ -1290,11 +1301,11 @@ cdef class Relay:
             return
         for i in range(1, envelope + 1):
             Z.msg_send(&self.msgs[i], self.fe, GK_ZMQ_SNDMORE)
-        Z.send(self.fe, "GATEKEEPER", 10, GK_ZMQ_SNDMORE)
+        Z.send(self.fe, REJECT_MARKER_TEXT, REJECT_MARKER_LEN, GK_ZMQ_SNDMORE)
         Z.send(self.fe, REASON_TEXT[reason - 1], REASON_LEN[reason - 1], 0)
         self.counts[REJECTS_SENT] += 1
         self.counts[FE_MSGS_OUT] += 1
-        self.counts[FE_BYTES_OUT] += nbytes + 10 + REASON_LEN[reason - 1]
+        self.counts[FE_BYTES_OUT] += nbytes + REJECT_MARKER_LEN + REASON_LEN[reason - 1]
 
     # -- backend -> client ---------------------------------------------------------
 

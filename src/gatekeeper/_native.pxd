@@ -201,6 +201,8 @@ cdef class NativeRelay:
     cdef int listeners[MAX_LISTENERS]
     cdef int nlisteners
     cdef double listeners_resume      # after EMFILE: accept again from this time
+    cdef bint closing_idle            # a handover's drain: see close_idle
+    cdef double idle_gap
     cdef KeyIndex ids                 # routing id -> connection index (uint32 payload)
     # ids taken from REQ clients answered `timeout`: a reply to one is late, delivered to
     # no one; at most max_conns, then the oldest-placed slot gives way (its late reply

@@ -46,6 +46,7 @@ from gatekeeper._fast cimport (
     FE_MSGS_IN,
     FE_MSGS_OUT,
     FORWARDED,
+    InFlight,
     KEY_IDENTITY_,
     KEY_PEER_ADDRESS_,
     NCOUNTERS,
@@ -221,6 +222,7 @@ cdef extern from "<netinet/in.h>" nogil:
 cdef extern from "<netinet/tcp.h>" nogil:
     enum:
         TCP_NODELAY
+        TCP_CORK
         TCP_KEEPIDLE
         TCP_KEEPINTVL
         TCP_KEEPCNT
@@ -520,15 +522,34 @@ cdef class NativeRelay:
                     fe_drop(self, c, -1)
         return n
 
-    def close_frontend(self):
-        """Stop reading clients and close the listening sockets, so that the kernel
-        refuses new connections at once; replies still reach the clients connected."""
+    def close_frontend(self, bint reading=False):
+        """Close the listening sockets, so that the kernel refuses new connections at once
+        (or, handed over, another process takes them), and stop reading clients unless
+        `reading` (a handover's drain, see close_idle); replies still reach the clients."""
         cdef int i
-        self.frontend_open = False
+        self.frontend_open = reading
         for i in range(self.nlisteners):
             if self.listeners[i] >= 0:
                 close(self.listeners[i])
                 self.listeners[i] = -1
+
+    def close_idle(self, double quiet_s, double gap_s):
+        """A handover's drain: close each client connection that has nothing under way and
+        has sent nothing for `quiet_s`, and from now on each one as soon as a reply leaves
+        it so (a DEALER's if it has sent nothing for `gap_s`, see fe_flush), so that its
+        client reconnects to the process that took the listeners over, losing nothing.
+        Returns how many were closed here."""
+        cdef int i, n = 0
+        cdef double now = monotonic()
+        cdef Conn *c
+        self.closing_idle, self.idle_gap = True, gap_s
+        for i in range(self.io.max_conns):
+            c = &self.io.conns[i]
+            if (c.fd >= 0 and now - c.last_recv >= quiet_s and not unsent(c)
+                    and fe_idle(self, c)):
+                fe_drop(self, c, -1)
+                n += 1
+        return n
 
     def run(self, long timeout_ms):
         cdef int rc

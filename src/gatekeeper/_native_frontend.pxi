@@ -181,8 +181,42 @@ cdef void fe_count_handshake(NativeRelay r, int result, const Conn *c) noexcept 
 # -- writing and closing -------------------------------------------------------------
 
 cdef void fe_flush(NativeRelay r, Conn *c) noexcept nogil:
+    # A handover's drain closes a connection with the reply that leaves it idle, the FIN
+    # in that reply's segment (TCP_CORK), so that its client reads both at once and
+    # reconnects before it can send again: a request sent after our FIN is lost. A REQ
+    # cannot send before that reply; a DEALER can, any time, so only one quiet for
+    # idle_gap is taken for done, not one still sending a burst.
+    cdef int cork = 1
+    cdef bint closing = (r.closing_idle and c.fd >= 0 and not c.broken and c.queued > 0
+                         and fe_idle(r, c)
+                         and (c.lockstep or monotonic() - c.last_recv >= r.idle_gap))
+    if closing:
+        setsockopt(c.fd, IPPROTO_TCP, TCP_CORK, &cork, sizeof(cork))
     if not conn_flush(&r.io, c):
         fe_drop(r, c, -1)
+        return
+    if closing and c.out_sent == c.out_len and fe_idle(r, c):
+        fe_drop(r, c, -1)
+    elif closing:
+        cork = 0
+        setsockopt(c.fd, IPPROTO_TCP, TCP_CORK, &cork, sizeof(cork))
+
+
+cdef bint fe_idle(NativeRelay r, Conn *c) noexcept nogil:
+    """Nothing under way from `c`: no request in flight or pending, no part of a message
+    held, and no byte unread (closing over one would reset the connection)."""
+    cdef uint8_t byte
+    cdef int slot
+    cdef InFlight *e
+    if (c.state != ST_OPEN or fe_holding(r, c) or r.npending
+            or r.stash_conn == <int>(c - r.io.conns)
+            or recv(c.fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0):
+        return False
+    slot = ki_find(&r.round_trips.ids, c.id + 1, min(<size_t>c.id[0], <size_t>MAX_KEY))
+    if slot < 0:
+        return True
+    e = <InFlight *>r.round_trips.ids.payload + slot
+    return e.sent == e.replied
 
 
 cdef void fe_flush_dirty(NativeRelay r) noexcept nogil:

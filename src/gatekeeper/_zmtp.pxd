@@ -60,7 +60,8 @@ cdef enum:
     ZMTP_MAX_ERROR_REASON = 255      # RFC 23 error-reason: short-size 0*255VCHAR
     ZMTP_PING_MAX_CONTEXT = 16       # RFC 37 ping-context: 0*16OCTET
     ZMTP_ROUTER_METADATA_SIZE = 35   # what zmtp_router_metadata writes
-    ZMTP_READY_SIZE = 43             # what zmtp_ready writes
+    ZMTP_DEALER_METADATA_SIZE = 35   # what zmtp_dealer_metadata writes
+    ZMTP_READY_SIZE = 43             # what zmtp_ready (and zmtp_dealer_ready) writes
     ZMTP_ERROR_MAX = 9 + 7 + 255     # what zmtp_error writes at most (long frame)
     ZMTP_PING_MAX = 2 + 7 + 16
     ZMTP_PONG_MAX = 2 + 5 + 16
@@ -214,6 +215,10 @@ cdef size_t zmtp_ready(uint8_t *out) noexcept nogil
 # The metadata of our READY (Socket-Type ROUTER, empty Identity), also what a CURVE READY
 # box holds.
 cdef size_t zmtp_router_metadata(uint8_t *out) noexcept nogil
+# The same toward a broker, as its DEALER (Socket-Type DEALER, empty Identity): READY, or
+# the metadata a CURVE INITIATE carries.
+cdef size_t zmtp_dealer_ready(uint8_t *out) noexcept nogil
+cdef size_t zmtp_dealer_metadata(uint8_t *out) noexcept nogil
 # A command frame's header for a body of `size` bytes, name included: 2 bytes, or
 # ZMTP_FRAME_HEADER_MAX above 255.
 cdef size_t zmtp_command_header(uint8_t *out, size_t size) noexcept nogil

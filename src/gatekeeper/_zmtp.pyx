@@ -1,4 +1,4 @@
-# cython: language_level=3, cdivision=True
+# cython: language_level=3
 """The native frontend's ZMTP codec: a server-side, sans-IO ZMTP 3.x/2.0 decoder and
 encoder (RFC 23, RFC 37, RFC 15). `_zmtp.pxd` is the C API and documents it; `Decoder`
 and the encoder functions below wrap it for tests and fuzzing.
@@ -530,16 +530,29 @@ cdef size_t put_property(uint8_t *out, const char *name, const char *value) noex
     return 1 + name_len + 4 + value_len
 
 
-cdef size_t zmtp_router_metadata(uint8_t *out) noexcept nogil:
-    # mechanism.cpp add_basic_properties: a ROUTER sends its Socket-Type and its own
-    # Identity, which is empty for a ROUTER without ZMQ_ROUTING_ID.
-    cdef size_t n = put_property(out, "Socket-Type", "ROUTER")
+cdef size_t basic_metadata(uint8_t *out, const char *socket_type) noexcept nogil:
+    # mechanism.cpp add_basic_properties: a ROUTER or DEALER sends its Socket-Type and its
+    # own Identity, which is empty without ZMQ_ROUTING_ID.
+    cdef size_t n = put_property(out, "Socket-Type", socket_type)
     return n + put_property(out + n, "Identity", "")
+
+
+cdef size_t zmtp_router_metadata(uint8_t *out) noexcept nogil:
+    return basic_metadata(out, "ROUTER")
+
+
+cdef size_t zmtp_dealer_metadata(uint8_t *out) noexcept nogil:
+    return basic_metadata(out, "DEALER")
 
 
 cdef size_t zmtp_ready(uint8_t *out) noexcept nogil:
     cdef size_t head = command_header(out, "READY", ZMTP_ROUTER_METADATA_SIZE)
     return head + zmtp_router_metadata(out + head)
+
+
+cdef size_t zmtp_dealer_ready(uint8_t *out) noexcept nogil:
+    cdef size_t head = command_header(out, "READY", ZMTP_DEALER_METADATA_SIZE)
+    return head + zmtp_dealer_metadata(out + head)
 
 
 cdef size_t zmtp_error(uint8_t *out, const uint8_t *reason, size_t reason_len) noexcept nogil:
@@ -752,9 +765,14 @@ def greeting_rest(int revision, str mechanism="NULL") -> bytes:
     return encoded(out, zmtp_greeting_rest(out, <uint8_t>revision, MECHANISMS[mechanism]))
 
 
-def ready() -> bytes:
+def ready(str socket_type="ROUTER") -> bytes:
+    """Our READY as the frontend's ROUTER, or as the backend's DEALER."""
     cdef uint8_t out[ZMTP_READY_SIZE]
-    return encoded(out, zmtp_ready(out))
+    if socket_type == "ROUTER":
+        return encoded(out, zmtp_ready(out))
+    if socket_type == "DEALER":
+        return encoded(out, zmtp_dealer_ready(out))
+    raise ValueError(f"we speak as a ROUTER or a DEALER, not {socket_type!r}")
 
 
 def error(const uint8_t[:] reason not None) -> bytes:

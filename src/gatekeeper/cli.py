@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("--config", required=True, help="policy.toml")
     run.add_argument("--log-format", choices=("json", "text"), default="json")
+    run.add_argument("--takeover", action="store_true",
+                     help="take every listening socket over from the gatekeeper running "
+                     "with this policy's control endpoint, which then drains and exits: a "
+                     "restart that refuses no connection and loses no request")
     check = sub.add_parser("check", help="validate a policy and print what it sets")
     check.add_argument("--config", required=True)
     ctl = sub.add_parser("ctl", help="send a control command and print the reply")
@@ -134,6 +138,8 @@ def _fail(message: str, code: int) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .frontend import engine_for
+    from .handover import TakeoverError, from_systemd, take_over, takeover_unavailable
     from .proxy import Gatekeeper
     from .sockets import SocketSetupError
 
@@ -145,15 +151,32 @@ def _run(args: argparse.Namespace) -> int:
     for key, endpoint in plaintext_endpoints(loaded.policy):
         log.warning("frontend_unencrypted", key=key, endpoint=endpoint, reason=PLAINTEXT_WARNING)
     try:
-        gatekeeper = Gatekeeper(loaded, log)
+        if args.takeover:
+            control = loaded.policy.control.bind
+            if why := takeover_unavailable(control, engine_for(loaded.policy)[0]):
+                raise TakeoverError(why)
+            inherited = take_over(control)
+        else:
+            inherited = from_systemd()
+    except TakeoverError as exc:  # the running gatekeeper serves on
+        log.error("takeover_failed", error=str(exc))
+        return 1
+    except SocketSetupError as exc:
+        log.error("startup_failed", error=str(exc))
+        return 1
+    try:
+        gatekeeper = Gatekeeper(loaded, log, inherited)
     except (SocketSetupError, zmq.ZMQError, OSError) as exc:
+        if inherited is not None:
+            inherited.abandon()  # a takeover's old process, seeing no TAKEN, serves on
         log.error("startup_failed", error=str(exc))
         return 1
     return gatekeeper.serve()
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .frontend import check_frontend
+    from .frontend import check_frontend, engine_for
+    from .handover import check_lines
     from .sockets import SocketSetupError, check_libzmq, format_check
 
     try:
@@ -165,6 +188,7 @@ def _check(args: argparse.Namespace) -> int:
         return _fail(str(exc), 1)
     frontend, engine = check_frontend(loaded.policy)
     print(format_check(loaded, frontend, engine))
+    print(check_lines(loaded.policy.control.bind, engine_for(loaded.policy)[0]))
     for key, endpoint in plaintext_endpoints(loaded.policy):
         print(f"gatekeeper: warning: {loaded.path}: {key}: {endpoint}: {PLAINTEXT_WARNING}",
               file=sys.stderr)

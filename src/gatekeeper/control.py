@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import struct
 from typing import Any, Callable, Protocol, Sequence
 
@@ -19,7 +20,7 @@ from .keys import load_key_pair
 from .log import EventLog
 from .policy import BAN_SECONDS_LIMIT, PolicyError, load_policy
 from .rules import MAX_KEY_BYTES, ROUND_TRIP_BUCKETS, parse_identity
-from .sockets import (SocketSetupError, apply_options, control_options, unix_socket_in_use,
+from .sockets import (SocketSetupError, apply_options, control_options, listen_private,
                       unix_socket_refusal)
 
 MAX_REQUEST_BYTES = 1024
@@ -55,8 +56,13 @@ class Operated(Protocol):
 
 
 class ControlServer:
-    def __init__(self, ctx: zmq.Context, control: Any, gatekeeper: Operated) -> None:
+    def __init__(self, ctx: zmq.Context, control: Any, gatekeeper: Operated,
+                 listener: socket.socket | None = None) -> None:
+        """`listener`: the ipc endpoint's listening socket, taken over from the gatekeeper
+        that held it; None: made here."""
         self.gatekeeper = gatekeeper
+        # the ipc listener's descriptor, which libzmq owns: what a handover passes on
+        self.listener_fd: int | None = None
         # A ROUTER serving REQ clients, not a REP: REP discards a request without the empty
         # delimiter through router_t::rollback, which leaves the socket mid-reply when that
         # peer has already gone (libzmq 4.3.5 resets _more_out only with a live pipe), and
@@ -72,7 +78,7 @@ class ControlServer:
             # With [control.curve]: a CURVE server whose clients the ZAP handler, bound
             # before this socket, checks against control.curve.allowed_clients_dir.
             apply_options(self.socket, control_options(control))
-            self._bind(control.bind)
+            self._bind(control.bind, listener)
         except BaseException as exc:
             self.socket.close(0)  # not yet the Gatekeeper's to close; ctx.term would hang
             if isinstance(exc, (zmq.ZMQError, OSError)):
@@ -91,7 +97,7 @@ class ControlServer:
             "TERMINATE": self._terminate,
         }
 
-    def _bind(self, endpoint: str) -> None:
+    def _bind(self, endpoint: str, listener: socket.socket | None) -> None:
         if not endpoint.startswith("ipc://"):
             self.socket.bind(endpoint)
             return
@@ -99,17 +105,20 @@ class ControlServer:
         if path.startswith("@"):
             raise SocketSetupError(f"control.bind {endpoint}: an abstract ipc socket has no "
                                    "file mode, so any local user could control the proxy")
-        if unix_socket_in_use(path):
-            # libzmq unlinks an existing socket file before binding: a second instance
-            # would silently take the control socket of a running one.
-            raise SocketSetupError(f"control.bind {endpoint}: in use by a running process")
-        # The socket file is created by bind: make it owner-only from its first instant.
-        old = os.umask(0o177)
+        if listener is None:
+            listener = listen_private(path, f"control.bind {endpoint}")
+        # libzmq serves a listening socket made here (ZMQ_USE_FD), so that a takeover can
+        # pass it on; it then neither replaces nor removes the file: _listen_private and
+        # the Gatekeeper's close do. Non-blocking: while a takeover is under way, another
+        # process accepts on it too.
+        listener.setblocking(False)
+        self.listener_fd = listener.detach()
+        self.socket.setsockopt(zmq.USE_FD, self.listener_fd)
         try:
             self.socket.bind(endpoint)
-        finally:
-            os.umask(old)
-        os.chmod(self.socket.last_endpoint.decode()[len("ipc://"):], 0o600)
+        except BaseException:
+            os.close(self.listener_fd)
+            raise
 
     def serve_ready(self) -> None:
         # Bounded, so that a flood of control requests cannot starve the data plane.

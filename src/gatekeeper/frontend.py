@@ -33,7 +33,6 @@ import errno
 import os
 import socket
 import stat
-import struct
 import sys
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -43,18 +42,12 @@ from zmq.utils import z85
 
 from . import _impl, sockets
 from .auth import MAX_RATE_ADDRESSES, IPAddress, ZapHandler, client_ip, network
+from .handover import describe
 from .policy import Policy
 from .rules import HANDSHAKE_REASONS, HANDSHAKE_RESULTS, KEY_PEER_ADDRESS
 from .sockets import SocketSetupError, unix_socket_in_use
 
 
-# Monitor events drained per call, so that a flood of connections cannot starve the data
-# plane; the loop calls back while the monitor stays readable.
-MONITOR_BATCH = 4096
-# libzmq sends monitor events from its I/O thread with a blocking send: a full pipe would
-# stall that thread (never lose an event, which would skew the counts). This bounds the
-# queue at ~100k events (~10 MB) and only a flood of connections can fill it.
-MONITOR_RCVHWM = 100_000
 _MONITOR_EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
                    | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
@@ -96,31 +89,16 @@ class LibzmqFrontend:
         self.zap = zap
         self._results = dict.fromkeys(("accepted", "timeout", "protocol_error",
                                        "disconnected"), 0)
-        self.monitor = ctx.socket(zmq.PAIR)
-        self.monitor.setsockopt(zmq.LINGER, 0)
-        self.monitor.setsockopt(zmq.RCVHWM, MONITOR_RCVHWM)
-        endpoint = f"inproc://gatekeeper.monitor.{id(self):x}"
-
-        def watch(frontend: zmq.Socket) -> None:
-            # before the first bind, so that no connection goes unseen
-            frontend.monitor(endpoint, _MONITOR_EVENTS)
-            self.monitor.connect(endpoint)
-
+        self._monitor = sockets.Monitor(ctx, _MONITOR_EVENTS)
+        self.monitor = self._monitor.socket
         try:
-            self.socket = sockets.make_frontend(ctx, policy, prepare=watch)
+            self.socket = sockets.make_frontend(ctx, policy, prepare=self._monitor.watch)
         except BaseException:
             self.monitor.close(0)
             raise
 
     def serve_ready(self) -> None:
-        for _ in range(MONITOR_BATCH):
-            try:
-                event = self.monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(event[0]) < 6:
-                continue
-            kind, value = struct.unpack("=HI", event[0][:6])
+        for kind, value, _ in self._monitor.events():
             if kind == zmq.EVENT_ACCEPTED:
                 self.zap.connections.accepted(value, _peer_ip(value))
             elif kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
@@ -357,18 +335,58 @@ def check_frontend(policy: Policy) -> tuple[tuple[str, list[Setting]] | None, st
     return (heading, native_rows(policy)), "native"
 
 
-def make_listeners(policy: Policy) -> list[socket.socket]:
+def make_listeners(policy: Policy, given: list[socket.socket] | None = None
+                   ) -> list[socket.socket]:
     """A bound, listening socket for each frontend endpoint (tcp or ipc), as libzmq would
-    bind it: SO_REUSEADDR, `*` for every IPv4 address, a bracketed IPv6 literal dual-stack."""
+    bind it: SO_REUSEADDR, `*` for every IPv4 address, a bracketed IPv6 literal dual-stack.
+    An endpoint that one of `given` (sockets from systemd or a takeover) is bound to takes
+    that socket, out of `given`, instead of binding anew."""
     listeners: list[socket.socket] = []
     try:
         for endpoint in policy.frontend.bind:
-            listeners.append(_listen(endpoint, policy.frontend.backlog))
+            match = next((s for s in given or () if bound_to(endpoint, s)), None)
+            if match is not None:
+                given.remove(match)
+                listeners.append(match)
+            else:
+                listeners.append(_listen(endpoint, policy.frontend.backlog))
     except BaseException:
         for s in listeners:
-            s.close()
+            if given is None or s not in given:
+                s.close()
         raise
     return listeners
+
+
+def bound_to(endpoint: str, sock: socket.socket) -> bool:
+    """Whether `sock` listens where `endpoint` (tcp:// or ipc://) asks: the same address
+    family and address, and the same port unless the endpoint leaves it to the system."""
+    scheme, _, address = endpoint.partition("://")
+    name = sock.getsockname()
+    if scheme == "ipc":
+        if sock.family != socket.AF_UNIX:
+            return False
+        if address.startswith("@"):
+            return name == b"\0" + address[1:].encode()
+        return isinstance(name, str) and bool(name) and (
+            os.path.abspath(name) == os.path.abspath(address))
+    if scheme != "tcp" or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    host, _, port = address.rpartition(":")
+    if port not in ("*", "0") and name[1] != int(port):
+        return False
+    if host.startswith("["):
+        family, host = socket.AF_INET6, host.strip("[]")
+    else:
+        family, host = socket.AF_INET, "0.0.0.0" if host == "*" else host
+    if sock.family != family:
+        return False
+    try:
+        wanted = {info[4][0] for info in socket.getaddrinfo(host, None, family,
+                                                             socket.SOCK_STREAM)}
+    except OSError:
+        return False
+    return name[0] in wanted
 
 
 def _listen(endpoint: str, backlog: int) -> socket.socket:
@@ -418,13 +436,4 @@ def _listen_ipc(endpoint: str, path: str, backlog: int) -> socket.socket:
 
 def bound_endpoints(listeners: list[socket.socket]) -> list[str]:
     """The endpoints as bound (ephemeral ports resolved), for the started log line."""
-    out = []
-    for s in listeners:
-        name = s.getsockname()
-        if s.family == socket.AF_UNIX:
-            out.append("ipc://" + (name if isinstance(name, str) else "@" + name[1:].decode()))
-        elif s.family == socket.AF_INET6:
-            out.append(f"tcp://[{name[0]}]:{name[1]}")
-        else:
-            out.append(f"tcp://{name[0]}:{name[1]}")
-    return out
+    return [describe(s) for s in listeners]

@@ -5,12 +5,15 @@ Nothing is counted per message in Python; a scrape copies a few C integers.
 
 from __future__ import annotations
 
+import socket
+import threading
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 import zmq
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.utils import floatToGoString
 
 from . import __version__
@@ -43,6 +46,10 @@ class _Engine(Protocol):
     def bans_total(self) -> tuple[int, ...]: ...
 
 
+class _Backend(Protocol):
+    def connections(self) -> int: ...
+
+
 class _Cluster(Protocol):
     def metrics(self) -> Iterator[Metric]: ...
 
@@ -53,6 +60,7 @@ class Observed(Protocol):
     relay: _Relay
     engine: _Engine
     frontend_engine: FrontendEngine
+    backend_engine: _Backend
     loaded: LoadedPolicy
     reloads: dict[str, int]
     cluster: _Cluster | None
@@ -120,6 +128,9 @@ class GatekeeperCollector:
         front = gk.frontend_engine
         yield GaugeMetricFamily("gatekeeper_connections", "Frontend connections open now, "
                                 "handshakes in progress included", value=front.connections())
+        yield GaugeMetricFamily("gatekeeper_backend_connections", "Broker connections up "
+                                "(past their handshake)",
+                                value=gk.backend_engine.connections())
         handshakes = CounterMetricFamily("gatekeeper_handshakes", "Frontend handshakes by "
                                          "result", labels=["result"])
         for result, count in front.handshakes().items():
@@ -138,6 +149,25 @@ class GatekeeperCollector:
         cluster = gk.cluster  # read once: a reload may replace it meanwhile
         if cluster is not None:
             yield from cluster.metrics()
+
+
+def _listen(listen: str, host: str, port: int) -> socket.socket:
+    """A listening TCP socket for `listen`, of the family its host resolves to (as
+    prometheus_client's start_http_server picks it)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise SocketSetupError(f"metrics {listen}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(ThreadingWSGIServer.request_queue_size)
+    except OSError as exc:
+        sock.close()
+        raise SocketSetupError(f"metrics {listen}: {exc.strerror or exc}") from None
+    return sock
 
 
 def _round_trips(rt: dict[str, Any]) -> Iterator[Metric]:
@@ -160,21 +190,39 @@ def _round_trips(rt: dict[str, Any]) -> Iterator[Metric]:
 
 
 class MetricsServer:
-    """The HTTP endpoint, in prometheus_client's own thread; `listen = ""` disables it."""
+    """The HTTP endpoint, in prometheus_client's own thread; `listen = ""` disables it.
+    It serves a listening socket made here (or `sock`, taken over from the gatekeeper that
+    held it), so that a takeover can pass it on."""
 
-    def __init__(self, gatekeeper: Observed, listen: str) -> None:
-        self.server = None
+    def __init__(self, gatekeeper: Observed, listen: str,
+                 sock: socket.socket | None = None) -> None:
+        self.server: ThreadingWSGIServer | None = None
         if not listen:
             return
         host, _, port = listen.rpartition(":")
         registry = CollectorRegistry(auto_describe=False)
         registry.register(GatekeeperCollector(gatekeeper))
         ProcessCollector(registry=registry)  # process_cpu_seconds_total, RSS, open fds
-        try:
-            self.server, _thread = start_http_server(int(port), addr=host.strip("[]"),
-                                                     registry=registry)
-        except OSError as exc:
-            raise SocketSetupError(f"metrics {listen}: {exc.strerror or exc}") from None
+        if sock is None:
+            sock = _listen(listen, host.strip("[]"), int(port))
+        # Non-blocking: while a takeover is under way, another process accepts on it too
+        # (socketserver takes an accept that finds nothing as no request).
+        sock.setblocking(False)
+        server = ThreadingWSGIServer(sock.getsockname()[:2], _SilentHandler,
+                                     bind_and_activate=False)
+        server.socket.close()
+        server.socket, server.address_family = sock, sock.family
+        server.server_address = sock.getsockname()
+        server.server_name, server.server_port = host.strip("[]"), server.server_address[1]
+        server.setup_environ()
+        server.set_app(make_wsgi_app(registry))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.server = server
+
+    @property
+    def socket(self) -> socket.socket | None:
+        """The listening socket, for a handover."""
+        return self.server.socket if self.server is not None else None
 
     @property
     def port(self) -> int | None:

@@ -107,6 +107,10 @@ class Backend(_SocketSection, kw_only=True):
     bind: Endpoints = []
     linger_ms: NonNegative = 1000
     immediate: bool = True
+    # A lost or refused broker connection is retried after reconnect_ivl_ms, the wait
+    # doubling up to reconnect_ivl_max_ms (ZMQ_RECONNECT_IVL, ZMQ_RECONNECT_IVL_MAX).
+    reconnect_ivl_ms: Count = 100
+    reconnect_ivl_max_ms: Count = 5000
     curve: BackendCurve | None = None
 
 
@@ -409,6 +413,8 @@ def _validate(p: Policy, base_dir: str, errors: _Errors) -> Policy:
     errors.check(("frontend.max_queued_bytes", "frontend.max_queued_total_bytes"),
                  _check_max_queued_bytes, p.frontend)
     errors.check(("requests",), _check_requests, p.requests)
+    errors.check(("backend.reconnect_ivl_ms", "backend.reconnect_ivl_max_ms"), _check_reconnect,
+                 p.backend)
     if p.penalty is not None:
         errors.check(("penalty",), _check_penalty, p.penalty)
     if errors.sound("protocol", "limits.max_frames"):
@@ -459,6 +465,13 @@ def _check_requests(r: Requests) -> None:
                 "needs requests.timeout_ms > 0: without a deadline a request the broker "
                 "loses would hold its place in flight for good; allowed: 0, or set timeout_ms",
             )
+
+
+def _check_reconnect(b: Backend) -> None:
+    if b.reconnect_ivl_max_ms < b.reconnect_ivl_ms:
+        raise _Invalid("backend.reconnect_ivl_max_ms", f"{b.reconnect_ivl_max_ms} is below "
+                       f"backend.reconnect_ivl_ms ({b.reconnect_ivl_ms}); allowed: "
+                       ">= reconnect_ivl_ms")
 
 
 def _check_penalty(pen: Penalty) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import socket
 import time
 from typing import Any
 
@@ -19,9 +20,12 @@ import zmq
 from . import frontend, sockets
 from ._impl import IMPLEMENTATION, RUN_SERVICE, NativeRelay, PolicyEngine, Relay
 from .auth import ZapHandler
+from .backend import LibzmqBackend
 from .cluster import ClusterSync, cluster_config
 from .control import ControlServer, round_trip_figures
 from .frontend import LibzmqFrontend
+from .handover import (HandoverServer, Inherited, describe, handover_path,
+                       takeover_unavailable)
 from .log import EventLog, printable_key
 from .metrics import MetricsServer
 from .notify import Notifier
@@ -33,10 +37,22 @@ from .rules import (BAN_SOURCES, EVENTS, HANDSHAKE_REASONS, KEY_PEER_ADDRESS, RE
 
 TICK_MS = 100
 LOG_PUMP_S = 1.0
+# After a handover, each client connection is closed once nothing is under way on it, so
+# that its client reconnects, to the new process (see NativeRelay.close_idle): a REQ's with
+# the reply it waited for; a DEALER's with a reply if it has sent nothing for
+# HANDOVER_GAP_S (longer than a client's pause within a burst, or it could be cut with the
+# rest of the burst on the way); any other once it has sent nothing for HANDOVER_QUIET_S
+# (a client that has just finished its handshake, or was answered a moment ago, is about
+# to send). Both far shorter than a drain.
+HANDOVER_GAP_S = 0.02
+HANDOVER_QUIET_S = 0.5
 
 
 class Gatekeeper:
-    def __init__(self, loaded: LoadedPolicy, log: EventLog | None = None) -> None:
+    def __init__(self, loaded: LoadedPolicy, log: EventLog | None = None,
+                 inherited: Inherited | None = None) -> None:
+        """`inherited`: listening sockets from systemd or from the gatekeeper this one
+        takes over from; what the policy does not use of them is closed."""
         self.loaded = loaded
         self.log = log or EventLog()
         self.started = time.time()
@@ -57,25 +73,50 @@ class Gatekeeper:
         self.cluster: ClusterSync | None = None  # runs while serving
         self.ctx = zmq.Context()
         self._sockets: list[zmq.Socket] = []
-        self._listener_files: list[str] = []
+        self._listener_files: list[str] = []  # socket files to remove at close
+        self.inherited = inherited
+        self.took_over: dict[str, Any] | None = None  # STATS: from which pid, when
+        self.socket_activated: list[str] = []  # endpoints served on systemd's sockets
+        self.handover: HandoverServer | None = None
+        # a drain that reads on and closes each client connection once idle (see shutdown)
+        self.closing_idle = False
         try:
             # ZAP first: no connection may complete before the handler is there.
             self.zap = ZapHandler(self.ctx, policy, self.log)
             self.zap.banned = self._address_banned
             self._sockets.append(self.zap.socket)
             if self.engine_name == "libzmq":
+                if inherited is not None:
+                    raise sockets.SocketSetupError(
+                        f"{'--takeover' if inherited.source == 'takeover' else 'LISTEN_FDS'}"
+                        f": {takeover_unavailable(policy.control.bind, 'libzmq')}")
                 self.frontend_engine = LibzmqFrontend(self.ctx, policy, self.zap)
                 self.frontend = self.frontend_engine.socket
                 self._sockets.extend([self.frontend, self.frontend_engine.monitor])
                 self.endpoints = list(policy.frontend.bind)
             else:
-                listeners = frontend.make_listeners(policy)
+                given = inherited.frontend if inherited is not None else None
+                from_systemd = list(given) if given and inherited.source == "systemd" else []
+                listeners = frontend.make_listeners(policy, given)
+                if from_systemd and given:
+                    raise sockets.SocketSetupError(
+                        f"LISTEN_FDS: {', '.join(describe(s) for s in given)}: not an "
+                        f"endpoint of frontend.bind ({', '.join(policy.frontend.bind)})")
                 self.endpoints = frontend.bound_endpoints(listeners)
-            self.backend = sockets.make_backend(self.ctx, policy)
-            self._sockets.append(self.backend)
-            self.control = ControlServer(self.ctx, policy.control, self)
+                # what a handover passes on: the relay owns these descriptors from here
+                self._frontend_fds = [(e, s.fileno()) for e, s in zip(self.endpoints, listeners)]
+                self.socket_activated = [e for e, s in zip(self.endpoints, listeners)
+                                         if s in from_systemd]
+            self.backend_engine = LibzmqBackend(self.ctx, policy)
+            self.backend = self.backend_engine.socket
+            self._sockets.extend([self.backend, self.backend_engine.monitor])
+            self.control = ControlServer(
+                self.ctx, policy.control, self,
+                _take(inherited, "control", "control_endpoint", policy.control.bind))
             self._sockets.append(self.control.socket)
-            services = [self.control.socket, self.zap.socket]
+            if self.control.listener_fd is not None:  # libzmq leaves its file to us
+                self._listener_files.append(policy.control.bind[len("ipc://"):])
+            services = [self.control.socket, self.zap.socket, self.backend_engine.monitor]
             if self.engine_name == "libzmq":
                 services.append(self.frontend_engine.monitor)
                 self.relay = Relay(self.frontend, self.backend, services, self.engine)
@@ -84,13 +125,26 @@ class Gatekeeper:
                                          frontend.native_settings(policy,
                                                                   self.zap.frontend_keys))
                 self.frontend_engine = frontend.NativeFrontend(self.relay)
-                self._listener_files = self.relay.listener_files
-            self.metrics = MetricsServer(self, policy.metrics.listen)
+                # systemd's socket files are systemd's to remove
+                activated = {e[len("ipc://"):] for e in self.socket_activated}
+                self._listener_files += [p for p in self.relay.listener_files
+                                         if p not in activated]
+                path = handover_path(policy.control.bind)
+                if path is not None:
+                    self.handover = HandoverServer(
+                        path, self.log, _take(inherited, "handover", None, None))
+                    self._listener_files.append(path)
+            self.metrics = MetricsServer(
+                self, policy.metrics.listen,
+                _take(inherited, "metrics", "metrics_listen", policy.metrics.listen))
             self.notify = Notifier(self.log)
+            self._inherited_closed = inherited.close_unused() if inherited is not None else []
         except BaseException:
             if self.engine_name == "native" and not hasattr(self, "relay"):
                 for s in locals().get("listeners", []):
                     s.close()
+            if self.handover is not None:
+                self.handover.close()
             self._close(linger=0)
             raise
 
@@ -106,6 +160,13 @@ class Gatekeeper:
         self.log.info("started", frontend=self.endpoints, engine=self.engine_name,
                       implementation=IMPLEMENTATION, libzmq=zmq.zmq_version(),
                       policy=self.loaded.path)
+        if self.socket_activated:
+            self.log.info("socket_activation", frontend=self.socket_activated)
+        if self.inherited is not None and self.inherited.source == "takeover":
+            self.inherited.confirm()  # the old process stops accepting and drains
+            self.took_over = {"from_pid": self.inherited.from_pid, "at": time.time()}
+            self.log.info("took_over", from_pid=self.inherited.from_pid,
+                          closed=self._inherited_closed)
         self.notify.ready()
         next_pump = time.monotonic() + LOG_PUMP_S
         next_sync = 0.0
@@ -123,8 +184,13 @@ class Gatekeeper:
                     if self.engine_name == "libzmq":
                         self.frontend_engine.serve_ready()  # before ZAP, which it feeds
                     self.zap.serve_ready()
+                    self.backend_engine.serve_ready()
                 self._dispatch_signals()
                 now = time.monotonic()
+                if self.handover is not None:
+                    self._serve_handover(now)
+                if self.closing_idle:
+                    self.relay.close_idle(HANDOVER_QUIET_S, HANDOVER_GAP_S)
                 self.notify.watchdog(now)
                 if self.cluster is not None and now >= next_sync:
                     self._apply_cluster_bans(self.cluster.tick(self.engine, now))
@@ -133,10 +199,8 @@ class Gatekeeper:
                     self._pump_logs()
                     self.zap.tick(now)
                     next_pump = now + LOG_PUMP_S
-                if self.draining and (self.relay.outstanding == 0 or now >= self._drain_deadline):
-                    if self.relay.outstanding:
-                        self.log.warning("drain_timeout", outstanding=self.relay.outstanding)
-                    self.stopped = True
+                if self.draining:
+                    self._end_drain(now)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -145,6 +209,53 @@ class Gatekeeper:
             self._close(linger=0 if self._forced else None)
         self.log.info("stopped", forced=self._forced, **self._totals())
         return 1 if self._forced else 0
+
+    def _end_drain(self, now: float) -> None:
+        """Stops once every forwarded request is answered (when closing idle connections:
+        and every client connection closed, each as it fell idle, so that none is cut
+        with a request it sent unread), or at the deadline."""
+        left = self.relay.outstanding
+        connections = self.frontend_engine.connections() if self.closing_idle else 0
+        if left == 0 and connections == 0 or now >= self._drain_deadline:
+            if left or connections:
+                self.log.warning("drain_timeout", outstanding=left, connections=connections)
+            self.stopped = True
+
+    def _serve_handover(self, now: float) -> None:
+        assert self.handover is not None
+        event = self.handover.poll(now)
+        if event == "request":
+            if self.draining:
+                self.handover.refuse("draining: its listeners are closed")
+            else:
+                self.handover.hand_over(self._handover_sockets(), now)
+        elif event == "taken":
+            self._hand_over(self.handover.peer_pid)
+
+    def _handover_sockets(self) -> list[tuple[str, str, int]]:
+        """(role, name, descriptor) of every listening socket, for a takeover."""
+        policy = self.loaded.policy
+        out = [("frontend", e, fd) for e, fd in self._frontend_fds]
+        assert self.control.listener_fd is not None and self.handover is not None
+        out.append(("control", policy.control.bind, self.control.listener_fd))
+        if self.metrics.socket is not None:
+            out.append(("metrics", policy.metrics.listen, self.metrics.socket.fileno()))
+        out.append(("handover", self.handover.path, self.handover.socket.fileno()))
+        return out
+
+    def _hand_over(self, pid: int) -> None:
+        """The process `pid` holds every listening socket: stop accepting on ours (it
+        accepts on its own), then drain (unless a signal started a drain already)."""
+        assert self.handover is not None
+        self._listener_files = []  # the files now name the new process's sockets
+        self.handover.close()
+        self.handover = None
+        # libzmq's unbind closes its copy of the listener (and cuts the control clients,
+        # which reconnect, to the new process)
+        self.control.socket.unbind(self.control.socket.last_endpoint)
+        self.metrics.close()
+        self.log.info("handed_over", to_pid=pid)
+        self.shutdown(source="takeover")
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if signum == signal.SIGINT and self.draining:
@@ -169,7 +280,19 @@ class Gatekeeper:
         # The native engine closes its listening sockets; libzmq's unbind would also cut
         # the clients still waiting for replies, so a libzmq frontend stays bound and ZAP
         # refuses new handshakes instead.
-        self.relay.close_frontend()
+        # When another process takes the listeners over (a takeover's, or the next one
+        # systemd starts on the sockets it holds), clients are read on and each connection
+        # is closed once nothing is under way on it: the client reconnects, to that
+        # process, and its next request waits for it instead of being lost unread here.
+        self.closing_idle = source == "takeover" or bool(self.socket_activated)
+        if self.closing_idle:
+            # paused, no client is read, so none falls idle: each would be cut, unread, at
+            # the deadline
+            self.relay.paused = False
+            self.relay.close_frontend(reading=True)
+            self.relay.close_idle(HANDOVER_QUIET_S, HANDOVER_GAP_S)
+        else:
+            self.relay.close_frontend()
         self.zap.closing = True
         timeout = self.loaded.policy.shutdown.drain_timeout_ms / 1000.0
         self._drain_deadline = time.monotonic() + timeout
@@ -344,6 +467,8 @@ class Gatekeeper:
             "uptime_s": round(time.time() - self.started, 3),
             "paused": bool(self.relay.paused),
             "draining": self.draining,
+            "took_over": self.took_over,
+            "socket_activated": self.socket_activated,
             "policy": {"path": self.loaded.path, "sha256": self.loaded.sha256,
                        "loaded_at": self.loaded.loaded_at},
             "frontend": side("frontend"),
@@ -364,6 +489,8 @@ class Gatekeeper:
             "implementation": IMPLEMENTATION,
             "engine": self.frontend_engine.name,
             "connections": self.frontend_engine.connections(),
+            "backend_engine": self.backend_engine.name,
+            "backend_connections": self.backend_engine.connections(),
             "queued_bytes": self.queued_bytes(),
             "handshakes": self.frontend_engine.handshakes(),
             "round_trip_s": self.round_trip_summary(),
@@ -436,6 +563,18 @@ class Gatekeeper:
                 self.log.warning("violation", reason=reason, stage="handshake", address=address)
             if left_out:
                 self.log.warning("violations_suppressed", stage="handshake", counts=left_out)
+
+
+def _take(inherited: Inherited | None, role: str, name_field: str | None,
+          name: str | None) -> socket.socket | None:
+    """The inherited socket of `role` (control, metrics, handover) when it serves `name`
+    as the policy names it now (a changed endpoint is bound anew, and the old one
+    closed); taken out of `inherited`."""
+    sock = getattr(inherited, role, None)
+    if sock is None or (name_field is not None and getattr(inherited, name_field) != name):
+        return None
+    setattr(inherited, role, None)
+    return sock
 
 
 def ban_reason(code: int) -> str:

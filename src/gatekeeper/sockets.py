@@ -7,9 +7,10 @@ what runs.
 import ctypes
 import os
 import socket
+import struct
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import zmq
 
@@ -169,6 +170,12 @@ def backend_options(p: Policy) -> list[SocketOption]:
     )
     opts += _liveness(b, "broker")
     opts += _ipv6(b.connect or b.bind, "broker")
+    opts += [
+        _opt("RECONNECT_IVL", b.reconnect_ivl_ms,
+             "first retry after a broker connection is lost or refused (ms)"),
+        _opt("RECONNECT_IVL_MAX", b.reconnect_ivl_max_ms,
+             "retries back off, doubling, up to this (ms)"),
+    ]
     opts.append(
         _opt(
             "IMMEDIATE",
@@ -278,11 +285,50 @@ def _seed_routing_ids() -> None:
         pass
 
 
-def make_backend(ctx: zmq.Context, p: Policy) -> zmq.Socket:
-    """The broker-facing DEALER, options set, connected (or bound) to every endpoint."""
+def make_backend(ctx: zmq.Context, p: Policy,
+                 prepare: Callable[[zmq.Socket], None] | None = None) -> zmq.Socket:
+    """The broker-facing DEALER, options set, connected (or bound) to every endpoint;
+    `prepare(socket)` runs just before (to start its monitor)."""
     b = p.backend
     method, endpoints = ("connect", b.connect) if b.connect else ("bind", b.bind)
-    return _make(ctx, zmq.DEALER, backend_options(p), method, endpoints)
+    return _make(ctx, zmq.DEALER, backend_options(p), method, endpoints, prepare)
+
+
+# Monitor events drained per call, so that a flood of connections cannot starve the data
+# plane; the loop calls back while the monitor stays readable.
+MONITOR_BATCH = 4096
+# libzmq sends monitor events from its I/O thread with a blocking send: a full pipe would
+# stall that thread (never lose an event, which would skew the counts). This bounds the
+# queue at ~100k events (~10 MB) and only a flood of connections can fill it.
+MONITOR_RCVHWM = 100_000
+
+
+class Monitor:
+    """The monitor events of one libzmq socket, on a PAIR that is a service socket of the
+    loop. `watch` is the socket's `prepare`: it starts watching before the first bind or
+    connect, so that no connection goes unseen."""
+
+    def __init__(self, ctx: zmq.Context, events: int) -> None:
+        self.socket = ctx.socket(zmq.PAIR)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.RCVHWM, MONITOR_RCVHWM)
+        self._events = events
+
+    def watch(self, watched: zmq.Socket) -> None:
+        endpoint = f"inproc://gatekeeper.monitor.{id(self):x}"
+        watched.monitor(endpoint, self._events)
+        self.socket.connect(endpoint)
+
+    def events(self) -> Iterator[tuple[int, int, bytes]]:
+        """(event, value, endpoint) of up to MONITOR_BATCH events waiting now."""
+        for _ in range(MONITOR_BATCH):
+            try:
+                event = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(event[0]) >= 6:
+                kind, value = struct.unpack("=HI", event[0][:6])
+                yield kind, value, event[1] if len(event) > 1 else b""
 
 
 def check_libzmq(version: tuple[int, ...] | None = None) -> None:
@@ -346,3 +392,28 @@ def unix_socket_refusal(path: str) -> OSError | None:
 def unix_socket_in_use(path: str) -> bool:
     """Whether a process accepts connections on the unix socket at `path`."""
     return unix_socket_refusal(path) is None
+
+
+def listen_private(path: str, what: str) -> socket.socket:
+    """A listening unix socket at `path`, mode 0600 from its first instant, replacing a
+    file left there by a process that died; SocketSetupError naming `what` if a process
+    listens there."""
+    if unix_socket_in_use(path):
+        # Replacing the file of a running instance would silently take its socket.
+        raise SocketSetupError(f"{what}: in use by a running process")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock.bind(path)
+        sock.listen(64)
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        sock.close()
+        raise SocketSetupError(f"{what}: {exc.strerror or exc}") from None
+    finally:
+        os.umask(old)
+    return sock

@@ -84,8 +84,9 @@ def render(endpoint: str, previous: dict, current: dict) -> Group:
                             rate(current["dropped"][event], previous["dropped"][event]))
     traffic.add_row("bans now", f"{current['bans']:,}", "")
     traffic.add_row("connections now", f"{current['connections']:,}", "")
-    # In STATS once the engine keeps reply budgets and requests in flight (SPEC "Replies")
-    for key, label in (("queued_bytes", "reply bytes queued now"),
+    # fields the STATS of an older gatekeeper lacks
+    for key, label in (("backend_connections", "broker connections now"),
+                       ("queued_bytes", "reply bytes queued now"),
                        ("in_flight", "requests in flight now")):
         if key in current:
             traffic.add_row(label, f"{current[key]:,}", "")
