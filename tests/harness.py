@@ -90,9 +90,7 @@ class GatekeeperProcess:
         self.backend_port = backend_port or free_port()
         self.frontend = f"tcp://127.0.0.1:{self.frontend_port}"
         self.backend = f"tcp://127.0.0.1:{self.backend_port}"
-        # every broker endpoint the backend connects to, `backend` first
-        self.backends = [self.backend] + [f"tcp://127.0.0.1:{free_port()}"
-                                          for _ in range(brokers - 1)]
+        self._more_backends = [f"tcp://127.0.0.1:{free_port()}" for _ in range(brokers - 1)]
         self.control = f"ipc://{workdir}/gk.ctl"
         self.metrics_port = free_port() if metrics else None
         self.policy_path = workdir / "policy.toml"
@@ -103,6 +101,11 @@ class GatekeeperProcess:
         if python_twin:
             self.env["GATEKEEPER_NO_EXTENSIONS"] = "1"
         self.proc: subprocess.Popen | None = None
+
+    @property
+    def backends(self) -> list[str]:
+        """Every broker endpoint the backend connects to, `backend` first."""
+        return [self.backend, *self._more_backends]
 
     def write_policy(self, extra: str = "") -> None:
         metrics = f"127.0.0.1:{self.metrics_port}" if self.metrics_port else ""

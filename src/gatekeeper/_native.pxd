@@ -31,6 +31,7 @@ cdef enum:
     RANDOM_POOL = 4096
     ANON_ID_SIZE = 5        # a zero byte, then 4 random bytes, as libzmq's auto ids
     ADDR_TEXT = 64          # "localhost:uid:gid:pid" or an IPv6 address, NUL included
+    Z85_KEY_LEN = 40        # a 32-byte CURVE key in Z85 (RFC 32: 5 characters per 4 bytes)
     ID_ATTEMPTS = 64
     SWEEP_MS = 100          # timers (handshake, heartbeat, TTL, deadlines) are checked this often
     # The reply budgets (SPEC "Replies"). Connections with output waiting are listed by
@@ -39,8 +40,10 @@ cdef enum:
     QUEUE_LEVELS = 64       # bit lengths 1..64 of a size_t; 0: nothing waiting, not listed
     HOG_SCAN = 64
 
-# epoll tags: what an event is about, in the top byte of its u64; the rest is an index.
+# epoll tags: what an event is about, in the top byte of its u64 (tag, tag_kind); the
+# rest is an index (tag_index).
 cdef enum:
+    TAG_SHIFT = 56
     TAG_LISTENER = 1
     TAG_INNER = 2
     TAG_CONN = 3

@@ -1,4 +1,4 @@
-# cython: language_level=3, cdivision=True
+# cython: language_level=3
 """The native frontend engine: the gatekeeper's own ZMTP ROUTER over tcp and ipc (Linux).
 
 A libzmq ROUTER parses what untrusted peers send and buffers a multipart message whole
@@ -282,7 +282,15 @@ for _i, _text in enumerate(_HS_BYTES):
 
 
 cdef inline uint64_t tag(int kind, uint64_t index) noexcept nogil:
-    return (<uint64_t>kind << 56) | index
+    return (<uint64_t>kind << TAG_SHIFT) | index
+
+
+cdef inline int tag_kind(uint64_t tagged) noexcept nogil:
+    return <int>(tagged >> TAG_SHIFT)
+
+
+cdef inline uint64_t tag_index(uint64_t tagged) noexcept nogil:
+    return tagged & ((<uint64_t>1 << TAG_SHIFT) - 1)
 
 
 cdef class NativeRelay:

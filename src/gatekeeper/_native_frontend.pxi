@@ -116,6 +116,8 @@ cdef int fe_check_access(NativeRelay r, Conn *c, double now) noexcept nogil:
     return -1
 
 
+# C division: the hand wraps at the table's count, not 0 in the scan that turns it
+@cython.cdivision(True)
 cdef Bucket *fe_rate_bucket(NativeRelay r, const uint8_t *ip, size_t n, double now) noexcept nogil:
     """An address's handshake bucket; idle (full) ones are reclaimed by a clock hand,
     and with the table full of busy ones new addresses share one overflow bucket."""
@@ -321,7 +323,7 @@ cdef void fe_on_curve_handshake(NativeRelay r, Conn *c, ZmtpEvent *ev, double no
         return
     # User-Id, as the ZAP handler sets it for CURVE: the client's key in Z85
     z85_encode(client_key, c.user)
-    c.user_len = 40
+    c.user_len = Z85_KEY_LEN
     fe_admit_peer(r, c, &peer, now, r.curve_scratch, out_len)
 
 
@@ -335,7 +337,7 @@ cdef void fe_admit_peer(NativeRelay r, Conn *c, ZmtpEvent *ev, double now, const
     if not is_client_type(ev.socket_type, ev.socket_type_len):
         fe_refuse(r, c, HS_INVALID_SOCKET_TYPE)
         return
-    c.lockstep = ev.socket_type_len == 3  # REQ, of the three
+    c.lockstep = is_socket_type(ev.socket_type, ev.socket_type_len, "REQ")
     if ev.identity_len == 0:
         if not fe_anonymous_id(r, c):
             fe_drop(r, c, HS_PROTOCOL_ERROR)
@@ -476,6 +478,8 @@ cdef void fe_expire(NativeRelay r, double now) noexcept nogil:
         fe_answer_timeout(r, r.expired_ids + i * KEY_STRIDE)
 
 
+# C division: the hand wraps at the table's count, which is its (non-zero) size there
+@cython.cdivision(True)
 cdef void fe_answer_timeout(NativeRelay r, const uint8_t *identity) noexcept nogil:
     """`identity`: length, then the bytes. Only ids the gatekeeper assigned (a zero
     byte first) are answered: their owner cannot tell, and the broker sees what a
@@ -539,8 +543,12 @@ cdef bint is_ipv4_mapped(const uint8_t *a) noexcept nogil:
 
 cdef bint is_client_type(const uint8_t *name, size_t n) noexcept nogil:
     """The peers a ROUTER talks to (RFC 28): REQ, DEALER, ROUTER."""
-    return ((n == 3 and memcmp(name, b"REQ", 3) == 0)
-            or (n == 6 and (memcmp(name, b"DEALER", 6) == 0 or memcmp(name, b"ROUTER", 6) == 0)))
+    return (is_socket_type(name, n, "REQ") or is_socket_type(name, n, "DEALER")
+            or is_socket_type(name, n, "ROUTER"))
+
+
+cdef inline bint is_socket_type(const uint8_t *name, size_t n, const char *want) noexcept nogil:
+    return n == strlen(want) and memcmp(name, want, n) == 0
 
 
 cdef void peer_identity(Conn *c, int fd, sockaddr_storage *addr) noexcept nogil:
@@ -583,8 +591,8 @@ cdef const char *Z85_DIGITS = (b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJK
 
 
 cdef void z85_encode(const uint8_t *key, char *out) noexcept nogil:
-    """A 32-byte key as its 40 Z85 characters and a NUL (ZeroMQ RFC 32), as the User-Id
-    the ZAP handler gives a CURVE client."""
+    """A 32-byte key as its Z85_KEY_LEN characters and a NUL (ZeroMQ RFC 32), as the
+    User-Id the ZAP handler gives a CURVE client."""
     cdef int i, j
     cdef uint32_t value
     for i in range(8):
@@ -593,7 +601,7 @@ cdef void z85_encode(const uint8_t *key, char *out) noexcept nogil:
         for j in range(4, -1, -1):
             out[5 * i + j] = Z85_DIGITS[value % 85]
             value //= 85
-    out[40] = 0
+    out[Z85_KEY_LEN] = 0
 
 
 cdef bint cidr_contains(const Cidr *c, const uint8_t *ip, uint8_t ip_len) noexcept nogil:

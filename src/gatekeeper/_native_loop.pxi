@@ -37,8 +37,8 @@ cdef int loop_run(NativeRelay r, long timeout_ms) noexcept nogil:
             return C_RUN_INTERRUPTED if errno == EINTR else C_RUN_ERROR
         now = monotonic()
         for i in range(n):
-            kind = <int>(events[i].data.u64 >> 56)
-            index = events[i].data.u64 & ((<uint64_t>1 << 56) - 1)
+            kind = tag_kind(events[i].data.u64)
+            index = tag_index(events[i].data.u64)
             if kind == TAG_LISTENER:
                 fe_accept_from(r, <int>index, now)
             elif kind == TAG_INNER:

@@ -15,7 +15,7 @@ cdef void fe_read_ready(NativeRelay r, double now) noexcept nogil:
     cdef Conn *c
     n = epoll_wait(r.inner, events, MAX_EVENTS, 0)
     for i in range(n):
-        c = &r.io.conns[events[i].data.u64 & ((<uint64_t>1 << 56) - 1)]
+        c = &r.io.conns[tag_index(events[i].data.u64)]
         if c.fd < 0 or not c.reading:
             continue
         if events[i].events & EPOLLERR:

@@ -1,7 +1,7 @@
 /*
  * A CURVE server linked against the system's libzmq (Debian's 4.3.4 with its own
  * libsodium: a second, independent build from pyzmq's), for tests/test_curve_client.py
- * and tests/test_backend.py: a ROUTER bound to ENDPOINT that echoes COUNT messages to
+ * and tests/test_brokers.py: a ROUTER bound to ENDPOINT that echoes COUNT messages to
  * whoever sent them.
  *
  *     curve_server ENDPOINT SECRET_KEY_Z85 COUNT
