@@ -22,6 +22,8 @@ timers), `_native_frontend.pxi` (who gets in), `_native_requests.pxi` (what clie
 send), `_native_backend.pxi` (the libzmq DEALER) and `_native_loop.pxi` (the epoll loop).
 """
 
+cimport cython
+
 import socket as _socket
 
 import zmq
