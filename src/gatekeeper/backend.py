@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import zmq
@@ -21,7 +22,13 @@ class LibzmqBackend:
     libzmq's handshake events name the endpoint, not the connection (their value is an
     error code): a handshake's end is taken as that of the oldest connection to or from
     its endpoint still in its handshake. A DEALER connects once per endpoint, so that is
-    exact; brokers connecting to a bound DEALER at once may swap places, not numbers."""
+    exact; brokers connecting to a bound DEALER at once may swap places, not numbers.
+
+    A connect endpoint whose connection ends before its handshake is dialed again here,
+    backing off from reconnect_ivl_ms to reconnect_ivl_max_ms until a handshake succeeds:
+    libzmq 4.3.5 does not retry after a protocol error (session_base_t::engine_error ends
+    the session), so one answer from the wrong service on the broker's port, during a
+    deploy, would cut the broker off for good."""
 
     name = "libzmq"
 
@@ -32,6 +39,13 @@ class LibzmqBackend:
         # their endpoint, in the order they came) and those up
         self._handshaking: dict[int, bytes] = {}
         self._up: set[int] = set()
+        b = policy.backend
+        self._first_wait_s, self._longest_wait_s = (b.reconnect_ivl_ms / 1000,
+                                                    b.reconnect_ivl_max_ms / 1000)
+        # by connect endpoint (at most those of the policy): the next wait, and when it
+        # is dialed again
+        self._wait_s = {ep.encode(): self._first_wait_s for ep in b.connect}
+        self._redial_at: dict[bytes, float] = {}
         try:
             self.socket = sockets.make_backend(ctx, policy, prepare=self._monitor.watch)
         except BaseException:
@@ -48,9 +62,30 @@ class LibzmqBackend:
                     del self._handshaking[fd]
                     if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                         self._up.add(fd)
+                if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED and endpoint in self._wait_s:
+                    self._wait_s[endpoint] = self._first_wait_s
             else:  # disconnected, closed
-                self._handshaking.pop(value, None)
+                if value in self._handshaking:
+                    self._redial(self._handshaking.pop(value))
                 self._up.discard(value)
+
+    def _redial(self, endpoint: bytes) -> None:
+        wait = self._wait_s.get(endpoint)
+        if wait is None or endpoint in self._redial_at:
+            return  # a bound DEALER's, or an endpoint libzmq names otherwise: its own
+        self._redial_at[endpoint] = time.monotonic() + wait
+        self._wait_s[endpoint] = min(2 * wait, self._longest_wait_s)
+
+    def tick(self, now: float) -> None:
+        """Dial again the endpoints whose wait is over."""
+        for endpoint in [ep for ep, at in self._redial_at.items() if at <= now]:
+            del self._redial_at[endpoint]
+            text = endpoint.decode()
+            try:
+                self.socket.disconnect(text)  # what libzmq still holds of it
+            except zmq.ZMQError:
+                pass
+            self.socket.connect(text)
 
     def connections(self) -> int:
         """Broker connections up now."""

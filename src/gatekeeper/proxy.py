@@ -187,6 +187,7 @@ class Gatekeeper:
                     self.backend_engine.serve_ready()
                 self._dispatch_signals()
                 now = time.monotonic()
+                self.backend_engine.tick(now)
                 if self.handover is not None:
                     self._serve_handover(now)
                 if self.closing_idle:
