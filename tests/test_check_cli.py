@@ -30,6 +30,9 @@ def test_example_policy_is_valid_and_every_option_is_explained():
     front, back = out.stdout.split("socket options: backend")
     frontend, engine = check_frontend(policy)
     assert f"# frontend engine {engine}\n" in out.stdout
+    # the native DEALER where the native frontend runs; else a libzmq one, saying why
+    assert (f"# backend engine {engine}\n" in out.stdout if engine == "native"
+            else "# backend engine libzmq (the native DEALER runs in" in out.stdout)
     front_rows = frontend_options(policy) if frontend is None else frontend[1]
     for text, options in ((front, front_rows), (back, backend_options(policy))):
         for option in options:

@@ -39,6 +39,7 @@ cdef enum:
     # it reads at most HOG_SCAN entries of that list (see `conn_biggest`).
     QUEUE_LEVELS = 64       # bit lengths 1..64 of a size_t; 0: nothing waiting, not listed
     HOG_SCAN = 64
+    MAX_LINKS = 64          # broker endpoints of a native DEALER
 
 # epoll tags: what an event is about, in the top byte of its u64 (tag, tag_kind); the
 # rest is an index (tag_index).
@@ -48,11 +49,19 @@ cdef enum:
     TAG_INNER = 2
     TAG_CONN = 3
     TAG_ZMQ = 4
+    TAG_LINKS = 5            # the broker links' epoll (reads, and connects completing)
+    TAG_LINK = 6             # a broker link with output waiting
 
 cdef enum:
     ST_FREE = 0
     ST_GREETING = 1      # before the peer's READY (or its ZMTP 2.0 identity)
     ST_OPEN = 2
+    ST_CONNECTING = 3    # a broker link whose connect is under way
+
+# What a broker link did since Python last looked (NativeRelay.take_link_news), as bits.
+cdef enum:
+    LINK_UP = 1          # its handshake completed
+    LINK_LOST = 2        # it closed: refused, garbage, or gone
 
 # Handshake results, indexed as rules.HANDSHAKE_RESULTS.
 cdef enum:
@@ -125,6 +134,11 @@ cdef struct Conn:
     uint64_t written, written_seen
     int outq_seen
     double write_idle_since
+    # A broker link's reply in progress (_native_dealer.pxi, held in `box`): the frame it
+    # is at, its bytes, and whether it passed what a client may hold
+    uint32_t reply_frame
+    uint64_t reply_bytes
+    bint reply_dropped
 
 
 
@@ -164,6 +178,7 @@ cdef struct ConnTable:
     Pool out_buffers
     int *dirty                # connections with output appended since the last flush
     int ndirty
+    int write_tag             # what an EPOLLOUT of one of them is tagged (TAG_CONN, TAG_LINK)
     # output waiting to be written: the unsent bytes of all connections, and the lists
     # of connections by level (Conn.queue_level) that `conn_biggest` looks in
     size_t queued
@@ -267,3 +282,13 @@ cdef class NativeRelay:
     cdef size_t stash_len
     cdef int stash_conn
     cdef gk_zmq_msg_t scratch         # the reply frame being relayed
+
+    # The native DEALER (_native_dealer.pxi), instead of `be` with backend.engine "native"
+    cdef bint dealer
+    cdef ConnTable links              # one slot per broker endpoint (MAX_LINKS)
+    cdef int link_epoll               # the links to read, and connects to complete
+    cdef int next_link                # round-robin: the link tried first
+    cdef int links_up
+    cdef uint32_t link_sndhwm         # requests waiting to be written to one link
+    cdef uint64_t link_max_frame      # backend.max_message_size
+    cdef uint8_t link_news[MAX_LINKS] # LINK_UP, LINK_LOST since Python last looked

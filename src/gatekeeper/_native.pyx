@@ -127,6 +127,7 @@ from gatekeeper._zmtp cimport (
     ZMTP_GREETING_REST_MAX,
     ZMTP_MECH_CURVE,
     ZMTP_MECH_NULL,
+    ZMTP_MAX_IDENTITY,
     ZMTP_MECHANISM_SIZE,
     ZMTP_NEED_MORE,
     ZMTP_PING_MAX,
@@ -145,6 +146,7 @@ from gatekeeper._zmtp cimport (
     zmtp_decoder_held,
     zmtp_decoder_init,
     zmtp_decoder_set_mechanism,
+    zmtp_dealer_ready,
     zmtp_error,
     zmtp_frame_header,
     zmtp_greeting_major,
@@ -199,6 +201,7 @@ cdef extern from "<sys/socket.h>" nogil:
         AF_INET6
         AF_UNIX
         SOL_SOCKET
+        SO_ERROR
         SO_KEEPALIVE
         SO_PEERCRED
         SOCK_NONBLOCK
@@ -295,6 +298,17 @@ cdef inline uint64_t tag_index(uint64_t tagged) noexcept nogil:
     return tagged & ((<uint64_t>1 << TAG_SHIFT) - 1)
 
 
+cdef void _liveness(ConnTable *t, settings, int interval_ms, int timeout_ms, int ttl_ms):
+    """A table's heartbeats and TCP keepalive."""
+    t.hb_interval = interval_ms * 1e-3
+    t.hb_timeout = timeout_ms * 1e-3
+    t.hb_ttl_ds = min(ttl_ms // 100, 0xFFFF)
+    t.keepalive = settings.tcp_keepalive
+    t.keepalive_idle = settings.tcp_keepalive_idle_s
+    t.keepalive_interval = settings.tcp_keepalive_interval_s
+    t.keepalive_count = settings.tcp_keepalive_count
+
+
 cdef class NativeRelay:
     """The loop over its own ZMTP connections and the backend DEALER; same calls as
     `_fast.Relay`: `run` until a service socket, a tick or a signal needs Python."""
@@ -303,6 +317,7 @@ cdef class NativeRelay:
         cdef int i
         self.io.outer = -1
         self.inner = -1
+        self.link_epoll = -1
         self.stash_conn = -1
         self.throttled_head = -1
         self.io.free_head = -1
@@ -323,7 +338,9 @@ cdef class NativeRelay:
             raise ValueError(f"1 to {MAX_LISTENERS} listening sockets")
         self.backend, self.services, self.engine = backend, services, engine
         self.round_trips = engine.round_trips
-        self.be = <void *><size_t>backend.underlying
+        self.dealer = backend is None
+        if not self.dealer:
+            self.be = <void *><size_t>backend.underlying
         self.nservices = len(services)
         for i, s in enumerate(services):
             self.service_handles[i] = <void *><size_t>s.underlying
@@ -336,13 +353,8 @@ cdef class NativeRelay:
         self.max_queued_total = settings.max_queued_total_bytes
         self.io.slow_reader_timeout = settings.slow_reader_timeout_ms * 1e-3
         self.handshake_timeout = settings.handshake_timeout_ms * 1e-3
-        self.io.hb_interval = settings.heartbeat_interval_ms * 1e-3
-        self.io.hb_timeout = settings.heartbeat_timeout_ms * 1e-3
-        self.io.hb_ttl_ds = min(settings.heartbeat_ttl_ms // 100, 0xFFFF)
-        self.io.keepalive = settings.tcp_keepalive
-        self.io.keepalive_idle = settings.tcp_keepalive_idle_s
-        self.io.keepalive_interval = settings.tcp_keepalive_interval_s
-        self.io.keepalive_count = settings.tcp_keepalive_count
+        _liveness(&self.io, settings, settings.heartbeat_interval_ms,
+                  settings.heartbeat_timeout_ms, settings.heartbeat_ttl_ms)
         self.io.conns = <Conn *>calloc(self.io.max_conns, sizeof(Conn))
         self.io.dirty = <int *>malloc(self.io.max_conns * sizeof(int))
         self.rbuf = <uint8_t *>malloc(READ_SLICE)
@@ -374,11 +386,16 @@ cdef class NativeRelay:
         self.inner = epoll_create1(EPOLL_CLOEXEC)
         if self.io.outer < 0 or self.inner < 0:
             raise OSError(errno, "epoll_create1")
+        self.io.write_tag = TAG_CONN
         ev.events = EPOLLIN
         for i, s in enumerate([backend] + services):
+            if s is None:
+                continue  # the native DEALER's links, below
             ev.data.u64 = tag(TAG_ZMQ, i)
             if epoll_ctl(self.io.outer, EPOLL_CTL_ADD, s.getsockopt(zmq.FD), &ev) < 0:
                 raise OSError(errno, "epoll_ctl")
+        if self.dealer:
+            self._init_links(settings)
         self._listener_files = []
         for i, sock in enumerate(listeners):
             if sock.family == _socket.AF_UNIX:
@@ -391,6 +408,58 @@ cdef class NativeRelay:
                 raise OSError(errno, "epoll_ctl")
         self.frontend_open = True
         self.next_sweep = monotonic() + SWEEP_MS * 1e-3
+
+    def _init_links(self, settings):
+        """One slot per broker endpoint; Python dials them (add_link)."""
+        cdef epoll_event ev
+        cdef int i
+        if not 0 < settings.backend_links <= MAX_LINKS:
+            raise ValueError(f"1 to {MAX_LINKS} broker endpoints")
+        self.links.max_conns = settings.backend_links
+        self.links.conns = <Conn *>calloc(MAX_LINKS, sizeof(Conn))
+        self.links.dirty = <int *>malloc(MAX_LINKS * sizeof(int))
+        if self.links.conns == NULL or self.links.dirty == NULL:
+            raise MemoryError()
+        for i in range(MAX_LINKS):
+            self.links.conns[i].fd = -1
+        for i in range(QUEUE_LEVELS + 1):
+            self.links.queue_heads[i] = -1
+        self.links.outer = self.io.outer
+        self.links.write_tag = TAG_LINK
+        _liveness(&self.links, settings, settings.backend_heartbeat_interval_ms,
+                  settings.backend_heartbeat_timeout_ms, settings.backend_heartbeat_ttl_ms)
+        self.link_sndhwm = settings.backend_sndhwm
+        self.link_max_frame = settings.backend_max_message_size
+        self.link_epoll = epoll_create1(EPOLL_CLOEXEC)
+        if self.link_epoll < 0:
+            raise OSError(errno, "epoll_create1")
+        ev.events = EPOLLIN
+        ev.data.u64 = tag(TAG_LINKS, 0)
+        if epoll_ctl(self.io.outer, EPOLL_CTL_ADD, self.link_epoll, &ev) < 0:
+            raise OSError(errno, "epoll_ctl")
+
+    def add_link(self, int fd, int slot):
+        """`fd`: a socket whose non-blocking connect to broker endpoint `slot` is under
+        way; the loop owns it from here (closes it when the link is lost)."""
+        if not self.dealer or not 0 <= slot < self.links.max_conns:
+            raise ValueError(f"no broker endpoint {slot}")
+        if self.links.conns[slot].fd >= 0:
+            raise ValueError(f"broker endpoint {slot} has its link")
+        dl_add(self, fd, slot)
+
+    def take_link_news(self):
+        """[(slot, up, lost)] of the links that came up or were lost since the last call."""
+        news = []
+        for i in range(self.links.max_conns):
+            if self.link_news[i]:
+                news.append((i, bool(self.link_news[i] & LINK_UP),
+                             bool(self.link_news[i] & LINK_LOST)))
+                self.link_news[i] = 0
+        return news
+
+    @property
+    def backend_connections(self):
+        return self.links_up
 
     def set_access(self, settings):
         """Address rules, connection caps and rates for the next accepted connection."""
@@ -441,6 +510,15 @@ cdef class NativeRelay:
 
     def __dealloc__(self):
         cdef int i
+        if self.links.conns != NULL:  # before the clients: a reply in progress is theirs
+            for i in range(MAX_LINKS):
+                if self.links.conns[i].fd >= 0:
+                    dl_lose(self, &self.links.conns[i])
+            free(self.links.conns)
+        free(self.links.dirty)
+        pool_free(&self.links.out_buffers)
+        if self.link_epoll >= 0:
+            close(self.link_epoll)
         if self.io.conns != NULL:
             for i in range(self.io.max_conns):
                 if self.io.conns[i].fd >= 0:
@@ -574,4 +652,5 @@ include "_native_conn.pxi"
 include "_native_frontend.pxi"
 include "_native_requests.pxi"
 include "_native_backend.pxi"
+include "_native_dealer.pxi"
 include "_native_loop.pxi"

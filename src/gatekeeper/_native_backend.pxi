@@ -35,7 +35,7 @@ cdef int be_send_message(NativeRelay r, Conn *c, double now) noexcept nogil:
     libzmq admits a multipart message whole or not at all at its first frame, so
     only the routing id's send can lack room."""
     cdef gk_zmq_msg_t routing_id
-    cdef gk_zmq_msg_t *p
+    cdef bint full
     cdef uint32_t i, n = c.nheld
     cdef size_t key_len
     cdef const uint8_t *key = fe_rate_key_of(r, c, &key_len)
@@ -43,24 +43,12 @@ cdef int be_send_message(NativeRelay r, Conn *c, double now) noexcept nogil:
     memcpy(Z.msg_data(&routing_id), c.id + 1, c.id[0])
     r.backend_due = True  # a call on the socket: its signal may be gone
     if Z.msg_send(&routing_id, r.be, GK_ZMQ_DONTWAIT | GK_ZMQ_SNDMORE) < 0:
-        if Z.errno_() != EAGAIN or r.engine.backend_full_reject:
-            Z.msg_close(&routing_id)
-            return -1 if Z.errno_() != EAGAIN else 0
-        if r.pending_cap < n + 1:
-            p = <gk_zmq_msg_t *>realloc(r.pending, (n + 1) * sizeof(gk_zmq_msg_t))
-            if p == NULL:
-                Z.msg_close(&routing_id)
-                return -1
-            r.pending, r.pending_cap = p, n + 1
-        # Moved: a zmq_msg_t holds no pointer to itself.
-        memcpy(&r.pending[0], &routing_id, sizeof(gk_zmq_msg_t))
-        memcpy(&r.pending[1], c.frames, n * sizeof(gk_zmq_msg_t))
-        c.nheld = 0
-        r.npending = n + 1
-        r.pending_bytes = c.id[0] + c.total
-        r.pending_lockstep = c.lockstep
-        r.pending_key[0] = <uint8_t>min(key_len, <size_t>MAX_KEY)
-        memcpy(r.pending_key + 1, key, r.pending_key[0])
+        full = Z.errno_() == EAGAIN
+        Z.msg_close(&routing_id)
+        if not full:
+            return -1
+        if not r.engine.backend_full_reject:
+            return be_hold(r, c, key, key_len)
         return 0
     for i in range(n):
         Z.msg_send(&c.frames[i], r.be, GK_ZMQ_SNDMORE if i < n - 1 else 0)
@@ -69,6 +57,30 @@ cdef int be_send_message(NativeRelay r, Conn *c, double now) noexcept nogil:
     r.round_trips.on_sent(c.id + 1, c.id[0], key, key_len, now, c.lockstep)
     be_count_forwarded(r, c.id[0] + c.total)
     return 1
+
+
+cdef int be_hold(NativeRelay r, Conn *c, const uint8_t *key, size_t key_len) noexcept nogil:
+    """`c`'s message, `[routing id, frames...]`, held until the backend has room (wait
+    mode): 0, or -1 when there is no memory to hold it (it is lost)."""
+    cdef uint32_t n = c.nheld
+    cdef gk_zmq_msg_t *p
+    if r.pending_cap < n + 1:
+        p = <gk_zmq_msg_t *>realloc(r.pending, (n + 1) * sizeof(gk_zmq_msg_t))
+        if p == NULL:
+            return -1
+        r.pending, r.pending_cap = p, n + 1
+    if Z.msg_init_size(&r.pending[0], c.id[0]) < 0:
+        return -1
+    memcpy(Z.msg_data(&r.pending[0]), c.id + 1, c.id[0])
+    # Moved: a zmq_msg_t holds no pointer to itself.
+    memcpy(&r.pending[1], c.frames, n * sizeof(gk_zmq_msg_t))
+    c.nheld = 0
+    r.npending = n + 1
+    r.pending_bytes = c.id[0] + c.total
+    r.pending_lockstep = c.lockstep
+    r.pending_key[0] = <uint8_t>min(key_len, <size_t>MAX_KEY)
+    memcpy(r.pending_key + 1, key, r.pending_key[0])
+    return 0
 
 
 cdef int be_send_pending(NativeRelay r, double now) noexcept nogil:

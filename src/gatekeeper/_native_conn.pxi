@@ -156,7 +156,7 @@ cdef bint conn_flush(ConnTable *t, Conn *c) noexcept nogil:
     conn_requeue(t, c)
     if not c.writing:
         ev.events = EPOLLOUT
-        ev.data.u64 = tag(TAG_CONN, <uint64_t>(c - t.conns))
+        ev.data.u64 = tag(t.write_tag, <uint64_t>(c - t.conns))
         if epoll_ctl(t.outer, EPOLL_CTL_ADD, c.fd, &ev) == 0:
             c.writing = True
     return True

@@ -20,10 +20,12 @@ cdef int loop_run(NativeRelay r, long timeout_ms) noexcept nogil:
     while True:
         if r.backend_due:
             r.backend_due = False
-            if be_serve(r, now) < 0:
+            if not r.dealer and be_serve(r, now) < 0:
                 return C_RUN_ERROR
         if now >= r.next_sweep:
             fe_sweep(r, now)
+            if r.dealer:
+                dl_sweep(r, now)
             r.next_sweep = now + SWEEP_MS * 1e-3
         loop_set_reading(r, r.frontend_open and not r.paused and r.npending == 0)
         wait = 0
@@ -45,11 +47,17 @@ cdef int loop_run(NativeRelay r, long timeout_ms) noexcept nogil:
                 fe_read_ready(r, now)
             elif kind == TAG_CONN:
                 fe_flush(r, &r.io.conns[index])
+            elif kind == TAG_LINKS:
+                dl_ready(r, now)
+            elif kind == TAG_LINK:
+                dl_flush(r, &r.links.conns[index])
             elif index == 0:
                 r.backend_due = True
             else:
                 r.services_due = True
-        fe_flush_dirty(r)  # rejects and PONGs written while reading
+        fe_flush_dirty(r)  # rejects, PONGs and replies written while reading
+        if r.dealer:
+            dl_flush_dirty(r, now)  # the requests of this wake-up, one write a link
         # Service sockets after the clients' turn: a flood of control requests must
         # not keep the loop from them.
         if r.services_due:

@@ -397,7 +397,7 @@ cdef void fe_finish(NativeRelay r, Conn *c, double now) noexcept nogil:
     if reason:
         r.engine.record(reason, key, key_len, c.nframes, c.total)
     if whole and (reason == 0 or r.engine.dry_run):
-        rc = be_send_message(r, c, now)
+        rc = dl_send_message(r, c, now) if r.dealer else be_send_message(r, c, now)
         if rc != 0 or not r.engine.backend_full_reject:
             fe_release_message(r, c)  # sent, or pending until the backend has room
             return

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
 import time
 from typing import Any
 
@@ -90,3 +93,106 @@ class LibzmqBackend:
     def connections(self) -> int:
         """Broker connections up now."""
         return len(self._up)
+
+
+def engine_for(policy: Any, frontend_engine: str) -> tuple[str, str]:
+    """(the engine that runs this policy's backend, why it is not the one asked for)."""
+    b = policy.backend
+    if b.engine == "libzmq":
+        return "libzmq", ""
+    if frontend_engine != "native":
+        return "libzmq", ("the native DEALER runs in the native frontend's loop: "
+                          "frontend.engine is libzmq here")
+    if b.bind:
+        return "libzmq", "backend.bind: brokers that connect in are served by a libzmq DEALER"
+    if b.curve is not None:
+        return "libzmq", "[backend.curve]: a CURVE broker is served by a libzmq DEALER"
+    if not b.immediate:
+        return "libzmq", ("backend.immediate = false: queueing for brokers not connected "
+                          "yet is a libzmq DEALER's")
+    if len(b.connect) > MAX_LINKS:
+        return "libzmq", f"more than {MAX_LINKS} broker endpoints"
+    other = [ep for ep in b.connect if not ep.startswith(("tcp://", "ipc://"))]
+    if other:
+        return "libzmq", f"{other[0]}: only a libzmq DEALER connects to inproc endpoints"
+    return "native", ""
+
+
+# NativeRelay's MAX_LINKS: one link per broker endpoint
+MAX_LINKS = 64
+
+
+class NativeDealer:
+    """The native DEALER's cold side, in Python: it dials each broker endpoint (the name
+    resolved again at each attempt), hands the socket, its connect under way, to the loop
+    (NativeRelay.add_link), and dials again once a link is lost, backing off from
+    reconnect_ivl_ms to reconnect_ivl_max_ms until a handshake completes. A port that
+    answers as the wrong service is so retried ever more slowly, never given up."""
+
+    name = "native"
+    monitor = None
+
+    def __init__(self, policy: Any) -> None:
+        b = policy.backend
+        self.endpoints = list(b.connect)
+        self._first_wait_s = b.reconnect_ivl_ms / 1000
+        self._longest_wait_s = b.reconnect_ivl_max_ms / 1000
+        self._wait_s = [self._first_wait_s] * len(self.endpoints)
+        self._dial_at = [0.0] * len(self.endpoints)
+        self._linked = [False] * len(self.endpoints)
+        self.relay: Any = None
+
+    def attach(self, relay: Any) -> None:
+        self.relay = relay
+        self.tick(time.monotonic())
+
+    def serve_ready(self) -> None:
+        """No service socket of its own: the loop reports through take_link_news."""
+
+    def tick(self, now: float) -> None:
+        for slot, up, lost in self.relay.take_link_news():
+            if up:
+                self._wait_s[slot] = self._first_wait_s
+            if lost:
+                self._linked[slot] = False
+                self._retry_later(slot, now)
+        for slot, linked in enumerate(self._linked):
+            if not linked and now >= self._dial_at[slot]:
+                self._dial(slot, now)
+
+    def _retry_later(self, slot: int, now: float) -> None:
+        self._dial_at[slot] = now + self._wait_s[slot]
+        self._wait_s[slot] = min(2 * self._wait_s[slot], self._longest_wait_s)
+
+    def _dial(self, slot: int, now: float) -> None:
+        try:
+            sock = _connecting(self.endpoints[slot])
+        except OSError:
+            self._retry_later(slot, now)  # a name that does not resolve, no route, ...
+            return
+        self.relay.add_link(sock.detach(), slot)
+        self._linked[slot] = True
+
+    def connections(self) -> int:
+        """Broker connections up now (past their handshake)."""
+        return self.relay.backend_connections if self.relay is not None else 0
+
+
+def _connecting(endpoint: str) -> socket.socket:
+    """A non-blocking stream socket whose connect to `endpoint` (tcp or ipc) is under way.
+    Names are resolved here, each time, as libzmq does at each reconnect."""
+    scheme, _, address = endpoint.partition("://")
+    if scheme == "ipc":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target: Any = address
+    else:
+        host, _, port = address.rpartition(":")
+        family, kind, proto, _, target = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    sock.setblocking(False)
+    err = sock.connect_ex(target)
+    if err not in (0, errno.EINPROGRESS):  # EAGAIN (unix): its backlog is full
+        sock.close()
+        raise OSError(err, os.strerror(err))
+    return sock

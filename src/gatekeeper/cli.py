@@ -175,6 +175,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from .backend import engine_for as backend_engine_for
     from .frontend import check_frontend, engine_for
     from .handover import check_lines
     from .sockets import SocketSetupError, check_libzmq, format_check
@@ -187,7 +188,8 @@ def _check(args: argparse.Namespace) -> int:
     except SocketSetupError as exc:
         return _fail(str(exc), 1)
     frontend, engine = check_frontend(loaded.policy)
-    print(format_check(loaded, frontend, engine))
+    backend, why = backend_engine_for(loaded.policy, engine_for(loaded.policy)[0])
+    print(format_check(loaded, frontend, engine, f"{backend} ({why})" if why else backend))
     print(check_lines(loaded.policy.control.bind, engine_for(loaded.policy)[0]))
     for key, endpoint in plaintext_endpoints(loaded.policy):
         print(f"gatekeeper: warning: {loaded.path}: {key}: {endpoint}: {PLAINTEXT_WARNING}",

@@ -219,15 +219,22 @@ class NativeSettings:
     max_connections_per_address: int
     connections_per_second_per_address: float
     log_per_second: int
+    # The native DEALER's (backend.engine_for): its broker endpoints, 0 for a libzmq one
+    backend_links: int = 0
+    backend_sndhwm: int = 1000
+    backend_max_message_size: int = 1048576
+    backend_heartbeat_interval_ms: int = 5000
+    backend_heartbeat_timeout_ms: int = 15000
+    backend_heartbeat_ttl_ms: int = 15000
     curve_secret_key: bytes | None = None  # [frontend.curve]: our 32-byte secret key
     curve_allowed_keys: frozenset[bytes] | None = None  # clients' 32-byte keys; None: any
     max_rate_addresses: int = MAX_RATE_ADDRESSES
 
 
-def native_settings(policy: Policy, client_keys: frozenset[bytes] | None = None
-                    ) -> NativeSettings:
+def native_settings(policy: Policy, client_keys: frozenset[bytes] | None = None,
+                    dealer: bool = False) -> NativeSettings:
     """`client_keys`: the Z85 keys allowed in (ZapHandler.frontend_keys, which a reload
-    re-reads), None for any."""
+    re-reads), None for any; `dealer`: the backend is the native DEALER."""
     a, curve = policy.access, policy.frontend.curve
     taken = {field: getattr(policy.frontend, field) for field in _FROM_FRONTEND}
     secret = None
@@ -240,6 +247,12 @@ def native_settings(policy: Policy, client_keys: frozenset[bytes] | None = None
         max_connections_per_address=a.max_connections_per_address,
         connections_per_second_per_address=a.connections_per_second_per_address,
         log_per_second=policy.violations.log_per_second,
+        backend_links=len(policy.backend.connect) if dealer else 0,
+        backend_sndhwm=policy.backend.sndhwm,
+        backend_max_message_size=policy.backend.max_message_size,
+        backend_heartbeat_interval_ms=policy.backend.heartbeat_interval_ms,
+        backend_heartbeat_timeout_ms=policy.backend.heartbeat_timeout_ms,
+        backend_heartbeat_ttl_ms=policy.backend.heartbeat_ttl_ms,
         curve_secret_key=secret,
         curve_allowed_keys=None if client_keys is None or curve is None
         else frozenset(z85.decode(k) for k in client_keys),

@@ -105,6 +105,9 @@ class Frontend(_SocketSection, kw_only=True):
 class Backend(_SocketSection, kw_only=True):
     connect: Endpoints = []
     bind: Endpoints = []
+    # "native": the gatekeeper's own DEALER in the loop where it can run (see
+    # backend.engine_for); "libzmq": a libzmq DEALER.
+    engine: Literal["native", "libzmq"] = "native"
     linger_ms: NonNegative = 1000
     immediate: bool = True
     # A lost or refused broker connection is retried after reconnect_ivl_ms, the wait

@@ -20,7 +20,8 @@ import zmq
 from . import frontend, sockets
 from ._impl import IMPLEMENTATION, RUN_SERVICE, NativeRelay, PolicyEngine, Relay
 from .auth import ZapHandler
-from .backend import LibzmqBackend
+from .backend import LibzmqBackend, NativeDealer
+from .backend import engine_for as backend_engine_for
 from .cluster import ClusterSync, cluster_config
 from .control import ControlServer, round_trip_figures
 from .frontend import LibzmqFrontend
@@ -107,24 +108,35 @@ class Gatekeeper:
                 self._frontend_fds = [(e, s.fileno()) for e, s in zip(self.endpoints, listeners)]
                 self.socket_activated = [e for e, s in zip(self.endpoints, listeners)
                                          if s in from_systemd]
-            self.backend_engine = LibzmqBackend(self.ctx, policy)
-            self.backend = self.backend_engine.socket
-            self._sockets.extend([self.backend, self.backend_engine.monitor])
+            self.backend_engine_name, self.backend_fallback = backend_engine_for(
+                policy, self.engine_name)
+            if self.backend_engine_name == "native":
+                self.backend_engine: LibzmqBackend | NativeDealer = NativeDealer(policy)
+                self.backend = None
+            else:
+                self.backend_engine = LibzmqBackend(self.ctx, policy)
+                self.backend = self.backend_engine.socket
+                self._sockets.extend([self.backend, self.backend_engine.monitor])
             self.control = ControlServer(
                 self.ctx, policy.control, self,
                 _take(inherited, "control", "control_endpoint", policy.control.bind))
             self._sockets.append(self.control.socket)
             if self.control.listener_fd is not None:  # libzmq leaves its file to us
                 self._listener_files.append(policy.control.bind[len("ipc://"):])
-            services = [self.control.socket, self.zap.socket, self.backend_engine.monitor]
+            services = [self.control.socket, self.zap.socket]
+            if self.backend_engine.monitor is not None:
+                services.append(self.backend_engine.monitor)
             if self.engine_name == "libzmq":
                 services.append(self.frontend_engine.monitor)
                 self.relay = Relay(self.frontend, self.backend, services, self.engine)
             else:
-                self.relay = NativeRelay(listeners, self.backend, services, self.engine,
-                                         frontend.native_settings(policy,
-                                                                  self.zap.frontend_keys))
+                self.relay = NativeRelay(
+                    listeners, self.backend, services, self.engine,
+                    frontend.native_settings(policy, self.zap.frontend_keys,
+                                             dealer=self.backend_engine_name == "native"))
                 self.frontend_engine = frontend.NativeFrontend(self.relay)
+                if isinstance(self.backend_engine, NativeDealer):
+                    self.backend_engine.attach(self.relay)
                 # systemd's socket files are systemd's to remove
                 activated = {e[len("ipc://"):] for e in self.socket_activated}
                 self._listener_files += [p for p in self.relay.listener_files
@@ -157,7 +169,11 @@ class Gatekeeper:
         if self.engine_fallback:
             self.log.warning("engine_fallback", engine=self.engine_name,
                              reason=self.engine_fallback)
+        if self.backend_fallback:
+            self.log.info("backend_engine", engine=self.backend_engine_name,
+                          reason=self.backend_fallback)
         self.log.info("started", frontend=self.endpoints, engine=self.engine_name,
+                      backend_engine=self.backend_engine_name,
                       implementation=IMPLEMENTATION, libzmq=zmq.zmq_version(),
                       policy=self.loaded.path)
         if self.socket_activated:

@@ -342,7 +342,7 @@ def check_libzmq(version: tuple[int, ...] | None = None) -> None:
 
 
 def format_check(loaded: LoadedPolicy, frontend: tuple[str, list[Any]] | None = None,
-                 engine: str = "libzmq") -> str:
+                 engine: str = "libzmq", backend_engine: str = "libzmq") -> str:
     """What `gatekeeper check` prints: the effective policy, then each side's settings.
     `frontend` is (heading, rows) of the frontend when it is not a libzmq ROUTER; rows have
     `name`, `shown` and `reason`, as SocketOption does."""
@@ -363,6 +363,7 @@ def format_check(loaded: LoadedPolicy, frontend: tuple[str, list[Any]] | None = 
         f"# sha256 {loaded.sha256}",
         f"# libzmq {zmq.zmq_version()}",
         f"# frontend engine {engine}",
+        f"# backend engine {backend_engine}",
         "",
         format_policy(p),
     ]

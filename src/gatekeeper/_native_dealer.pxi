@@ -1,0 +1,341 @@
+# The native DEALER (backend.engine = "native"): the gatekeeper's own ZMTP 3.1 DEALER
+# toward its brokers, a role over the connection room in the same loop, so that a message
+# crosses no thread between a client's socket and a broker's.
+#
+# One link per broker endpoint, in `r.links`. Python dials (cold: names resolved at each
+# attempt, backoff) and hands over a socket whose connect is under way (`dl_add`); from
+# there the link is ours: the greeting staged as libzmq's, READY as a DEALER, requests
+# round-robin over the links that are up and have room (`link_sndhwm`), written once per
+# wake-up, and replies parsed by the bounded codec, each queued whole to its client under
+# the reply budgets. Whatever a link does wrong (a refused connect, garbage, a peer that is no
+# ROUTER, REP or DEALER, a reset) closes it and tells Python (`link_news`), which dials
+# again. Frontend rules (access, decisions, budgets of partial messages) are not here.
+
+
+cdef void dl_add(NativeRelay r, int fd, int slot) noexcept nogil:
+    """A socket whose non-blocking connect to broker endpoint `slot` is under way."""
+    cdef Conn *c = &r.links.conns[slot]
+    cdef epoll_event ev
+    memset(c, 0, sizeof(Conn))
+    c.fd = fd
+    c.state = ST_CONNECTING
+    c.deadline = monotonic() + r.handshake_timeout
+    c.prev_queued = c.next_queued = -1
+    ev.events = EPOLLIN | EPOLLOUT
+    ev.data.u64 = <uint64_t>slot
+    if epoll_ctl(r.link_epoll, EPOLL_CTL_ADD, fd, &ev) < 0:
+        dl_lose(r, c)
+
+
+cdef void dl_ready(NativeRelay r, double now) noexcept nogil:
+    """The links with something to read, or a connect that completed."""
+    cdef epoll_event events[MAX_EVENTS]
+    cdef int n, i, err = 0
+    cdef socklen_t err_len = sizeof(int)
+    cdef Conn *c
+    cdef epoll_event ev
+    n = epoll_wait(r.link_epoll, events, MAX_EVENTS, 0)
+    for i in range(n):
+        c = &r.links.conns[events[i].data.u64]
+        if c.fd < 0:
+            continue
+        if c.state == ST_CONNECTING:
+            if getsockopt(c.fd, SOL_SOCKET, SO_ERROR, &err, &err_len) < 0 or err != 0:
+                dl_lose(r, c)
+                continue
+            ev.events = EPOLLIN
+            ev.data.u64 = events[i].data.u64
+            epoll_ctl(r.link_epoll, EPOLL_CTL_MOD, c.fd, &ev)
+            dl_greet(r, c, now)
+            continue
+        dl_read(r, c, now)
+
+
+cdef void dl_greet(NativeRelay r, Conn *c, double now) noexcept nogil:
+    """The connect completed: our signature first, the rest of the greeting as the peer's
+    arrives (libzmq's staging)."""
+    cdef uint8_t out[ZMTP_SIGNATURE_SIZE]
+    conn_tune_tcp(&r.links, c.fd)
+    zmtp_decoder_init(&c.dec, r.link_max_frame, False)
+    c.state = ST_GREETING
+    c.deadline = now + r.handshake_timeout
+    c.last_recv = now
+    conn_append(&r.links, c, out, zmtp_signature(out))
+    dl_flush(r, c)
+
+
+cdef void dl_read(NativeRelay r, Conn *c, double now) noexcept nogil:
+    cdef ssize_t n = recv(c.fd, r.rbuf, READ_SLICE, 0)
+    cdef ZmtpEvent ev
+    cdef size_t pos = 0
+    if n <= 0:
+        if n < 0 and (errno == EAGAIN or errno == EINTR):
+            return
+        dl_lose(r, c)
+        return
+    c.last_recv = now
+    while c.fd >= 0:
+        pos += <size_t>zmtp_next(&c.dec, r.rbuf + pos, <size_t>n - pos, &ev)
+        if ev.kind == ZMTP_NEED_MORE:
+            break
+        if ev.kind == ZMTP_FRAME:
+            dl_on_frame(r, c, &ev, now)
+        elif ev.kind == ZMTP_ERROR:
+            dl_lose(r, c)  # garbage, a frame over max_message_size, or the peer's ERROR
+        elif ev.kind == ZMTP_COMMAND:
+            dl_on_command(r, c, &ev)
+        else:
+            dl_on_handshake(r, c, &ev)
+    if r.npending and r.links_up:
+        dl_send_pending(r, now)
+
+
+cdef void dl_on_handshake(NativeRelay r, Conn *c, ZmtpEvent *ev) noexcept nogil:
+    cdef uint8_t out[ZMTP_GREETING_REST_MAX + ZMTP_READY_SIZE]
+    cdef size_t n
+    if ev.kind == ZMTP_SIGNATURE:
+        conn_append(&r.links, c, out, zmtp_greeting_major(out))
+    elif ev.kind == ZMTP_REVISION:
+        if ev.revision < 3:
+            dl_lose(r, c)  # a DEALER speaks ZMTP 3 to its broker, as libzmq's
+            return
+        conn_append(&r.links, c, out, zmtp_greeting_rest(out, ev.revision, ZMTP_MECH_NULL))
+    elif ev.kind == ZMTP_GREETING:
+        if not is_mechanism(ev.mechanism, "NULL"):
+            dl_lose(r, c)
+            return
+        # READY now; data only after the broker's READY (libzmq 4.3.5 closes a
+        # connection whose first message comes in the segment of its READY)
+        n = zmtp_dealer_ready(out)
+        conn_append(&r.links, c, out, n)
+        c.heartbeats = True
+    elif ev.kind == ZMTP_READY:
+        if not (is_socket_type(ev.socket_type, ev.socket_type_len, "ROUTER")
+                or is_socket_type(ev.socket_type, ev.socket_type_len, "REP")
+                or is_socket_type(ev.socket_type, ev.socket_type_len, "DEALER")):
+            dl_lose(r, c)  # a DEALER talks to these only (RFC 28)
+            return
+        c.state = ST_OPEN
+        r.links_up += 1
+        r.link_news[c - r.links.conns] |= LINK_UP
+        return
+    dl_flush(r, c)
+
+
+cdef void dl_on_command(NativeRelay r, Conn *c, ZmtpEvent *ev) noexcept nogil:
+    cdef uint8_t out[ZMTP_PONG_MAX]
+    if ev.command == ZMTP_CMD_PING:
+        conn_send_command(&r.links, c, out, zmtp_pong(out, ev.context, ev.context_len))
+        conn_mark_dirty(&r.links, c)
+    elif ev.command == ZMTP_CMD_ERROR:
+        dl_lose(r, c)
+
+
+# -- requests ------------------------------------------------------------------------
+
+cdef int dl_send_message(NativeRelay r, Conn *c, double now) noexcept nogil:
+    """As be_send_message, to a link: 1 sent; 0 no link can take it, the message then
+    pending (wait mode) or left in `c` (reject mode)."""
+    cdef size_t key_len
+    cdef const uint8_t *key = fe_rate_key_of(r, c, &key_len)
+    cdef uint32_t i
+    if not dl_send(r, c.id + 1, c.id[0], c.frames, c.nheld):
+        return 0 if r.engine.backend_full_reject else be_hold(r, c, key, key_len)
+    for i in range(c.nheld):
+        Z.msg_close(&c.frames[i])
+    c.nheld = 0
+    r.round_trips.on_sent(c.id + 1, c.id[0], key, key_len, now, c.lockstep)
+    be_count_forwarded(r, c.id[0] + c.total)
+    return 1
+
+
+cdef void dl_send_pending(NativeRelay r, double now) noexcept nogil:
+    """The message held for want of room, once a link has it; then what its connection
+    sent after it."""
+    cdef uint32_t i, n = r.npending
+    cdef const uint8_t *identity = <const uint8_t *>Z.msg_data(&r.pending[0])
+    cdef size_t identity_len = Z.msg_size(&r.pending[0])
+    if not dl_send(r, identity, identity_len, &r.pending[1], n - 1):
+        return
+    r.round_trips.on_sent(identity, identity_len, r.pending_key + 1, r.pending_key[0], now,
+                          r.pending_lockstep)
+    be_count_forwarded(r, r.pending_bytes)
+    for i in range(n):
+        Z.msg_close(&r.pending[i])
+    r.npending = 0
+    if r.stash_conn >= 0:
+        be_resume_stash(r, now)
+
+cdef Conn *dl_pick(NativeRelay r) noexcept nogil:
+    """The next link, round-robin, that is up and has room; NULL if none has."""
+    cdef int k, i
+    cdef Conn *c
+    for k in range(r.links.max_conns):
+        i = (r.next_link + k) % r.links.max_conns
+        c = &r.links.conns[i]
+        if c.state == ST_OPEN and c.queued < r.link_sndhwm:
+            r.next_link = (i + 1) % r.links.max_conns
+            return c
+    return NULL
+
+
+cdef int dl_send(NativeRelay r, const uint8_t *identity, size_t identity_len,
+                 gk_zmq_msg_t *frames, uint32_t n) noexcept nogil:
+    """`[routing id, frames...]` into a link's output, whole: 1, or 0 when no link can
+    take it. The frames are the caller's still."""
+    cdef Conn *link = dl_pick(r)
+    cdef uint32_t i
+    if link == NULL:
+        return 0
+    conn_append_frame(&r.links, link, identity, identity_len, n > 0)
+    for i in range(n):
+        conn_append_frame(&r.links, link, <const uint8_t *>Z.msg_data(&frames[i]),
+                          Z.msg_size(&frames[i]), i < n - 1)
+    link.queued += 1
+    conn_mark_dirty(&r.links, link)
+    return 1
+
+
+cdef void dl_flush(NativeRelay r, Conn *c) noexcept nogil:
+    if not conn_flush(&r.links, c):
+        dl_lose(r, c)
+
+
+cdef void dl_flush_dirty(NativeRelay r, double now) noexcept nogil:
+    """Each link's requests of this wake-up in one write."""
+    cdef int i
+    cdef Conn *c
+    for i in range(r.links.ndirty):
+        c = &r.links.conns[r.links.dirty[i]]
+        c.dirty = False
+        if c.fd >= 0:
+            dl_flush(r, c)
+    r.links.ndirty = 0
+    if r.npending and r.links_up:
+        dl_send_pending(r, now)
+
+
+# -- replies ------------------------------------------------------------------------
+
+cdef void dl_on_frame(NativeRelay r, Conn *c, ZmtpEvent *ev, double now) noexcept nogil:
+    """A piece of a reply. The routing id (frame 0) is gathered in `c.id`, the other
+    frames in `c.box` (each its size, then its bytes); the reply goes to its client only
+    whole, so that nothing queued for that client meanwhile (a reject, a PONG) lands
+    between its frames. What one reply may hold is the client's max_queued_bytes: a
+    bigger one could never be queued to it."""
+    cdef size_t need
+    cdef uint8_t *grown
+    if c.reply_frame == 0:
+        if ev.begin:
+            c.id[0] = 0
+            c.reply_bytes = 0
+            c.reply_dropped = False
+            c.box_len = 0
+        # no routing id is longer: then no one is found to deliver to
+        if ev.frame_size <= ZMTP_MAX_IDENTITY:
+            memcpy(c.id + 1 + c.id[0], ev.data, ev.len)
+            c.id[0] += <uint8_t>ev.len
+        c.reply_bytes += ev.len
+        if ev.end:
+            r.round_trips.on_replied(c.id + 1, c.id[0], now)
+            c.reply_frame = 1
+            if not ev.more:
+                dl_deliver(r, c)
+        return
+    c.reply_bytes += ev.len
+    if ev.begin and not c.reply_dropped:
+        need = c.box_len + sizeof(uint64_t) + ev.frame_size
+        if need > r.max_queued:
+            c.reply_dropped = True
+        elif need > c.box_size:
+            grown = <uint8_t *>realloc(c.box, max(need, 2 * c.box_size))
+            if grown == NULL:
+                c.reply_dropped = True
+            else:
+                c.box, c.box_size = grown, max(need, 2 * c.box_size)
+        if not c.reply_dropped:
+            memcpy(c.box + c.box_len, &ev.frame_size, sizeof(uint64_t))
+            c.box_len += sizeof(uint64_t)
+    if not c.reply_dropped:
+        memcpy(c.box + c.box_len, ev.data, ev.len)
+        c.box_len += ev.len
+    if ev.end:
+        c.reply_frame += 1
+        if not ev.more:
+            dl_deliver(r, c)
+
+
+cdef void dl_deliver(NativeRelay r, Conn *c) noexcept nogil:
+    """A whole reply: to the client with its routing id, within sndhwm and the reply
+    budgets, or counted as dropped, late or unroutable."""
+    cdef int slot = ki_find(&r.ids, c.id + 1, c.id[0]) if c.reply_frame > 1 else -1
+    cdef Conn *client = NULL
+    cdef size_t pos = 0, wire = 0
+    cdef uint64_t size
+    if slot < 0:  # no client with that id, or a routing id with nothing after it
+        be_count_unroutable(r, c.id + 1, c.id[0], c.reply_frame > 1)
+    else:
+        client = &r.io.conns[(<uint32_t *>r.ids.payload)[slot]]
+    if client != NULL:
+        while pos < c.box_len:
+            memcpy(&size, c.box + pos, sizeof(uint64_t))
+            wire += framed_size(client, size)
+            pos += sizeof(uint64_t) + size
+        if c.reply_dropped or client.queued >= r.sndhwm or not fe_make_room(r, client, wire):
+            r.counts[REPLY_DROPPED] += 1
+            client = NULL
+    if client != NULL:
+        pos = 0
+        while pos < c.box_len:
+            memcpy(&size, c.box + pos, sizeof(uint64_t))
+            pos += sizeof(uint64_t)
+            conn_append_frame(&r.io, client, c.box + pos, size, pos + size < c.box_len)
+            pos += size
+        client.queued += 1
+        conn_mark_dirty(&r.io, client)
+        r.counts[REPLIED] += 1
+        r.counts[FE_MSGS_OUT] += 1
+        r.counts[FE_BYTES_OUT] += c.reply_bytes
+    r.counts[BE_MSGS_IN] += 1
+    r.counts[BE_BYTES_IN] += c.reply_bytes
+    c.reply_frame = 0
+    c.box_len = 0
+    if c.box_size > OUT_KEEP:  # an outsized reply's room is not kept
+        free(c.box)
+        c.box = NULL
+        c.box_size = 0
+
+
+# -- timers and closing --------------------------------------------------------------
+
+cdef void dl_sweep(NativeRelay r, double now) noexcept nogil:
+    """Links whose connect or handshake takes longer than handshake_timeout_ms (a port
+    that takes the connection and says nothing), or whose broker stopped answering
+    PINGs; heartbeats to the others."""
+    cdef int i
+    cdef Conn *c
+    for i in range(r.links.max_conns):
+        c = &r.links.conns[i]
+        if c.fd >= 0 and conn_timers(&r.links, c, now) != CONN_ALIVE:
+            dl_lose(r, c)
+
+cdef void dl_lose(NativeRelay r, Conn *c) noexcept nogil:
+    """Close a link (a reply it had begun is lost with it); Python dials again."""
+    if c.fd >= 0:
+        epoll_ctl(r.link_epoll, EPOLL_CTL_DEL, c.fd, NULL)
+        if c.writing:
+            epoll_ctl(r.links.outer, EPOLL_CTL_DEL, c.fd, NULL)
+        close(c.fd)
+    if c.state == ST_OPEN:
+        r.links_up -= 1
+    if c.state != ST_FREE:
+        r.link_news[c - r.links.conns] |= LINK_LOST
+        zmtp_decoder_free(&c.dec)
+    conn_release_out(&r.links, c)
+    free(c.box)
+    c.box = NULL
+    c.box_len = c.box_size = 0
+    c.fd = -1
+    c.state = ST_FREE
+    c.writing = c.dirty = False
+    c.reply_frame = 0
