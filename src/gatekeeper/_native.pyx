@@ -1,15 +1,16 @@
 # cython: language_level=3
-"""The native frontend engine: the gatekeeper's own ZMTP ROUTER over tcp and ipc (Linux).
+"""The native engine: the gatekeeper's own ZMTP ROUTER toward clients over tcp and ipc
+(Linux), and its own DEALER toward brokers where it can (backend.engine_for).
 
 A libzmq ROUTER parses what untrusted peers send and buffers a multipart message whole
 before anyone sees it. Here the gatekeeper reads the bytes itself (`_zmtp`, a sans-IO
 codec), counts each message against [limits] as it arrives, holds it only while it is
 within them, decides it with the same `PolicyEngine` as the libzmq frontend, and hands
-what passes to the backend DEALER, which stays libzmq.
+what passes to the backend: its own DEALER's broker links, or a libzmq DEALER.
 
-One thread, one "outer" epoll over the listening sockets, the ZMQ_FDs of the backend and
-of the service sockets, client connections with replies to write, and an "inner" epoll of
-the client connections to read: the inner one is in the outer set only while clients are
+One thread, one "outer" epoll over the listening sockets, the ZMQ_FDs of a libzmq backend
+and of the service sockets, the broker links' epoll, connections with output to write, and
+an "inner" epoll of the client connections to read: the inner one is in the outer set only while clients are
 read, so pause, drain and a full backend stop all reads in O(1). Client reads are
 level-triggered, one bounded slice per ready connection per wake-up, so that a busy
 connection cannot delay the others.
@@ -19,7 +20,8 @@ on the hot path): `_native.pxd` declares the bounds, the structs and NativeRelay
 by room; this file holds the imports, the constants and the class Python calls, and
 includes the rooms: `_native_conn.pxi` (what every connection has: output, flush,
 timers), `_native_frontend.pxi` (who gets in), `_native_requests.pxi` (what clients
-send), `_native_backend.pxi` (the libzmq DEALER) and `_native_loop.pxi` (the epoll loop).
+send), `_native_backend.pxi` (the libzmq DEALER, and what either backend holds while it is
+full), `_native_dealer.pxi` (our own DEALER) and `_native_loop.pxi` (the epoll loop).
 """
 
 cimport cython
