@@ -101,8 +101,8 @@ def debian_curve_broker(tmp_path_factory):
     return build(tmp_path_factory, "curve_server")
 
 
-def test_a_curve_broker_on_debians_libzmq(gatekeeper_factory, debian_curve_broker, ctx,
-                                          tmp_path):
+def test_a_curve_broker_on_debians_libzmq(gatekeeper_factory, debian_curve_broker, engine,
+                                          ctx, tmp_path):
     """tests/interop/curve_server.c: a ROUTER linked against the system's libzmq (4.3.4,
     its own libsodium) that echoes COUNT messages, then exits 0."""
     broker_public, broker_secret = zmq.curve_keypair()
@@ -121,6 +121,7 @@ def test_a_curve_broker_on_debians_libzmq(gatekeeper_factory, debian_curve_broke
     try:
         version = broker.stdout.readline().split()[1]
         assert version != zmq.zmq_version(), "the broker's libzmq is pyzmq's own"
+        assert gk.ctl("STATS")["backend_engine"] == engine  # native: the native DEALER
         dealer = client(ctx, gk.frontend, identity=b"d", timeout_ms=10000)
         for i in range(count):
             assert ask(dealer, b"over curve %d" % i) == [b"", b"over curve %d" % i]

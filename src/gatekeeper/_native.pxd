@@ -6,7 +6,7 @@
 cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
-from gatekeeper._curve cimport CurveKeys, CurveState
+from gatekeeper._curve cimport CurveClientKeys, CurveKeys, CurveState
 from gatekeeper._fast cimport NCOUNTERS, PolicyEngine, RoundTrips
 from gatekeeper._tables cimport KEY_STRIDE, Bucket, KeyIndex, Limits
 from gatekeeper._zmq_abi cimport gk_zmq_msg_t
@@ -139,6 +139,8 @@ cdef struct Conn:
     uint32_t reply_frame
     uint64_t reply_bytes
     bint reply_dropped
+    uint8_t *sealed           # a CURVE link's box still arriving: held whole, then opened
+    size_t sealed_len, sealed_cap
 
 
 
@@ -292,3 +294,6 @@ cdef class NativeRelay:
     cdef uint32_t link_sndhwm         # requests waiting to be written to one link
     cdef uint64_t link_max_frame      # backend.max_message_size
     cdef uint8_t link_news[MAX_LINKS] # LINK_UP, LINK_LOST since Python last looked
+    cdef bint link_curve              # [backend.curve]: every broker speaks CURVE
+    cdef CurveClientKeys link_keys
+    cdef uint8_t *link_scratch        # what curve_client_on_welcome writes

@@ -98,14 +98,23 @@ from gatekeeper._zmq_abi cimport (
 from gatekeeper._curve cimport (
     CURVE_COOKIE_KEY_PERIOD_S,
     CURVE_EXPECT_HELLO,
+    CURVE_EXPECT_WELCOME,
     CURVE_FLAG_COMMAND,
     CURVE_FLAG_MORE,
+    CURVE_HELLO_FRAME_SIZE,
+    CURVE_INITIATE_FRAME_MAX,
     CURVE_INITIATE_OUT_SIZE,
     CURVE_KEY_SIZE,
     CURVE_MESSAGE_HEADER,
     CURVE_MESSAGE_OVERHEAD,
     CURVE_WELCOME_FRAME_SIZE,
+    CurveClientKeys,
     CurveKeys,
+    curve_client_keys_clear,
+    curve_client_keys_init,
+    curve_client_on_ready,
+    curve_client_on_welcome,
+    curve_client_start,
     curve_decrypt,
     curve_encrypt,
     curve_keys_clear,
@@ -118,6 +127,8 @@ from gatekeeper._curve cimport (
 )
 from gatekeeper._zmtp cimport (
     ZMTP_COMMAND,
+    ZMTP_DEALER_METADATA_SIZE,
+    ZMTP_MAX_COMMAND,
     ZMTP_CMD_ERROR,
     ZMTP_CMD_PING,
     ZMTP_E_LEGACY_PROTOCOL,
@@ -148,6 +159,7 @@ from gatekeeper._zmtp cimport (
     zmtp_decoder_held,
     zmtp_decoder_init,
     zmtp_decoder_set_mechanism,
+    zmtp_dealer_metadata,
     zmtp_dealer_ready,
     zmtp_error,
     zmtp_frame_header,
@@ -300,6 +312,9 @@ cdef inline uint64_t tag_index(uint64_t tagged) noexcept nogil:
     return tagged & ((<uint64_t>1 << TAG_SHIFT) - 1)
 
 
+assert CURVE_HELLO_FRAME_SIZE >= max(ZMTP_GREETING_REST_MAX, ZMTP_READY_SIZE)  # dl_on_handshake
+
+
 cdef void _liveness(ConnTable *t, settings, int interval_ms, int timeout_ms, int ttl_ms):
     """A table's heartbeats and TCP keepalive."""
     t.hb_interval = interval_ms * 1e-3
@@ -430,6 +445,14 @@ cdef class NativeRelay:
         self.links.write_tag = TAG_LINK
         _liveness(&self.links, settings, settings.backend_heartbeat_interval_ms,
                   settings.backend_heartbeat_timeout_ms, settings.backend_heartbeat_ttl_ms)
+        if settings.backend_curve_secret_key is not None:
+            self.link_scratch = <uint8_t *>malloc(CURVE_INITIATE_FRAME_MAX)
+            if self.link_scratch == NULL:
+                raise MemoryError()
+            if curve_client_keys_init(&self.link_keys, settings.backend_curve_secret_key,
+                                      settings.backend_curve_server_key) != 0:
+                raise ValueError("backend.curve: the keys are not CURVE keys")
+            self.link_curve = True
         self.link_sndhwm = settings.backend_sndhwm
         self.link_max_frame = settings.backend_max_message_size
         self.link_epoll = epoll_create1(EPOLL_CLOEXEC)
@@ -519,6 +542,8 @@ cdef class NativeRelay:
             free(self.links.conns)
         free(self.links.dirty)
         pool_free(&self.links.out_buffers)
+        free(self.link_scratch)
+        curve_client_keys_clear(&self.link_keys)
         if self.link_epoll >= 0:
             close(self.link_epoll)
         if self.io.conns != NULL:

@@ -79,7 +79,10 @@ cdef void dl_read(NativeRelay r, Conn *c, double now) noexcept nogil:
         if ev.kind == ZMTP_NEED_MORE:
             break
         if ev.kind == ZMTP_FRAME:
-            dl_on_frame(r, c, &ev, now)
+            if c.curve:
+                dl_on_box(r, c, &ev, now)
+            else:
+                dl_on_frame(r, c, &ev, now)
         elif ev.kind == ZMTP_ERROR:
             dl_lose(r, c)  # garbage, a frame over max_message_size, or the peer's ERROR
         elif ev.kind == ZMTP_COMMAND:
@@ -91,7 +94,7 @@ cdef void dl_read(NativeRelay r, Conn *c, double now) noexcept nogil:
 
 
 cdef void dl_on_handshake(NativeRelay r, Conn *c, ZmtpEvent *ev) noexcept nogil:
-    cdef uint8_t out[ZMTP_GREETING_REST_MAX + ZMTP_READY_SIZE]
+    cdef uint8_t out[CURVE_HELLO_FRAME_SIZE]  # the largest: greeting rest, READY, HELLO
     cdef size_t n
     if ev.kind == ZMTP_SIGNATURE:
         conn_append(&r.links, c, out, zmtp_greeting_major(out))
@@ -99,31 +102,75 @@ cdef void dl_on_handshake(NativeRelay r, Conn *c, ZmtpEvent *ev) noexcept nogil:
         if ev.revision < 3:
             dl_lose(r, c)  # a DEALER speaks ZMTP 3 to its broker, as libzmq's
             return
-        conn_append(&r.links, c, out, zmtp_greeting_rest(out, ev.revision, ZMTP_MECH_NULL))
+        conn_append(&r.links, c, out, zmtp_greeting_rest(
+            out, ev.revision, ZMTP_MECH_CURVE if r.link_curve else ZMTP_MECH_NULL))
     elif ev.kind == ZMTP_GREETING:
-        if not is_mechanism(ev.mechanism, "NULL"):
+        if not is_mechanism(ev.mechanism, "CURVE" if r.link_curve else "NULL"):
             dl_lose(r, c)
             return
-        # READY now; data only after the broker's READY (libzmq 4.3.5 closes a
-        # connection whose first message comes in the segment of its READY)
-        n = zmtp_dealer_ready(out)
-        conn_append(&r.links, c, out, n)
         c.heartbeats = True
+        if r.link_curve:
+            zmtp_decoder_set_mechanism(&c.dec, ZMTP_MECH_CURVE)
+            c.curve = True
+            if curve_client_start(&c.cs, &r.link_keys, out, &n) != 0:
+                dl_lose(r, c)
+                return
+        else:
+            # READY now; data only after the broker's READY (libzmq 4.3.5 closes a
+            # connection whose first message comes in the segment of its READY)
+            n = zmtp_dealer_ready(out)
+        conn_append(&r.links, c, out, n)
     elif ev.kind == ZMTP_READY:
-        if not (is_socket_type(ev.socket_type, ev.socket_type_len, "ROUTER")
-                or is_socket_type(ev.socket_type, ev.socket_type_len, "REP")
-                or is_socket_type(ev.socket_type, ev.socket_type_len, "DEALER")):
-            dl_lose(r, c)  # a DEALER talks to these only (RFC 28)
-            return
-        c.state = ST_OPEN
-        r.links_up += 1
-        r.link_news[c - r.links.conns] |= LINK_UP
+        dl_open(r, c, ev)
         return
     dl_flush(r, c)
 
 
+cdef void dl_open(NativeRelay r, Conn *c, ZmtpEvent *peer) noexcept nogil:
+    """The broker's READY (in clear, or opened from its CURVE box): it is up, if it is
+    a socket a DEALER talks to (RFC 28)."""
+    if not (is_socket_type(peer.socket_type, peer.socket_type_len, "ROUTER")
+            or is_socket_type(peer.socket_type, peer.socket_type_len, "REP")
+            or is_socket_type(peer.socket_type, peer.socket_type_len, "DEALER")):
+        dl_lose(r, c)
+        return
+    c.state = ST_OPEN
+    r.links_up += 1
+    r.link_news[c - r.links.conns] |= LINK_UP
+
+
+cdef void dl_on_curve_handshake(NativeRelay r, Conn *c, ZmtpEvent *ev) noexcept nogil:
+    """WELCOME, then READY: the whole command, name included, to the CURVE layer."""
+    cdef const uint8_t *cmd = ev.name - 1
+    cdef size_t n = 1 + ev.name_len + ev.len, out_len = 0, metadata_len = 0
+    cdef uint8_t metadata[ZMTP_DEALER_METADATA_SIZE]
+    cdef ZmtpEvent peer
+    if c.cs.phase == CURVE_EXPECT_WELCOME:
+        if curve_client_on_welcome(&c.cs, &r.link_keys, cmd, n, metadata,
+                                   zmtp_dealer_metadata(metadata), r.link_scratch,
+                                   &out_len) != 0:
+            dl_lose(r, c)  # an ERROR (a refused key) is the codec's, and closes as well
+            return
+        conn_append(&r.links, c, r.link_scratch, out_len)
+        dl_flush(r, c)
+        return
+    memset(&peer, 0, sizeof(ZmtpEvent))
+    if (curve_client_on_ready(&c.cs, cmd, n, r.link_scratch, &metadata_len) != 0
+            or zmtp_parse_metadata(r.link_scratch, metadata_len, &peer) != 0):
+        dl_lose(r, c)
+        return
+    zmtp_decoder_handshake_done(&c.dec)
+    dl_open(r, c, &peer)
+
+
 cdef void dl_on_command(NativeRelay r, Conn *c, ZmtpEvent *ev) noexcept nogil:
     cdef uint8_t out[ZMTP_PONG_MAX]
+    if c.curve:
+        if c.state == ST_OPEN:
+            dl_lose(r, c)  # commands travel in boxes now: one in clear is an error
+        else:
+            dl_on_curve_handshake(r, c, ev)
+        return
     if ev.command == ZMTP_CMD_PING:
         conn_send_command(&r.links, c, out, zmtp_pong(out, ev.context, ev.context_len))
         conn_mark_dirty(&r.links, c)
@@ -216,6 +263,49 @@ cdef void dl_flush_dirty(NativeRelay r, double now) noexcept nogil:
 
 
 # -- replies ------------------------------------------------------------------------
+
+cdef void dl_on_box(NativeRelay r, Conn *c, ZmtpEvent *ev, double now) noexcept nogil:
+    """A CURVE link's frame: one MESSAGE box, held whole (MORE is inside it), opened in
+    place, then taken as the reply frame, or the command (a PING), it holds."""
+    cdef uint8_t *grown
+    cdef uint8_t flags
+    cdef ssize_t n
+    cdef ZmtpEvent frame
+    cdef uint8_t out[ZMTP_PONG_MAX]
+    if ev.more:
+        dl_lose(r, c)  # libzmq never sets MORE outside a box
+        return
+    if ev.begin and ev.frame_size > c.sealed_cap:
+        grown = <uint8_t *>realloc(c.sealed, ev.frame_size)
+        if grown == NULL:
+            dl_lose(r, c)
+            return
+        c.sealed, c.sealed_cap = grown, ev.frame_size
+    if ev.begin:
+        c.sealed_len = 0
+    memcpy(c.sealed + c.sealed_len, ev.data, ev.len)
+    c.sealed_len += ev.len
+    if not ev.end:
+        return
+    n = curve_decrypt(&c.cs, c.sealed, c.sealed_len, c.sealed, &flags)
+    if n < 0:
+        dl_lose(r, c)  # a replayed nonce or a forged box
+        return
+    if flags & CURVE_FLAG_COMMAND:
+        # a command in a box: name length, name, body (RFC 23); PING's body, TTL and context
+        if n >= 7 and c.sealed[0] == 4 and memcmp(c.sealed + 1, b"PING", 4) == 0:
+            conn_send_command(&r.links, c, out, zmtp_pong(
+                out, c.sealed + 7, min(<size_t>n - 7, <size_t>ZMTP_PING_MAX_CONTEXT)))
+            conn_mark_dirty(&r.links, c)
+        elif n >= 6 and c.sealed[0] == 5 and memcmp(c.sealed + 1, b"ERROR", 5) == 0:
+            dl_lose(r, c)
+        return
+    memset(&frame, 0, sizeof(ZmtpEvent))
+    frame.kind = ZMTP_FRAME
+    frame.data, frame.len, frame.frame_size = c.sealed, <size_t>n, <uint64_t>n
+    frame.begin = frame.end = True
+    frame.more = (flags & CURVE_FLAG_MORE) != 0
+    dl_on_frame(r, c, &frame, now)
 
 cdef void dl_on_frame(NativeRelay r, Conn *c, ZmtpEvent *ev, double now) noexcept nogil:
     """A piece of a reply. The routing id (frame 0) is gathered in `c.id`, the other
@@ -333,8 +423,12 @@ cdef void dl_lose(NativeRelay r, Conn *c) noexcept nogil:
         zmtp_decoder_free(&c.dec)
     conn_release_out(&r.links, c)
     free(c.box)
-    c.box = NULL
-    c.box_len = c.box_size = 0
+    free(c.sealed)
+    c.box = c.sealed = NULL
+    c.box_len = c.box_size = c.sealed_len = c.sealed_cap = 0
+    if c.curve:
+        curve_state_clear(&c.cs)  # wipes the session key
+        c.curve = False
     c.fd = -1
     c.state = ST_FREE
     c.writing = c.dirty = False

@@ -106,7 +106,11 @@ def engine_for(policy: Any, frontend_engine: str) -> tuple[str, str]:
     if b.bind:
         return "libzmq", "backend.bind: brokers that connect in are served by a libzmq DEALER"
     if b.curve is not None:
-        return "libzmq", "[backend.curve]: a CURVE broker is served by a libzmq DEALER"
+        from . import _curve
+
+        if not _curve.curve_available():
+            return "libzmq", ("native CURVE needs the libsodium of pyzmq's libzmq: "
+                              f"{_curve.unavailable_reason()}")
     if not b.immediate:
         return "libzmq", ("backend.immediate = false: queueing for brokers not connected "
                           "yet is a libzmq DEALER's")

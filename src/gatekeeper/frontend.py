@@ -226,6 +226,8 @@ class NativeSettings:
     backend_heartbeat_interval_ms: int = 5000
     backend_heartbeat_timeout_ms: int = 15000
     backend_heartbeat_ttl_ms: int = 15000
+    backend_curve_secret_key: bytes | None = None  # [backend.curve]: ours, 32 bytes
+    backend_curve_server_key: bytes | None = None  # the broker's public key
     curve_secret_key: bytes | None = None  # [frontend.curve]: our 32-byte secret key
     curve_allowed_keys: frozenset[bytes] | None = None  # clients' 32-byte keys; None: any
     max_rate_addresses: int = MAX_RATE_ADDRESSES
@@ -253,10 +255,21 @@ def native_settings(policy: Policy, client_keys: frozenset[bytes] | None = None,
         backend_heartbeat_interval_ms=policy.backend.heartbeat_interval_ms,
         backend_heartbeat_timeout_ms=policy.backend.heartbeat_timeout_ms,
         backend_heartbeat_ttl_ms=policy.backend.heartbeat_ttl_ms,
+        **(_backend_curve_keys(policy.backend.curve) if dealer else {}),
         curve_secret_key=secret,
         curve_allowed_keys=None if client_keys is None or curve is None
         else frozenset(z85.decode(k) for k in client_keys),
     )
+
+
+def _backend_curve_keys(curve: Any) -> dict[str, bytes]:
+    """[backend.curve]'s keys as the native DEALER takes them: raw 32 bytes."""
+    if curve is None:
+        return {}
+    secret = sockets.load_secret_key(curve.secret_key_file)
+    server = sockets.load_public_key(curve.server_public_key_file)
+    return {"backend_curve_secret_key": z85.decode(secret),
+            "backend_curve_server_key": z85.decode(server)}
 
 
 # NativeSettings' fields that are [frontend]'s of the same name

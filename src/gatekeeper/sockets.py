@@ -120,6 +120,11 @@ def load_secret_key(path: str) -> bytes:
     return secret
 
 
+def load_public_key(path: str) -> bytes:
+    """The Z85 public key of a certificate; SocketSetupError if it cannot."""
+    return _key_pair(path)[0]
+
+
 def frontend_options(p: Policy) -> list[SocketOption]:
     f = p.frontend
     # max_queued_bytes and max_queued_total_bytes are the native engine's
