@@ -65,17 +65,30 @@ cdef void dl_greet(NativeRelay r, Conn *c, double now) noexcept nogil:
 
 
 cdef void dl_read(NativeRelay r, Conn *c, double now) noexcept nogil:
-    cdef ssize_t n = recv(c.fd, r.rbuf, READ_SLICE, 0)
+    """Up to REPLY_BATCH replies a wake-up, slice after slice: replies must drain faster
+    than a flood's requests arrive, or the broker's ROUTER, its pipe to us full, drops
+    them (libzmq's ROUTER drops at its high-water mark)."""
+    cdef uint64_t first = r.counts[BE_MSGS_IN]
+    cdef ssize_t n = READ_SLICE
+    while (c.fd >= 0 and n == READ_SLICE
+           and r.counts[BE_MSGS_IN] - first < <uint64_t>REPLY_BATCH):
+        n = recv(c.fd, r.rbuf, READ_SLICE, 0)
+        if n <= 0:
+            if not (n < 0 and (errno == EAGAIN or errno == EINTR)):
+                dl_lose(r, c)
+            break
+        c.last_recv = now
+        dl_process(r, c, <size_t>n, now)
+    if r.npending and r.links_up:
+        dl_send_pending(r, now)
+
+
+cdef void dl_process(NativeRelay r, Conn *c, size_t n, double now) noexcept nogil:
+    """What one read of `n` bytes into r.rbuf holds."""
     cdef ZmtpEvent ev
     cdef size_t pos = 0
-    if n <= 0:
-        if n < 0 and (errno == EAGAIN or errno == EINTR):
-            return
-        dl_lose(r, c)
-        return
-    c.last_recv = now
     while c.fd >= 0:
-        pos += <size_t>zmtp_next(&c.dec, r.rbuf + pos, <size_t>n - pos, &ev)
+        pos += <size_t>zmtp_next(&c.dec, r.rbuf + pos, n - pos, &ev)
         if ev.kind == ZMTP_NEED_MORE:
             break
         if ev.kind == ZMTP_FRAME:
@@ -89,8 +102,6 @@ cdef void dl_read(NativeRelay r, Conn *c, double now) noexcept nogil:
             dl_on_command(r, c, &ev)
         else:
             dl_on_handshake(r, c, &ev)
-    if r.npending and r.links_up:
-        dl_send_pending(r, now)
 
 
 cdef void dl_on_handshake(NativeRelay r, Conn *c, ZmtpEvent *ev) noexcept nogil:
