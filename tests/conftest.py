@@ -138,20 +138,22 @@ def redis_factory(tmp_path):
 
 @pytest.fixture
 def gatekeeper_factory(tmp_path, echo_broker_factory, engine):
-    """`make(extra_toml, broker=True, python_twin=False, metrics=False, brokers=1)`: an
-    echo broker and a running gatekeeper CLI process in front of it (connected to
-    `brokers` endpoints, `gk.backends`; the broker is on the first), on the `engine` under
-    test; both stopped afterwards."""
+    """`make(extra_toml, broker=True, python_twin=False, metrics=False, brokers=1,
+    brokers_connect=False)`: an echo broker and a running gatekeeper CLI process in front
+    of it (connected to `brokers` endpoints, `gk.backends`, or bound there with
+    `brokers_connect`; the broker is on the first), on the `engine` under test; both
+    stopped afterwards."""
     from harness import GatekeeperProcess
 
     procs = []
 
     def make(extra="", *, broker=True, python_twin=False, metrics=False, start=True,
-             brokers=1):
+             brokers=1, brokers_connect=False):
         workdir = tmp_path / f"gk{len(procs)}"
         workdir.mkdir()
         gk = GatekeeperProcess(workdir, extra, python_twin=python_twin, metrics=metrics,
-                               engine="libzmq" if python_twin else engine, brokers=brokers)
+                               engine="libzmq" if python_twin else engine, brokers=brokers,
+                               brokers_connect=brokers_connect)
         procs.append(gk)
         if broker:
             gk.broker = echo_broker_factory(gk.backend)

@@ -83,9 +83,13 @@ class GatekeeperProcess:
 
     def __init__(self, workdir: Path, extra: str = "", *, python_twin: bool = False,
                  backend_port: int | None = None, metrics: bool = False,
-                 engine: str = "native", brokers: int = 1) -> None:
+                 engine: str = "native", brokers: int = 1,
+                 brokers_connect: bool = False) -> None:
+        """`brokers_connect`: the backend binds `backends` (backend.bind) and brokers
+        connect to it, instead of the other way round."""
         self.workdir = workdir
         self.engine = engine
+        self.brokers_connect = brokers_connect
         self.frontend_port = free_port()
         self.backend_port = backend_port or free_port()
         self.frontend = f"tcp://127.0.0.1:{self.frontend_port}"
@@ -114,7 +118,7 @@ class GatekeeperProcess:
             bind = ["{self.frontend}"]
             engine = "{self.engine}"
             [backend]
-            connect = {json.dumps(self.backends)}
+            {"bind" if self.brokers_connect else "connect"} = {json.dumps(self.backends)}
             [control]
             bind = "{self.control}"
             [metrics]

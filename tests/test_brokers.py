@@ -3,6 +3,7 @@ round-robin over live brokers, a broker that goes away and comes back, a CURVE b
 built on Debian's libzmq, and an endpoint that answered as the wrong service before a real
 broker took it."""
 
+import os
 import socket
 import subprocess
 import threading
@@ -12,7 +13,7 @@ import pytest
 import zmq
 
 from handshake import wait_for
-from harness import EchoBroker, client
+from harness import EchoBroker, client, free_port
 from system_libzmq import build
 import zmtp as wire
 
@@ -38,9 +39,14 @@ def backend(request, engine) -> str:
 class CountingEchoBroker(EchoBroker):
     """An echo broker that counts the requests it answered."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, bind: bool = True) -> None:
         self.answered = 0
-        super().__init__(endpoint)
+        super().__init__(endpoint, bind)
+
+    @classmethod
+    def connecting(cls, endpoint: str) -> "CountingEchoBroker":
+        """One that connects to the gatekeeper's bound backend."""
+        return cls(endpoint, bind=False)
 
     def _serve(self) -> None:
         try:
@@ -51,6 +57,11 @@ class CountingEchoBroker(EchoBroker):
             pass
         finally:
             self.socket.close(0)
+
+
+def assert_engine(gk, backend: str) -> None:
+    """The backend engine the test asked for runs: no fallback hid it."""
+    assert f'engine = "{gk.ctl("STATS")["backend_engine"]}"' in backend
 
 
 def ask(sock: zmq.Socket, body: bytes) -> list[bytes]:
@@ -81,7 +92,7 @@ def test_a_broker_gone_is_backend_unavailable_at_once_then_served_on_its_return(
         gatekeeper_factory, echo_broker_factory, backend, ctx):
     gk = gatekeeper_factory(backend + "[violations]\naction = \"reject\"\n"
                             "[backpressure]\non_backend_full = \"reject\"\n" + QUICK_RECONNECTS)
-    assert f'"{gk.ctl("STATS")["backend_engine"]}"' in backend
+    assert_engine(gk, backend)
     dealer = client(ctx, gk.frontend, identity=b"d")
     assert ask(dealer, b"before") == [b"", b"before"]
     gk.broker.close()
@@ -180,3 +191,154 @@ def test_an_endpoint_that_spoke_garbage_is_retried_until_a_broker_serves_it(
     dealer = client(ctx, gk.frontend, identity=b"d", timeout_ms=5000)
     assert ask(dealer, b"served") == [b"", b"served"]
     assert gk.proc.poll() is None
+
+
+def test_brokers_that_connect_in_share_the_requests_and_one_gone_leaves_the_other(
+        gatekeeper_factory, backend, ctx):
+    """backend.bind: brokers connect to the gatekeeper, over tcp and ipc."""
+    gk = gatekeeper_factory(backend, broker=False, brokers=2, brokers_connect=True,
+                            start=False)
+    gk._more_backends[0] = f"ipc://{gk.workdir}/brokers.ipc"
+    gk.write_policy(backend)
+    gk.start()
+    brokers = [CountingEchoBroker.connecting(endpoint) for endpoint in gk.backends]
+    try:
+        assert wait_for(lambda: gk.ctl("STATS")["backend_connections"] == 2)
+        assert_engine(gk, backend)
+        dealers = [client(ctx, gk.frontend, identity=b"c%d" % i) for i in range(4)]
+        for i in range(250):
+            for d in dealers:
+                d.send_multipart([b"", b"%d" % i])
+        for d in dealers:
+            assert sorted(int(d.recv_multipart()[1]) for _ in range(250)) == list(range(250))
+        assert sum(b.answered for b in brokers) == 1000
+        assert all(0.35 <= b.answered / 1000 <= 0.65 for b in brokers)
+        brokers.pop(0).close()
+        assert wait_for(lambda: gk.ctl("STATS")["backend_connections"] == 1)
+        for i in range(20):
+            assert ask(dealers[0], b"left %d" % i) == [b"", b"left %d" % i]
+    finally:
+        for b in brokers:
+            b.close()
+
+
+def test_immediate_false_holds_requests_for_a_broker_not_up_yet(
+        gatekeeper_factory, echo_broker_factory, backend, ctx):
+    """backend.immediate = false, as a libzmq DEALER: requests are queued for an endpoint
+    whose broker is not there yet, up to sndhwm, and reach it once it is; what passes
+    sndhwm is backend_unavailable."""
+    gk = gatekeeper_factory(backend + QUICK_RECONNECTS
+                            + "[backend]\nimmediate = false\nsndhwm = 5\n"
+                            "[violations]\naction = \"reject\"\n"
+                            "[backpressure]\non_backend_full = \"reject\"\n", broker=False)
+    assert_engine(gk, backend)
+    dealer = client(ctx, gk.frontend, identity=b"d", timeout_ms=5000)
+    for i in range(7):
+        dealer.send_multipart([b"", b"early %d" % i])
+    refused = [dealer.recv_multipart() for _ in range(2)]
+    assert refused == [[b"", b"GATEKEEPER", b"backend_unavailable"]] * 2
+    assert dealer.poll(300) == 0  # the five held are not answered by anyone yet
+    gk.broker = echo_broker_factory(gk.backend)
+    assert [dealer.recv_multipart() for _ in range(5)] == [
+        [b"", b"early %d" % i] for i in range(5)]
+    assert ask(dealer, b"later") == [b"", b"later"]
+
+
+def test_immediate_false_round_robins_over_endpoints_up_or_not(
+        gatekeeper_factory, echo_broker_factory, backend, ctx):
+    """Half the requests wait for the broker that is not up, as libzmq's pipes do."""
+    gk = gatekeeper_factory(backend + QUICK_RECONNECTS + "[backend]\nimmediate = false\n",
+                            brokers=2)
+    assert_engine(gk, backend)
+    dealer = client(ctx, gk.frontend, identity=b"d", timeout_ms=5000)
+    assert wait_for(lambda: gk.ctl("STATS")["backend_connections"] == 1)
+    for i in range(10):
+        dealer.send_multipart([b"", b"%d" % i])
+    first = sorted(int(dealer.recv_multipart()[1]) for _ in range(5))
+    assert dealer.poll(300) == 0
+    late = echo_broker_factory(gk.backends[1])
+    rest = sorted(int(dealer.recv_multipart()[1]) for _ in range(5))
+    assert sorted(first + rest) == list(range(10))
+    assert first in ([0, 2, 4, 6, 8], [1, 3, 5, 7, 9])
+    late.close()
+
+
+def test_a_broker_named_by_its_host_name_is_reached(gatekeeper_factory, backend, ctx):
+    gk = gatekeeper_factory(backend, start=False)
+    gk.policy_path.write_text(gk.policy_path.read_text().replace(
+        f"127.0.0.1:{gk.backend_port}", f"localhost:{gk.backend_port}"))
+    gk.start()
+    dealer = client(ctx, gk.frontend, identity=b"d", timeout_ms=5000)
+    assert ask(dealer, b"by name") == [b"", b"by name"]
+
+
+SLOW_LOOKUPS = '''
+import socket, time
+_getaddrinfo = socket.getaddrinfo
+
+def getaddrinfo(host, *args, **kwargs):
+    flags = kwargs.get("flags", args[4] if len(args) > 4 else 0)
+    # a name server that takes its time, then knows nothing; an address asks none
+    if host == "slow.test" and not flags & socket.AI_NUMERICHOST:
+        time.sleep(3)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    return _getaddrinfo(host, *args, **kwargs)
+
+socket.getaddrinfo = getaddrinfo
+'''
+
+
+def test_a_slow_name_lookup_stalls_no_client(gatekeeper_factory, backend, ctx, tmp_path):
+    """A broker endpoint whose name takes 3 s to (not) resolve, beside a broker that
+    serves: its lookups run off the loop's thread, so every request is answered at
+    once meanwhile."""
+    (tmp_path / "lookups").mkdir()
+    (tmp_path / "lookups" / "sitecustomize.py").write_text(SLOW_LOOKUPS)
+    gk = gatekeeper_factory(backend + QUICK_RECONNECTS, brokers=2, start=False)
+    gk.env["PYTHONPATH"] = os.pathsep.join(
+        [str(tmp_path / "lookups"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    gk.policy_path.write_text(gk.policy_path.read_text().replace(
+        gk.backends[1], f"tcp://slow.test:{free_port()}"))
+    gk.start()
+    assert_engine(gk, backend)
+    dealer = client(ctx, gk.frontend, identity=b"d", timeout_ms=5000)
+    slowest = 0.0
+    until = time.monotonic() + 4
+    while time.monotonic() < until:
+        started = time.monotonic()
+        assert ask(dealer, b"meanwhile") == [b"", b"meanwhile"]
+        slowest = max(slowest, time.monotonic() - started)
+        time.sleep(0.02)
+    assert slowest < 1.0, slowest
+
+
+@pytest.mark.engines("native")
+def test_brokers_connecting_in_past_the_limit_or_with_garbage_are_closed(
+        gatekeeper_factory, engine, ctx):
+    """The native DEALER takes at most 64 brokers at once; past those, and whatever
+    connects in speaking garbage, is closed, and a real broker is served after."""
+    gk = gatekeeper_factory('[backend]\nengine = "native"\n', broker=False,
+                            brokers_connect=True)
+    silent = [socket.create_connection(("127.0.0.1", gk.backend_port)) for _ in range(64)]
+    try:
+        for s in silent:  # each taken: our greeting's signature comes
+            s.settimeout(5)
+            assert s.recv(10)[:1] == b"\xff"
+        with socket.create_connection(("127.0.0.1", gk.backend_port)) as past:
+            past.settimeout(5)
+            assert past.recv(10) == b""  # closed at once
+    finally:
+        for s in silent:
+            s.close()
+    with socket.create_connection(("127.0.0.1", gk.backend_port)) as garbage:
+        garbage.settimeout(5)
+        garbage.sendall(b"GET / HTTP/1.1\r\n\r\n" * 4)
+        while garbage.recv(4096):
+            pass  # until the gatekeeper closes it
+    broker = CountingEchoBroker.connecting(gk.backend)
+    try:
+        dealer = client(ctx, gk.frontend, identity=b"d", timeout_ms=5000)
+        assert ask(dealer, b"served") == [b"", b"served"]
+        assert gk.ctl("STATS")["backend_connections"] == 1
+    finally:
+        broker.close()

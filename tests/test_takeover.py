@@ -163,9 +163,10 @@ def taker_for(old: GatekeeperProcess, workdir: Path, bind: list[str], extra: str
     new = GatekeeperProcess(workdir, engine=engine, backend_port=old.backend_port)
     new.control, new.metrics_port = old.control, old.metrics_port
     metrics = f"127.0.0.1:{old.metrics_port}" if old.metrics_port else ""
+    brokers = "bind" if old.brokers_connect else "connect"
     new.policy_path.write_text(
         f'[frontend]\nbind = {json.dumps(bind)}\nengine = "{engine}"\n{extra}\n'
-        f'[backend]\nconnect = ["{old.backend}"]\n'
+        f'[backend]\n{brokers} = ["{old.backend}"]\n'
         f'[control]\nbind = "{old.control}"\n[metrics]\nlisten = "{metrics}"\n')
     return new
 
@@ -305,6 +306,24 @@ def test_failed_takeover_leaves_the_old_one_serving(gatekeeper_factory, engine, 
     assert_untouched(old)
     abandoned = wait_for(lambda: event(old, "takeover_abandoned"), 5, "abandoned logged")
     assert abandoned["pid"] == new.proc.pid
+
+
+@pytest.mark.engines("native")
+def test_a_takeover_of_a_bound_backend_fails_and_leaves_the_old_one_serving(
+        gatekeeper_factory, engine, tmp_path):
+    """Brokers that connect in reach one process at a time: the broker endpoint stays
+    the running gatekeeper's."""
+    old = gatekeeper_factory(broker=False, brokers_connect=True)
+    broker = EchoBroker(old.backend, bind=False)
+    try:
+        new = taker_for(old, tmp_path / "new", [old.frontend])
+        new.start(wait=False, args=("--takeover",))
+        assert new.wait(15) == 1
+        new.stop()
+        assert old.backend in event(new, "startup_failed")["error"]
+        assert_untouched(old)
+    finally:
+        broker.close()
 
 
 def assert_untouched(old: GatekeeperProcess) -> None:

@@ -153,6 +153,15 @@ cdef enum:
     CONN_STALLED             # it took none of its output for slow_reader_timeout_ms
 
 
+# Requests held for a broker endpoint whose link is not up (backend.immediate = false),
+# kept across its redials as libzmq keeps a connect pipe; each frame its size shifted left
+# by one, MORE in the low bit, then its bytes. At most link_sndhwm messages (dl_pick).
+cdef struct LinkQueue:
+    uint8_t *frames
+    size_t len, cap
+    uint32_t count
+
+
 cdef struct Pool:
     void *blocks[POOL_SIZE]
     int count
@@ -291,9 +300,16 @@ cdef class NativeRelay:
     cdef int link_epoll               # the links to read, and connects to complete
     cdef int next_link                # round-robin: the link tried first
     cdef int links_up
+    cdef int links_top                # slots past this one never held a link: not scanned
     cdef uint32_t link_sndhwm         # requests waiting to be written to one link
     cdef uint64_t link_max_frame      # backend.max_message_size
     cdef uint8_t link_news[MAX_LINKS] # LINK_UP, LINK_LOST since Python last looked
     cdef bint link_curve              # [backend.curve]: every broker speaks CURVE
     cdef CurveClientKeys link_keys
     cdef uint8_t *link_scratch        # what curve_client_on_welcome writes
+    cdef bint link_immediate          # backend.immediate: requests only to links that are up
+    cdef LinkQueue link_waiting[MAX_LINKS]
+    # backend.bind: brokers connect in, each a link in a free slot (at most MAX_LINKS)
+    cdef int link_listeners[MAX_LISTENERS]
+    cdef int nlink_listeners
+    cdef double link_accept_resume    # after EMFILE: accept again from this time

@@ -432,7 +432,7 @@ cdef class NativeRelay:
         cdef int i
         if not 0 < settings.backend_links <= MAX_LINKS:
             raise ValueError(f"1 to {MAX_LINKS} broker endpoints")
-        self.links.max_conns = settings.backend_links
+        self.links.max_conns = self.links_top = settings.backend_links
         self.links.conns = <Conn *>calloc(MAX_LINKS, sizeof(Conn))
         self.links.dirty = <int *>malloc(MAX_LINKS * sizeof(int))
         if self.links.conns == NULL or self.links.dirty == NULL:
@@ -454,6 +454,7 @@ cdef class NativeRelay:
                 raise ValueError("backend.curve: the keys are not CURVE keys")
             self.link_curve = True
         self.link_sndhwm = settings.backend_sndhwm
+        self.link_immediate = settings.backend_immediate
         self.link_max_frame = settings.backend_max_message_size
         self.link_epoll = epoll_create1(EPOLL_CLOEXEC)
         if self.link_epoll < 0:
@@ -471,6 +472,24 @@ cdef class NativeRelay:
         if self.links.conns[slot].fd >= 0:
             raise ValueError(f"broker endpoint {slot} has its link")
         dl_add(self, fd, slot)
+
+    def listen_for_brokers(self, listeners):
+        """backend.bind: bound, listening stream sockets (their descriptors are taken
+        over); each broker that connects takes a free slot."""
+        cdef epoll_event ev
+        listeners = list(listeners)
+        if not self.dealer or self.nlink_listeners + len(listeners) > MAX_LISTENERS:
+            raise ValueError(f"1 to {MAX_LISTENERS} broker listeners, on the native DEALER")
+        self.links_top = 0  # slots are taken as brokers connect
+        ev.events = EPOLLIN
+        for sock in listeners:
+            sock.setblocking(False)
+            self.link_listeners[self.nlink_listeners] = sock.detach()
+            ev.data.u64 = MAX_LINKS + self.nlink_listeners
+            self.nlink_listeners += 1
+            if epoll_ctl(self.link_epoll, EPOLL_CTL_ADD,
+                         self.link_listeners[self.nlink_listeners - 1], &ev) < 0:
+                raise OSError(errno, "epoll_ctl")
 
     def take_link_news(self):
         """[(slot, up, lost)] of the links that came up or were lost since the last call."""
@@ -541,6 +560,10 @@ cdef class NativeRelay:
                     dl_lose(self, &self.links.conns[i])
             free(self.links.conns)
         free(self.links.dirty)
+        for i in range(MAX_LINKS):
+            free(self.link_waiting[i].frames)
+        for i in range(self.nlink_listeners):
+            close(self.link_listeners[i])
         pool_free(&self.links.out_buffers)
         free(self.link_scratch)
         curve_client_keys_clear(&self.link_keys)

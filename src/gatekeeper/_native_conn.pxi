@@ -1,5 +1,5 @@
 # The connection room: what every ZMTP connection of the engine has, whatever its role (a
-# client of the frontend today, a broker connection next): the output queue, written in
+# client of the frontend, or a broker link): its accept, the output queue, written in
 # the clear or boxed under CURVE, and its flush (EPOLLOUT only while output waits); the
 # connections to flush at the end of a wake-up; the lists by queued bytes in which the
 # biggest holder is found; the stalled-reader watch; TCP options; the timers (handshake
@@ -297,3 +297,20 @@ cdef size_t framed_size(const Conn *c, size_t n) noexcept nogil:
     if c.curve:
         n += CURVE_MESSAGE_OVERHEAD
     return zmtp_frame_header(header, n, False) + n
+
+
+cdef int conn_accept(int listener, sockaddr_storage *addr, double now,
+                     double *resume) noexcept nogil:
+    """The next connection waiting on `listener`, non-blocking; -1 when none is, for now.
+    Out of descriptors or memory the listener stays readable: `resume` is set a sweep
+    ahead, for its owner to rest until then instead of spinning."""
+    cdef socklen_t alen
+    cdef int fd
+    while True:
+        alen = sizeof(sockaddr_storage)
+        fd = accept4(listener, <sockaddr *>addr, &alen, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        if fd >= 0 or not (errno == EINTR or errno == ECONNABORTED):
+            break
+    if fd < 0 and errno in (EMFILE, ENFILE, ENOBUFS, ENOMEM):
+        resume[0] = now + SWEEP_MS * 1e-3
+    return fd

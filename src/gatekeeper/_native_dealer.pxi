@@ -3,32 +3,68 @@
 # crosses no thread between a client's socket and a broker's.
 #
 # One link per broker endpoint, in `r.links`. Python dials (cold: names resolved at each
-# attempt, backoff) and hands over a socket whose connect is under way (`dl_add`); from
-# there the link is ours: the greeting staged as libzmq's, READY as a DEALER, requests
-# round-robin over the links that are up and have room (`link_sndhwm`), written once per
-# wake-up, and replies parsed by the bounded codec, each queued whole to its client under
-# the reply budgets. Whatever a link does wrong (a refused connect, garbage, a peer that is no
-# ROUTER, REP or DEALER, a reset) closes it and tells Python (`link_news`), which dials
-# again. Frontend rules (access, decisions, budgets of partial messages) are not here.
+# attempt, off the loop's thread, backoff) and hands over a socket whose connect is under
+# way (`dl_add`); with backend.bind, brokers connect in and each takes a free slot
+# (`dl_accept`). From there the link is ours: the greeting staged as libzmq's, READY as a
+# DEALER, requests round-robin over the links that are up and have room (`link_sndhwm`),
+# or, with immediate = false, held for an endpoint not up yet (`link_waiting`), written
+# once per wake-up, and replies parsed by the bounded codec, each queued whole to its
+# client under the reply budgets. Whatever a link does wrong (a refused connect, garbage, a
+# peer that is no ROUTER, REP or DEALER, a reset) closes it and tells Python
+# (`link_news`), which dials again. Frontend rules (access, decisions, budgets of partial
+# messages) are not here.
 
 
 cdef void dl_add(NativeRelay r, int fd, int slot) noexcept nogil:
     """A socket whose non-blocking connect to broker endpoint `slot` is under way."""
+    dl_watch(r, fd, slot, EPOLLIN | EPOLLOUT, monotonic())
+
+
+cdef bint dl_watch(NativeRelay r, int fd, int slot, uint32_t events, double now) noexcept nogil:
+    """Slot `slot` takes `fd`, connecting (EPOLLOUT: its connect completes) or connected;
+    False when it could not be watched (the link is lost then)."""
     cdef Conn *c = &r.links.conns[slot]
+    cdef bint dirty = c.dirty  # a link lost in this wake-up may be on its flush list yet
     cdef epoll_event ev
     memset(c, 0, sizeof(Conn))
+    c.dirty = dirty
     c.fd = fd
     c.state = ST_CONNECTING
-    c.deadline = monotonic() + r.handshake_timeout
+    c.deadline = now + r.handshake_timeout
     c.prev_queued = c.next_queued = -1
-    ev.events = EPOLLIN | EPOLLOUT
+    ev.events = events
     ev.data.u64 = <uint64_t>slot
     if epoll_ctl(r.link_epoll, EPOLL_CTL_ADD, fd, &ev) < 0:
         dl_lose(r, c)
+        return False
+    return True
+
+
+cdef void dl_accept(NativeRelay r, int li, double now) noexcept nogil:
+    """Brokers connecting in (backend.bind): each a link in a free slot, greeted at once.
+    With all MAX_LINKS slots taken the connection is closed, and the broker retries."""
+    cdef sockaddr_storage addr
+    cdef int fd, k, slot
+    if now < r.link_accept_resume:
+        return
+    for k in range(ACCEPT_BATCH):
+        fd = conn_accept(r.link_listeners[li], &addr, now, &r.link_accept_resume)
+        if fd < 0:
+            return
+        slot = 0
+        while slot < r.links.max_conns and r.links.conns[slot].state != ST_FREE:
+            slot += 1
+        if slot == r.links.max_conns:
+            close(fd)
+            continue
+        r.links_top = max(r.links_top, slot + 1)
+        if dl_watch(r, fd, slot, EPOLLIN, now):
+            dl_greet(r, &r.links.conns[slot], now)
 
 
 cdef void dl_ready(NativeRelay r, double now) noexcept nogil:
-    """The links with something to read, or a connect that completed."""
+    """The links with something to read, a connect that completed, or brokers
+    connecting in."""
     cdef epoll_event events[MAX_EVENTS]
     cdef int n, i, err = 0
     cdef socklen_t err_len = sizeof(int)
@@ -36,6 +72,9 @@ cdef void dl_ready(NativeRelay r, double now) noexcept nogil:
     cdef epoll_event ev
     n = epoll_wait(r.link_epoll, events, MAX_EVENTS, 0)
     for i in range(n):
+        if events[i].data.u64 >= MAX_LINKS:
+            dl_accept(r, <int>(events[i].data.u64 - MAX_LINKS), now)
+            continue
         c = &r.links.conns[events[i].data.u64]
         if c.fd < 0:
             continue
@@ -148,6 +187,47 @@ cdef void dl_open(NativeRelay r, Conn *c, ZmtpEvent *peer) noexcept nogil:
     c.state = ST_OPEN
     r.links_up += 1
     r.link_news[c - r.links.conns] |= LINK_UP
+    dl_release_waiting(r, c, &r.link_waiting[c - r.links.conns])
+
+
+cdef void dl_release_waiting(NativeRelay r, Conn *c, LinkQueue *q) noexcept nogil:
+    """What was held for this endpoint while it was not up, now into its link, in order."""
+    cdef size_t pos = 0
+    cdef uint64_t word
+    if q.count == 0:
+        return
+    while pos < q.len:
+        memcpy(&word, q.frames + pos, sizeof(uint64_t))
+        pos += sizeof(uint64_t)
+        conn_append_frame(&r.links, c, q.frames + pos, <size_t>(word >> 1), word & 1)
+        pos += <size_t>(word >> 1)
+    c.queued += q.count
+    conn_mark_dirty(&r.links, c)
+    lq_clear(q)
+
+
+cdef void lq_clear(LinkQueue *q) noexcept nogil:
+    q.len = 0
+    q.count = 0
+    if q.cap > OUT_KEEP:  # a burst's room is not kept
+        free(q.frames)
+        q.frames = NULL
+        q.cap = 0
+
+
+cdef bint lq_append(LinkQueue *q, const uint8_t *data, size_t n, bint more) noexcept nogil:
+    cdef uint64_t word = (<uint64_t>n << 1) | more
+    cdef size_t need = q.len + sizeof(uint64_t) + n
+    cdef uint8_t *grown
+    if need > q.cap:
+        grown = <uint8_t *>realloc(q.frames, max(need, 2 * q.cap))
+        if grown == NULL:
+            return False
+        q.frames, q.cap = grown, max(need, 2 * q.cap)
+    memcpy(q.frames + q.len, &word, sizeof(uint64_t))
+    memcpy(q.frames + q.len + sizeof(uint64_t), data, n)
+    q.len = need
+    return True
 
 
 cdef void dl_on_curve_handshake(NativeRelay r, Conn *c, ZmtpEvent *ev) noexcept nogil:
@@ -224,34 +304,62 @@ cdef void dl_send_pending(NativeRelay r, double now) noexcept nogil:
     if r.stash_conn >= 0:
         be_resume_stash(r, now)
 
-cdef Conn *dl_pick(NativeRelay r) noexcept nogil:
-    """The next link, round-robin, that is up and has room; NULL if none has."""
+cdef int dl_pick(NativeRelay r) noexcept nogil:
+    """The next broker endpoint, round-robin, with room: its link up with fewer than
+    link_sndhwm requests waiting, or with immediate = false, its link not up and fewer
+    than that held for it; -1 if none has."""
     cdef int k, i
     cdef Conn *c
-    for k in range(r.links.max_conns):
-        i = (r.next_link + k) % r.links.max_conns
+    for k in range(r.links_top):
+        i = (r.next_link + k) % r.links_top
         c = &r.links.conns[i]
-        if c.state == ST_OPEN and c.queued < r.link_sndhwm:
-            r.next_link = (i + 1) % r.links.max_conns
-            return c
-    return NULL
+        if c.state == ST_OPEN:
+            if c.queued >= r.link_sndhwm:
+                continue
+        elif r.link_immediate or r.link_waiting[i].count >= r.link_sndhwm:
+            continue
+        r.next_link = (i + 1) % r.links_top
+        return i
+    return -1
 
 
 cdef int dl_send(NativeRelay r, const uint8_t *identity, size_t identity_len,
                  gk_zmq_msg_t *frames, uint32_t n) noexcept nogil:
-    """`[routing id, frames...]` into a link's output, whole: 1, or 0 when no link can
-    take it. The frames are the caller's still."""
-    cdef Conn *link = dl_pick(r)
+    """`[routing id, frames...]` into a link's output, or held for its endpoint, whole: 1,
+    or 0 when no link can take it. The frames are the caller's still."""
+    cdef int slot = dl_pick(r)
+    cdef Conn *link
+    cdef LinkQueue *waiting = NULL
+    cdef size_t before = 0
     cdef uint32_t i
-    if link == NULL:
+    cdef bint put
+    if slot < 0:
         return 0
-    conn_append_frame(&r.links, link, identity, identity_len, n > 0)
+    link = &r.links.conns[slot]
+    if link.state != ST_OPEN:
+        waiting = &r.link_waiting[slot]
+        before = waiting.len
+    put = dl_put(r, link, waiting, identity, identity_len, n > 0)
     for i in range(n):
-        conn_append_frame(&r.links, link, <const uint8_t *>Z.msg_data(&frames[i]),
-                          Z.msg_size(&frames[i]), i < n - 1)
+        put = put and dl_put(r, link, waiting, <const uint8_t *>Z.msg_data(&frames[i]),
+                             Z.msg_size(&frames[i]), i < n - 1)
+    if waiting != NULL:
+        if not put:
+            waiting.len = before  # no memory for all of it: none of it
+            return 0
+        waiting.count += 1
+        return 1
     link.queued += 1
     conn_mark_dirty(&r.links, link)
     return 1
+
+
+cdef inline bint dl_put(NativeRelay r, Conn *link, LinkQueue *waiting, const uint8_t *data,
+                        size_t n, bint more) noexcept nogil:
+    if waiting != NULL:
+        return lq_append(waiting, data, n, more)
+    conn_append_frame(&r.links, link, data, n, more)  # no memory: the link breaks at flush
+    return True
 
 
 cdef void dl_flush(NativeRelay r, Conn *c) noexcept nogil:

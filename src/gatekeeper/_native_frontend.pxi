@@ -13,21 +13,12 @@
 
 cdef void fe_accept_from(NativeRelay r, int li, double now) noexcept nogil:
     cdef sockaddr_storage addr
-    cdef socklen_t alen
     cdef int fd, k
     if now < r.listeners_resume or r.listeners[li] < 0:
         return
     for k in range(ACCEPT_BATCH):
-        alen = sizeof(addr)
-        fd = accept4(r.listeners[li], <sockaddr *>&addr, &alen,
-                     SOCK_NONBLOCK | SOCK_CLOEXEC)
+        fd = conn_accept(r.listeners[li], &addr, now, &r.listeners_resume)
         if fd < 0:
-            if errno in (EMFILE, ENFILE, ENOBUFS, ENOMEM):
-                # The listener stays readable: rest a sweep instead of spinning.
-                r.listeners_resume = now + SWEEP_MS * 1e-3
-                return
-            if errno == EINTR or errno == ECONNABORTED:
-                continue
             return
         fe_admit(r, fd, &addr, now)
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import socket
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
 from . import sockets
+from .handover import describe
 
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -103,40 +106,44 @@ def engine_for(policy: Any, frontend_engine: str) -> tuple[str, str]:
     if frontend_engine != "native":
         return "libzmq", ("the native DEALER runs in the native frontend's loop: "
                           "frontend.engine is libzmq here")
-    if b.bind:
-        return "libzmq", "backend.bind: brokers that connect in are served by a libzmq DEALER"
     if b.curve is not None:
         from . import _curve
 
         if not _curve.curve_available():
             return "libzmq", ("native CURVE needs the libsodium of pyzmq's libzmq: "
                               f"{_curve.unavailable_reason()}")
-    if not b.immediate:
-        return "libzmq", ("backend.immediate = false: queueing for brokers not connected "
-                          "yet is a libzmq DEALER's")
     if len(b.connect) > MAX_LINKS:
         return "libzmq", f"more than {MAX_LINKS} broker endpoints"
-    other = [ep for ep in b.connect if not ep.startswith(("tcp://", "ipc://"))]
+    if len(b.bind) > MAX_BROKER_LISTENERS:
+        return "libzmq", f"more than {MAX_BROKER_LISTENERS} backend.bind endpoints"
+    other = [ep for ep in b.connect + b.bind if not ep.startswith(("tcp://", "ipc://"))]
     if other:
-        return "libzmq", f"{other[0]}: only a libzmq DEALER connects to inproc endpoints"
+        return "libzmq", f"{other[0]}: only a libzmq DEALER speaks inproc"
     return "native", ""
 
 
-# NativeRelay's MAX_LINKS: one link per broker endpoint
+# NativeRelay's MAX_LINKS: one link per broker endpoint, or per broker connected in; and
+# its MAX_LISTENERS, for backend.bind
 MAX_LINKS = 64
+MAX_BROKER_LISTENERS = 16
+# a bound DEALER's listen backlog, libzmq's ZMQ_BACKLOG default
+BROKER_BACKLOG = 100
 
 
 class NativeDealer:
-    """The native DEALER's cold side, in Python: it dials each broker endpoint (the name
-    resolved again at each attempt), hands the socket, its connect under way, to the loop
+    """The native DEALER's cold side, in Python. With backend.connect it dials each
+    broker endpoint, hands the socket, its connect under way, to the loop
     (NativeRelay.add_link), and dials again once a link is lost, backing off from
-    reconnect_ivl_ms to reconnect_ivl_max_ms until a handshake completes. A port that
-    answers as the wrong service is so retried ever more slowly, never given up."""
+    reconnect_ivl_ms to reconnect_ivl_max_ms until a handshake completes: a port that
+    answers as the wrong service is so retried ever more slowly, never given up. Names
+    are resolved again at each attempt, in a thread of their own (`Resolver`). With
+    backend.bind it binds the endpoints, and the loop takes the brokers that connect."""
 
     name = "native"
     monitor = None
 
-    def __init__(self, policy: Any) -> None:
+    def __init__(self, policy: Any, resolve: Callable[..., Any] = socket.getaddrinfo) -> None:
+        """`resolve`: getaddrinfo, run in the resolver's thread."""
         b = policy.backend
         self.endpoints = list(b.connect)
         self._first_wait_s = b.reconnect_ivl_ms / 1000
@@ -144,22 +151,48 @@ class NativeDealer:
         self._wait_s = [self._first_wait_s] * len(self.endpoints)
         self._dial_at = [0.0] * len(self.endpoints)
         self._linked = [False] * len(self.endpoints)
+        self._resolver = Resolver(resolve)
         self.relay: Any = None
+        # ipc files of backend.bind, for the owner to remove at close
+        self.listener_files = [ep[len("ipc://"):] for ep in b.bind
+                               if ep.startswith("ipc://") and not ep.startswith("ipc://@")]
+        self._listeners: list[socket.socket] = []
+        try:
+            for endpoint in b.bind:
+                self._listeners.append(sockets.listen(endpoint, BROKER_BACKLOG))
+        except BaseException:
+            self.close()
+            raise
+        self.bound = [describe(s) for s in self._listeners]
 
     def attach(self, relay: Any) -> None:
         self.relay = relay
+        if self._listeners:
+            relay.listen_for_brokers(self._listeners)  # the loop owns them from here
+            self._listeners = []
         self.tick(time.monotonic())
+
+    def close(self) -> None:
+        """What is not the loop's yet."""
+        for sock in self._listeners:
+            sock.close()
+        self._listeners = []
+        self._resolver.close()
 
     def serve_ready(self) -> None:
         """No service socket of its own: the loop reports through take_link_news."""
 
     def tick(self, now: float) -> None:
         for slot, up, lost in self.relay.take_link_news():
+            if slot >= len(self.endpoints):
+                continue  # a broker that connected in: its own to come back
             if up:
                 self._wait_s[slot] = self._first_wait_s
             if lost:
                 self._linked[slot] = False
                 self._retry_later(slot, now)
+        for slot, answer in self._resolver.answers():
+            self._connect(slot, answer, now)
         for slot, linked in enumerate(self._linked):
             if not linked and now >= self._dial_at[slot]:
                 self._dial(slot, now)
@@ -169,9 +202,30 @@ class NativeDealer:
         self._wait_s[slot] = min(2 * self._wait_s[slot], self._longest_wait_s)
 
     def _dial(self, slot: int, now: float) -> None:
+        scheme, _, address = self.endpoints[slot].partition("://")
+        if scheme == "ipc":  # `@name`: Linux's abstract namespace, as libzmq takes it
+            path = "\0" + address[1:] if address.startswith("@") else address
+            self._connect(slot, (socket.AF_UNIX, socket.SOCK_STREAM, 0, path), now)
+            return
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        try:  # an address needs no lookup: at once, never blocking
+            family, kind, proto, _, numeric = socket.getaddrinfo(
+                host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)[0]
+        except socket.gaierror:
+            self._linked[slot] = True  # until its name resolves, or does not
+            self._resolver.ask(slot, host, int(port))
+            return
+        self._connect(slot, (family, kind, proto, numeric), now)
+
+    def _connect(self, slot: int, target: tuple[int, int, int, Any] | OSError,
+                 now: float) -> None:
         try:
-            sock = _connecting(self.endpoints[slot])
+            if isinstance(target, OSError):
+                raise target
+            sock = _connecting(*target)
         except OSError:
+            self._linked[slot] = False
             self._retry_later(slot, now)  # a name that does not resolve, no route, ...
             return
         self.relay.add_link(sock.detach(), slot)
@@ -182,20 +236,54 @@ class NativeDealer:
         return self.relay.backend_connections if self.relay is not None else 0
 
 
-def _connecting(endpoint: str) -> socket.socket:
-    """A non-blocking stream socket whose connect to `endpoint` (tcp or ipc) is under way.
-    Names are resolved here, each time, as libzmq does at each reconnect."""
-    scheme, _, address = endpoint.partition("://")
-    if scheme == "ipc":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target: Any = address
-    else:
-        host, _, port = address.rpartition(":")
-        family, kind, proto, _, target = socket.getaddrinfo(
-            host.strip("[]"), int(port), type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
+class Resolver:
+    """Broker names resolved off the loop's thread, where a slow DNS would stall every
+    client. One daemon thread (a lookup hung at exit must not hold the process), fed at
+    most one question per endpoint at a time (NativeDealer keeps an endpoint `linked`
+    while its question is out)."""
+
+    def __init__(self, resolve: Callable[..., Any]) -> None:
+        self._resolve = resolve
+        self._questions: queue.SimpleQueue[tuple[int, str, int] | None] = queue.SimpleQueue()
+        self._answers: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def ask(self, slot: int, host: str, port: int) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="gatekeeper-resolver",
+                                            daemon=True)
+            self._thread.start()
+        self._questions.put((slot, host, port))
+
+    def answers(self) -> list[tuple[int, tuple[int, int, int, Any] | OSError]]:
+        """(slot, (family, type, proto, address) or why not) of the lookups done."""
+        done = []
+        while True:
+            try:
+                done.append(self._answers.get_nowait())
+            except queue.Empty:
+                return done
+
+    def _run(self) -> None:
+        while (question := self._questions.get()) is not None:
+            slot, host, port = question
+            try:
+                family, kind, proto, _, address = self._resolve(
+                    host, port, type=socket.SOCK_STREAM)[0]
+                self._answers.put((slot, (family, kind, proto, address)))
+            except (OSError, IndexError, UnicodeError) as e:
+                self._answers.put((slot, e if isinstance(e, OSError) else OSError(str(e))))
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._questions.put(None)
+
+
+def _connecting(family: int, kind: int, proto: int, address: Any) -> socket.socket:
+    """A non-blocking stream socket whose connect to `address` is under way."""
+    sock = socket.socket(family, kind, proto)
     sock.setblocking(False)
-    err = sock.connect_ex(target)
+    err = sock.connect_ex(address)
     if err not in (0, errno.EINPROGRESS):  # EAGAIN (unix): its backlog is full
         sock.close()
         raise OSError(err, os.strerror(err))

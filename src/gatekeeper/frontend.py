@@ -32,7 +32,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import stat
 import sys
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -42,10 +41,10 @@ from zmq.utils import z85
 
 from . import _impl, sockets
 from .auth import MAX_RATE_ADDRESSES, IPAddress, ZapHandler, client_ip, network
+from .backend import MAX_LINKS
 from .handover import describe
 from .policy import Policy
 from .rules import HANDSHAKE_REASONS, HANDSHAKE_RESULTS, KEY_PEER_ADDRESS
-from .sockets import SocketSetupError, unix_socket_in_use
 
 
 _MONITOR_EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
@@ -219,9 +218,10 @@ class NativeSettings:
     max_connections_per_address: int
     connections_per_second_per_address: float
     log_per_second: int
-    # The native DEALER's (backend.engine_for): its broker endpoints, 0 for a libzmq one
+    # The native DEALER's (backend.engine_for): its link slots, 0 for a libzmq DEALER
     backend_links: int = 0
     backend_sndhwm: int = 1000
+    backend_immediate: bool = True
     backend_max_message_size: int = 1048576
     backend_heartbeat_interval_ms: int = 5000
     backend_heartbeat_timeout_ms: int = 15000
@@ -249,8 +249,10 @@ def native_settings(policy: Policy, client_keys: frozenset[bytes] | None = None,
         max_connections_per_address=a.max_connections_per_address,
         connections_per_second_per_address=a.connections_per_second_per_address,
         log_per_second=policy.violations.log_per_second,
-        backend_links=len(policy.backend.connect) if dealer else 0,
+        # a slot per endpoint dialed, or per broker that connects in (at most MAX_LINKS)
+        backend_links=(len(policy.backend.connect) or MAX_LINKS) if dealer else 0,
         backend_sndhwm=policy.backend.sndhwm,
+        backend_immediate=policy.backend.immediate,
         backend_max_message_size=policy.backend.max_message_size,
         backend_heartbeat_interval_ms=policy.backend.heartbeat_interval_ms,
         backend_heartbeat_timeout_ms=policy.backend.heartbeat_timeout_ms,
@@ -363,10 +365,9 @@ def check_frontend(policy: Policy) -> tuple[tuple[str, list[Setting]] | None, st
 
 def make_listeners(policy: Policy, given: list[socket.socket] | None = None
                    ) -> list[socket.socket]:
-    """A bound, listening socket for each frontend endpoint (tcp or ipc), as libzmq would
-    bind it: SO_REUSEADDR, `*` for every IPv4 address, a bracketed IPv6 literal dual-stack.
-    An endpoint that one of `given` (sockets from systemd or a takeover) is bound to takes
-    that socket, out of `given`, instead of binding anew."""
+    """A bound, listening socket for each frontend endpoint (sockets.listen). An endpoint
+    that one of `given` (sockets from systemd or a takeover) is bound to takes that
+    socket, out of `given`, instead of binding anew."""
     listeners: list[socket.socket] = []
     try:
         for endpoint in policy.frontend.bind:
@@ -375,7 +376,7 @@ def make_listeners(policy: Policy, given: list[socket.socket] | None = None
                 given.remove(match)
                 listeners.append(match)
             else:
-                listeners.append(_listen(endpoint, policy.frontend.backlog))
+                listeners.append(sockets.listen(endpoint, policy.frontend.backlog))
     except BaseException:
         for s in listeners:
             if given is None or s not in given:
@@ -413,51 +414,6 @@ def bound_to(endpoint: str, sock: socket.socket) -> bool:
     except OSError:
         return False
     return name[0] in wanted
-
-
-def _listen(endpoint: str, backlog: int) -> socket.socket:
-    scheme, _, address = endpoint.partition("://")
-    try:
-        if scheme == "ipc":
-            return _listen_ipc(endpoint, address, backlog)
-        host, _, port = address.rpartition(":")
-        port_number = 0 if port in ("*", "0") else int(port)
-        if host.startswith("["):
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            bind_to: tuple = (host.strip("[]"), port_number)
-        else:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            bind_to = ("0.0.0.0" if host == "*" else host, port_number)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(bind_to)
-            sock.listen(backlog)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-    except OSError as e:
-        raise SocketSetupError(f"{endpoint}: {e.strerror or e}") from None
-
-
-def _listen_ipc(endpoint: str, path: str, backlog: int) -> socket.socket:
-    if not path.startswith("@"):
-        try:
-            if stat.S_ISSOCK(os.stat(path).st_mode):
-                if unix_socket_in_use(path):
-                    raise SocketSetupError(f"{endpoint}: in use by a running process")
-                os.unlink(path)  # a stale file, as libzmq would replace it
-        except FileNotFoundError:
-            pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind("\0" + path[1:] if path.startswith("@") else path)
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def bound_endpoints(listeners: list[socket.socket]) -> list[str]:

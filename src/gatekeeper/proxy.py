@@ -113,6 +113,7 @@ class Gatekeeper:
             if self.backend_engine_name == "native":
                 self.backend_engine: LibzmqBackend | NativeDealer = NativeDealer(policy)
                 self.backend = None
+                self._listener_files += self.backend_engine.listener_files
             else:
                 self.backend_engine = LibzmqBackend(self.ctx, policy)
                 self.backend = self.backend_engine.socket
@@ -336,6 +337,8 @@ class Gatekeeper:
             lingers[self.frontend] = policy.frontend.linger_ms
         if hasattr(self, "backend"):
             lingers[self.backend] = policy.backend.linger_ms
+        if isinstance(getattr(self, "backend_engine", None), NativeDealer):
+            self.backend_engine.close()
         for s in self._sockets:
             s.close(linger=linger if linger is not None else lingers.get(s, 0))
         self.ctx.term()

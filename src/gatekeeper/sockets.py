@@ -7,6 +7,7 @@ what runs.
 import ctypes
 import os
 import socket
+import stat
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ __all__ = [
     "control_options",
     "format_check",
     "frontend_options",
+    "listen",
     "make_backend",
     "make_frontend",
     "unix_socket_in_use",
@@ -422,4 +424,52 @@ def listen_private(path: str, what: str) -> socket.socket:
         raise SocketSetupError(f"{what}: {exc.strerror or exc}") from None
     finally:
         os.umask(old)
+    return sock
+
+
+def listen(endpoint: str, backlog: int) -> socket.socket:
+    """A bound, listening socket at `endpoint` (tcp or ipc), as libzmq would bind it:
+    SO_REUSEADDR, `*` for every IPv4 address, a bracketed IPv6 literal dual-stack, a stale
+    socket file replaced; SocketSetupError if it cannot be bound."""
+    scheme, _, address = endpoint.partition("://")
+    try:
+        if scheme == "ipc":
+            return _listen_ipc(endpoint, address, backlog)
+        host, _, port = address.rpartition(":")
+        port_number = 0 if port in ("*", "0") else int(port)
+        if host.startswith("["):
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            bind_to: tuple = (host.strip("[]"), port_number)
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            bind_to = ("0.0.0.0" if host == "*" else host, port_number)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(bind_to)
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    except OSError as e:
+        raise SocketSetupError(f"{endpoint}: {e.strerror or e}") from None
+
+
+def _listen_ipc(endpoint: str, path: str, backlog: int) -> socket.socket:
+    if not path.startswith("@"):
+        try:
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                if unix_socket_in_use(path):
+                    raise SocketSetupError(f"{endpoint}: in use by a running process")
+                os.unlink(path)  # a stale file, as libzmq would replace it
+        except FileNotFoundError:
+            pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind("\0" + path[1:] if path.startswith("@") else path)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
     return sock
