@@ -168,9 +168,9 @@ def test_require_identity_is_key(gatekeeper_factory, peers, keys, twin):
 class CurveBroker(EchoBroker):
     """An echo ROUTER that is a CURVE server and lets in only the keys in `allowed`."""
 
-    def __init__(self, endpoint: str, secret: bytes, allowed) -> None:
+    def __init__(self, endpoint: str, secret: bytes, allowed, bind: bool = True) -> None:
         self.secret, self.allowed = secret, allowed
-        super().__init__(endpoint)
+        super().__init__(endpoint, bind)
 
     def configure(self, socket: zmq.Socket) -> None:
         self.auth = ThreadAuthenticator(self.ctx)
@@ -198,9 +198,11 @@ def curve_broker():
         b.close()
 
 
+@pytest.mark.parametrize("brokers_connect", [False, True], ids=["dialed", "connecting-in"])
 @pytest.mark.parametrize("server", ["broker", "mallory"], ids=["right-key", "wrong-key"])
 def test_backend_curve_client_to_a_curve_broker(gatekeeper_factory, curve_broker, peers,
-                                                keys, tmp_path, server, engine):
+                                                keys, tmp_path, server, engine,
+                                                brokers_connect):
     d, _, pairs = keys
     gk_keys = tmp_path / "gk-keys"
     keygen(gk_keys, "gatekeeper")
@@ -209,8 +211,9 @@ def test_backend_curve_client_to_a_curve_broker(gatekeeper_factory, curve_broker
     (broker_allows / "gatekeeper.key").write_bytes((gk_keys / "gatekeeper.key").read_bytes())
     gk = gatekeeper_factory(
         f'[backend.curve]\nserver_public_key_file = "{d}/{server}.key"\n'
-        f'secret_key_file = "{gk_keys}/gatekeeper.key_secret"\n', broker=False)
-    curve_broker(gk.backend, pairs["broker"][1], broker_allows)
+        f'secret_key_file = "{gk_keys}/gatekeeper.key_secret"\n', broker=False,
+        brokers_connect=brokers_connect)
+    curve_broker(gk.backend, pairs["broker"][1], broker_allows, not brokers_connect)
     assert gk.ctl("STATS")["backend_engine"] == engine  # native: the native DEALER's CURVE
     req = peers.connect(gk.frontend, kind=zmq.REQ)
     if server == "broker":

@@ -174,6 +174,7 @@ from gatekeeper._zmtp cimport (
     zmtp_v2_identity,
 )
 
+from .backend import MAX_BROKER_LISTENERS, MAX_LINKS as BACKEND_MAX_LINKS
 from .rules import COUNTER_NAMES, HANDSHAKE_RESULTS
 
 cdef extern from "<sys/epoll.h>" nogil:
@@ -290,6 +291,8 @@ cdef enum:
 cdef const char *REJECT_MARKER_TEXT = "GATEKEEPER"   # the twin's REJECT_MARKER
 
 assert NHS == len(HANDSHAKE_RESULTS)
+# what backend.engine_for lets the native DEALER take
+assert MAX_LINKS == BACKEND_MAX_LINKS and MAX_LISTENERS == MAX_BROKER_LISTENERS
 assert HANDSHAKE_RESULTS[HS_IDENTITY_IN_USE] == "identity_in_use"
 assert HANDSHAKE_RESULTS[HS_BANNED] == "banned"
 assert HANDSHAKE_RESULTS[HS_DISCONNECTED] == "disconnected"

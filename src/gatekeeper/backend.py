@@ -123,7 +123,7 @@ def engine_for(policy: Any, frontend_engine: str) -> tuple[str, str]:
 
 
 # NativeRelay's MAX_LINKS: one link per broker endpoint, or per broker connected in; and
-# its MAX_LISTENERS, for backend.bind
+# its MAX_LISTENERS, for backend.bind (checked as _native loads)
 MAX_LINKS = 64
 MAX_BROKER_LISTENERS = 16
 # a bound DEALER's listen backlog, libzmq's ZMQ_BACKLOG default
