@@ -207,7 +207,8 @@ cdef bint fe_idle(NativeRelay r, Conn *c) noexcept nogil:
         return False
     slot = ki_find(&r.round_trips.ids, c.id + 1, min(<size_t>c.id[0], <size_t>MAX_KEY))
     if slot < 0:
-        return True
+        # nothing in flight, unless a request went untracked while the table was full
+        return r.round_trips.table_full == 0
     e = <InFlight *>r.round_trips.ids.payload + slot
     return e.sent == e.replied
 
