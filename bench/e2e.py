@@ -41,9 +41,15 @@ on, so that each client's kinds stand side by side in time. The report gives med
 (client, kind) and each kind's ratios to zmq.proxy under the same client: msgs/s, CPU per
 message, single-flight p50.
 
+--perf KINDS: after the measured rounds, one more run of each of those kinds with each
+client, not counted, with `perf record -g` on the proxy process (all its threads) while
+the load runs; prints the top symbols by self time (`perf report --stdio --no-children`)
+and keeps perf.data in bench/results/ for the call graphs. Needs perf (linux-perf) and,
+unless root, kernel.perf_event_paranoid <= 1.
+
     python bench/e2e.py [--rounds 3] [--seconds 3] [--connections 4] [--depth 64]
                         [--size 64] [--latency-requests 5000] [--only proxy,gatekeeper]
-                        [--client loadgen,c] [--require-all]
+                        [--client loadgen,c] [--perf gatekeeper] [--require-all]
                         [--json results.json] [--baseline DIR] [--curve]
     python bench/e2e.py --smoke     # CI: seconds long; checks that it works, not numbers
 """
@@ -57,6 +63,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -107,6 +114,10 @@ CLIENTS = {
         f"c_client.c in a process of its own, on the system's libzmq "
         f"{c_client.libzmq_version()}")),
 }
+# perf.data of --perf, kept for `perf report` (the directory is git-ignored)
+PERF_DIR = THIS.parent / "results"
+# Lines of each perf report table printed; perf.data holds the rest.
+PERF_ROWS = 25
 # The kinds with a redis-server, and whether it is stopped (SIGSTOP) during the run.
 CLUSTER_KINDS = {"cluster": False, "cluster-stopped": True}
 READY_TIMEOUT_S = 10.0
@@ -323,8 +334,10 @@ def wait_cluster_up(ctx: zmq.Context, control: str) -> None:
         time.sleep(0.05)
 
 
-def run_one(kind: str, client: str, args: argparse.Namespace, ctx: zmq.Context) -> dict:
-    """Fresh echo broker (+ proxy), readiness, load run, single-flight run, teardown."""
+def run_one(kind: str, client: str, args: argparse.Namespace, ctx: zmq.Context,
+            profile: Path | None = None) -> dict:
+    """Fresh echo broker (+ proxy), readiness, load run, single-flight run, teardown.
+    `profile`: record the proxy process with perf during the load run, into that file."""
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gk-bench-")))
         ports = free_ports(3)
@@ -364,9 +377,10 @@ def run_one(kind: str, client: str, args: argparse.Namespace, ctx: zmq.Context) 
         proxy = psutil.Process(servers[-1].proc.pid) if kind != "direct" else None
         driver = CLIENTS[client].drive
         cpu_before, threads_before = _cpu_seconds(proxy), _thread_seconds(proxy)
-        load = loadgen.throughput(
-            ctx, target, connections=args.connections, depth=args.depth, size=args.size,
-            warmup_s=args.warmup, seconds=args.seconds, curve=client_keys, driver=driver)
+        with perf_record(proxy.pid, profile) if profile else contextlib.nullcontext():
+            load = loadgen.throughput(
+                ctx, target, connections=args.connections, depth=args.depth, size=args.size,
+                warmup_s=args.warmup, seconds=args.seconds, curve=client_keys, driver=driver)
         # CPU per message of the proxy process (all its threads, libzmq's I/O thread too):
         # unlike msgs/s it does not depend on how the two cores are shared out.
         if proxy is not None and load["received_total"]:
@@ -407,6 +421,44 @@ def _top_thread_share(before: dict[int, float], after: dict[int, float]) -> floa
     used = [seconds - before.get(tid, 0.0) for tid, seconds in after.items()]
     total = sum(used)
     return max(used) / total if total > 0 else None
+
+
+@contextlib.contextmanager
+def perf_record(pid: int, data: Path):
+    """`perf record -g` on every thread of process `pid` while the block runs."""
+    data.parent.mkdir(parents=True, exist_ok=True)
+    log = data.with_suffix(".log")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["perf", "record", "-g", "-p", str(pid), "-o", str(data)],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)  # how perf record is told to write its data and end
+        try:
+            proc.wait(STOP_TIMEOUT_S * 6)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if not data.exists() or proc.returncode not in (0, 128 + signal.SIGINT, -signal.SIGINT):
+        raise RuntimeError(f"perf record failed (code {proc.returncode}):\n"
+                           f"{log.read_text(errors='replace').strip()}")
+
+
+def perf_summary(data: Path, rows: int) -> str:
+    """The shares of CPU time by thread and library, then the top symbols by self time."""
+    def report(sort: str) -> list[str]:
+        ran = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children",
+                              "-g", "none", "--percent-limit", "0.5", "--sort", sort],
+                             capture_output=True, text=True, timeout=600)
+        if ran.returncode != 0:
+            raise RuntimeError(f"perf report failed: {ran.stderr.strip()}")
+        return [line.rstrip() for line in ran.stdout.splitlines()
+                if line.strip() and not line.startswith("#")][:rows]
+
+    # "sym", not "symbol": perf 6 adds empty IPC columns to the latter.
+    return "\n".join(["perf, by thread and library:", *report("comm,dso"),
+                      "perf, top symbols (self time):", *report("comm,dso,sym")])
 
 
 def free_ports(n: int) -> list[int]:
@@ -573,6 +625,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--client", default="loadgen",
                    help=f"comma-separated load clients in run order, from {','.join(CLIENTS)} "
                    "(default: loadgen); each round runs every kind with each")
+    p.add_argument("--perf", default="", metavar="KINDS",
+                   help="after the rounds, one run of each of these kinds (among --only) "
+                   "with each client under `perf record -g`, not counted; prints the top "
+                   f"symbols and keeps perf.data in {PERF_DIR}")
     p.add_argument("--smoke", action="store_true",
                    help="one short round; exit 1 unless every run got replies and lost none")
     p.add_argument("--require-all", action="store_true",
@@ -606,6 +662,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.clients = _names(args.client)
     if not args.clients or not set(args.clients) <= set(CLIENTS):
         p.error(f"--client: choose from {','.join(CLIENTS)}")
+    args.perf = _names(args.perf)
+    if not set(args.perf) <= set(args.kinds) - {"direct"}:
+        p.error("--perf: kinds among those run (--only), and not direct (it has no proxy)")
+    if args.perf and shutil.which("perf") is None:
+        p.error("--perf needs perf (apt-get install linux-perf)")
     if args.size < 8:
         p.error("--size must be >= 8: the first 8 bytes carry the send time")
     if "c" in args.clients and args.size < c_client.MIN_SIZE:
@@ -634,11 +695,12 @@ def build_clients(names: list[str], require_all: bool, skipped: dict[str, str]
 
 
 def run_or_skip(kind: str, client: str, args: argparse.Namespace, ctx: zmq.Context,
-                skipped: dict[str, str], label: str) -> dict | None:
+                skipped: dict[str, str], label: str, profile: Path | None = None
+                ) -> dict | None:
     """run_one, or None, the kind added to `skipped`, if it is a gatekeeper kind that did
     not start (a RuntimeError with --require-all)."""
     try:
-        return run_one(kind, client, args, ctx)
+        return run_one(kind, client, args, ctx, profile)
     except StartFailure as exc:
         if kind not in GATEKEEPER_KINDS or args.require_all:
             raise RuntimeError(f"{kind} did not start: {exc}") from None
@@ -682,6 +744,16 @@ def main(argv: list[str]) -> int:
                         result["round"] = rnd
                         runs[client][kind].append(result)
                         print_run(f"round {rnd}", result)
+        for client in clients:
+            for kind in args.perf:
+                if kind in skipped:
+                    continue
+                profile = PERF_DIR / f"perf-{client}-{kind}.data"
+                result = run_or_skip(kind, client, args, ctx, skipped, "perf", profile)
+                if result is not None:
+                    print_run("perf (not counted)", result)
+                    print(f"{perf_summary(profile, PERF_ROWS)}\ncall graphs: perf report -i "
+                          f"{profile} --no-children\n", flush=True)
     except (RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
