@@ -2,7 +2,16 @@
 
 Every box is its own process, started fresh for each run and killed after it:
 
-    load generator (C, _loadgen.pyx) -> proxy under test -> echo broker (zmq.proxy(r, r))
+    load client -> proxy under test -> echo broker (zmq.proxy(r, r))
+
+Load clients (--client, comma-separated; each round runs every kind with each of them):
+  loadgen     the Cython generator (_loadgen.pyx) in this process, on pyzmq's libzmq, the
+              one the proxies run on; it checks a reply's size, not its bytes
+  c           c_client.c in a process of its own, linked against the system's libzmq
+              (Debian's libzmq3-dev, 4.3.4: a second, independent build); it checks every
+              reply, byte for byte, against the request it answers (`mismatched`). Built
+              with `cc ... -lzmq` on first use; skipped, saying why, without a compiler or
+              libzmq3-dev (unless --require-all)
 
 Kinds:
   direct      no proxy: the load generator straight to the echo broker; its throughput
@@ -26,11 +35,22 @@ Kinds:
   penalty     gatekeeper with [penalty] on, nothing refused and so no one banned: what the
               penalty box costs a message that passes
 
-The kinds alternate within each round, so drift on a shared machine hits all of them.
+The kinds alternate within each round, so drift on a shared machine hits all of them;
+with several clients a round runs every kind with the first, then with the next, and so
+on, so that each client's kinds stand side by side in time. The report gives medians per
+(client, kind) and each kind's ratios to zmq.proxy under the same client: msgs/s, CPU per
+message, single-flight p50.
+
+--perf KINDS: after the measured rounds, one more run of each of those kinds with each
+client, not counted, with `perf record -g` on the proxy process (all its threads) while
+the load runs; prints the top symbols by self time (`perf report --stdio --no-children`)
+and keeps perf.data in bench/results/ for the call graphs. Needs perf (linux-perf) and,
+unless root, kernel.perf_event_paranoid <= 1.
 
     python bench/e2e.py [--rounds 3] [--seconds 3] [--connections 4] [--depth 64]
                         [--size 64] [--latency-requests 5000] [--only proxy,gatekeeper]
-                        [--require-all] [--json results.json] [--baseline DIR] [--curve]
+                        [--client loadgen,c] [--perf gatekeeper] [--require-all]
+                        [--json results.json] [--baseline DIR] [--curve]
     python bench/e2e.py --smoke     # CI: seconds long; checks that it works, not numbers
 """
 
@@ -43,6 +63,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -52,10 +73,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import zmq
 
+import c_client
 import loadgen
 
 # redis-server for the cluster kinds is found as the tests find it (tests/redis_server.py).
@@ -73,6 +96,28 @@ GATEKEEPER_KINDS = {"gatekeeper": ("cython", "native"), "libzmq": ("cython", "li
                     "cluster-stopped": ("cython", "native"), "requests": ("cython", "native"),
                     "penalty": ("cython", "native"),
                     "baseline": ("cython", None)}
+
+
+@dataclass(frozen=True)
+class Client:
+    """A load client: `build` before any server starts (so compile time is not run
+    time), `drive` for each run (as `loadgen.drive`), `describe` for the report."""
+    build: Callable[[], object]
+    drive: loadgen.Driver
+    describe: Callable[[], str]
+
+
+CLIENTS = {
+    "loadgen": Client(loadgen.load, loadgen.drive, lambda: (
+        f"_loadgen.pyx in this process, on pyzmq's libzmq {zmq.zmq_version()}")),
+    "c": Client(c_client.build, c_client.drive, lambda: (
+        f"c_client.c in a process of its own, on the system's libzmq "
+        f"{c_client.libzmq_version()}")),
+}
+# perf.data of --perf, kept for `perf report` (the directory is git-ignored)
+PERF_DIR = THIS.parent / "results"
+# Lines of each perf report table printed; perf.data holds the rest.
+PERF_ROWS = 25
 # The kinds with a redis-server, and whether it is stopped (SIGSTOP) during the run.
 CLUSTER_KINDS = {"cluster": False, "cluster-stopped": True}
 READY_TIMEOUT_S = 10.0
@@ -289,8 +334,10 @@ def wait_cluster_up(ctx: zmq.Context, control: str) -> None:
         time.sleep(0.05)
 
 
-def run_one(kind: str, args: argparse.Namespace, ctx: zmq.Context) -> dict:
-    """Fresh echo broker (+ proxy), readiness, load run, single-flight run, teardown."""
+def run_one(kind: str, client: str, args: argparse.Namespace, ctx: zmq.Context,
+            profile: Path | None = None) -> dict:
+    """Fresh echo broker (+ proxy), readiness, load run, single-flight run, teardown.
+    `profile`: record the proxy process with perf during the load run, into that file."""
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gk-bench-")))
         ports = free_ports(3)
@@ -328,10 +375,12 @@ def run_one(kind: str, args: argparse.Namespace, ctx: zmq.Context) -> dict:
             os.kill(redis_pid, signal.SIGSTOP)
             stack.callback(os.kill, redis_pid, signal.SIGCONT)  # before it is stopped
         proxy = psutil.Process(servers[-1].proc.pid) if kind != "direct" else None
+        driver = CLIENTS[client].drive
         cpu_before, threads_before = _cpu_seconds(proxy), _thread_seconds(proxy)
-        load = loadgen.throughput(
-            ctx, target, connections=args.connections, depth=args.depth, size=args.size,
-            warmup_s=args.warmup, seconds=args.seconds, curve=client_keys)
+        with perf_record(proxy.pid, profile) if profile else contextlib.nullcontext():
+            load = loadgen.throughput(
+                ctx, target, connections=args.connections, depth=args.depth, size=args.size,
+                warmup_s=args.warmup, seconds=args.seconds, curve=client_keys, driver=driver)
         # CPU per message of the proxy process (all its threads, libzmq's I/O thread too):
         # unlike msgs/s it does not depend on how the two cores are shared out.
         if proxy is not None and load["received_total"]:
@@ -341,7 +390,7 @@ def run_one(kind: str, args: argparse.Namespace, ctx: zmq.Context) -> dict:
         else:
             load["cpu_us_per_msg"] = load["top_thread_share"] = None
         single = loadgen.latency(ctx, target, requests=args.latency_requests, size=args.size,
-                                 curve=client_keys)
+                                 curve=client_keys, driver=driver)
         for s in servers:  # numbers from a run during which a server died mean nothing
             if (rc := s.exited()) is not None:
                 raise RuntimeError(f"{s.role} died during the run (code {rc}):\n{s.tail()}")
@@ -349,7 +398,7 @@ def run_one(kind: str, args: argparse.Namespace, ctx: zmq.Context) -> dict:
         if cluster is not None and cluster["up"] is CLUSTER_KINDS[kind]:
             raise RuntimeError(f"{kind}: Redis was {'up' if cluster['up'] else 'down'} "
                                f"after the run: {cluster}")
-        return {"kind": kind, "load": load, "single": single,
+        return {"kind": kind, "client": client, "load": load, "single": single,
                 "implementation": implementation, "cluster": cluster}
 
 
@@ -374,6 +423,44 @@ def _top_thread_share(before: dict[int, float], after: dict[int, float]) -> floa
     return max(used) / total if total > 0 else None
 
 
+@contextlib.contextmanager
+def perf_record(pid: int, data: Path):
+    """`perf record -g` on every thread of process `pid` while the block runs."""
+    data.parent.mkdir(parents=True, exist_ok=True)
+    log = data.with_suffix(".log")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["perf", "record", "-g", "-p", str(pid), "-o", str(data)],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)  # how perf record is told to write its data and end
+        try:
+            proc.wait(STOP_TIMEOUT_S * 6)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if not data.exists() or proc.returncode not in (0, 128 + signal.SIGINT, -signal.SIGINT):
+        raise RuntimeError(f"perf record failed (code {proc.returncode}):\n"
+                           f"{log.read_text(errors='replace').strip()}")
+
+
+def perf_summary(data: Path, rows: int) -> str:
+    """The shares of CPU time by thread and library, then the top symbols by self time."""
+    def report(sort: str) -> list[str]:
+        ran = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children",
+                              "-g", "none", "--percent-limit", "0.5", "--sort", sort],
+                             capture_output=True, text=True, timeout=600)
+        if ran.returncode != 0:
+            raise RuntimeError(f"perf report failed: {ran.stderr.strip()}")
+        return [line.rstrip() for line in ran.stdout.splitlines()
+                if line.strip() and not line.startswith("#")][:rows]
+
+    # "sym", not "symbol": perf 6 adds empty IPC columns to the latter.
+    return "\n".join(["perf, by thread and library:", *report("comm,dso"),
+                      "perf, top symbols (self time):", *report("comm,dso,sym")])
+
+
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:
@@ -394,6 +481,9 @@ def summarize(runs: list[dict]) -> dict:
 
     rates = [r["load"]["msgs_per_s"] for r in runs]
     rate = statistics.median(rates)
+    # Only the C client compares a reply's bytes with its request's.
+    checked = [r[p]["mismatched"] for r in runs for p in ("load", "single")
+               if "mismatched" in r[p]]
     return {
         "rounds": len(runs),
         "msgs_per_s": rate,
@@ -406,21 +496,20 @@ def summarize(runs: list[dict]) -> dict:
         "top_thread_share": median("load", "top_thread_share"),
         "lost": sum(r[p]["lost"] for r in runs for p in ("load", "single")),
         "refused": sum(r[p]["bad"] for r in runs for p in ("load", "single")),
+        "mismatched": sum(checked) if checked else None,
     }
 
 
 def ratios(summary: dict) -> dict:
+    """Named ratios between the kinds of one client's summary."""
     def ratio(a: str, b: str, key: str) -> float | None:
         if a in summary and b in summary and summary[b][key]:
             return summary[a][key] / summary[b][key]
         return None
 
     return {
-        "gatekeeper/proxy msgs_per_s": ratio("gatekeeper", "proxy", "msgs_per_s"),
         "gatekeeper/python msgs_per_s": ratio("gatekeeper", "python", "msgs_per_s"),
-        "gatekeeper/proxy single_p50": ratio("gatekeeper", "proxy", "single_p50_us"),
         "python/gatekeeper cpu_per_msg": ratio("python", "gatekeeper", "cpu_us_per_msg"),
-        "gatekeeper/proxy cpu_per_msg": ratio("gatekeeper", "proxy", "cpu_us_per_msg"),
         "gatekeeper/libzmq msgs_per_s": ratio("gatekeeper", "libzmq", "msgs_per_s"),
         "cluster/gatekeeper msgs_per_s": ratio("cluster", "gatekeeper", "msgs_per_s"),
         "cluster-stopped/gatekeeper msgs_per_s": ratio("cluster-stopped", "gatekeeper",
@@ -436,42 +525,89 @@ def ratios(summary: dict) -> dict:
     }
 
 
-def print_report(summary: dict, ratio_values: dict, skipped: dict) -> None:
+# What each kind is held to against zmq.proxy under the same client.
+VERSUS_PROXY = ("msgs_per_s", "cpu_us_per_msg", "single_p50_us")
+
+
+def versus_proxy(summary: dict) -> dict:
+    """Each proxy kind's VERSUS_PROXY ratios to zmq.proxy, within one client's summary."""
+    proxy = summary.get("proxy")
+    if proxy is None:
+        return {}
+    return {kind: {key: s[key] / proxy[key] if s[key] is not None and proxy[key] else None
+                   for key in VERSUS_PROXY}
+            for kind, s in summary.items() if kind not in ("direct", "proxy")}
+
+
+def print_report(summary: dict, versus: dict, ratio_values: dict, skipped: dict,
+                 clients: dict[str, str]) -> None:
+    """`summary`, `versus`, `ratio_values`: per client; `clients`: what each client is."""
     def us(v: float | None) -> str:
         return "-" if v is None else f"{v:,.1f}"
 
     def share(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.0f}%"
 
-    print()
-    print(f"{'kind':<16}{'msgs/s':>11}{'spread':>8}{'p50 load':>11}{'p99 load':>11}"
-          f"{'p50 1-flight':>14}{'p99 1-flight':>14}{'cpu/msg':>9}{'thread':>8}{'lost':>7}"
-          f"{'refused':>9}")
-    for kind, s in summary.items():
-        spread = "-" if s["spread"] is None else f"{100 * s['spread']:.0f}%"
-        print(f"{kind:<16}{s['msgs_per_s']:>11,.0f}{spread:>8}{us(s['load_p50_us']):>11}"
-              f"{us(s['load_p99_us']):>11}{us(s['single_p50_us']):>14}"
-              f"{us(s['single_p99_us']):>14}{us(s['cpu_us_per_msg']):>9}"
-              f"{share(s['top_thread_share']):>8}"
-              f"{s['lost']:>7}{s['refused']:>9}")
+    def times(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}x"
+
+    for client, kinds in summary.items():
+        print(f"\nclient {client}: {clients[client]}")
+        print(f"{'kind':<16}{'msgs/s':>11}{'spread':>7}{'p50 load':>10}{'p99 load':>10}"
+              f"{'p50 1-flight':>13}{'p99 1-flight':>13}{'cpu/msg':>9}{'thread':>7}"
+              f"{'lost':>6}{'refused':>8}{'mismatched':>11}")
+        for kind, s in kinds.items():
+            spread = "-" if s["spread"] is None else f"{100 * s['spread']:.0f}%"
+            mismatched = "-" if s["mismatched"] is None else s["mismatched"]
+            print(f"{kind:<16}{s['msgs_per_s']:>11,.0f}{spread:>7}{us(s['load_p50_us']):>10}"
+                  f"{us(s['load_p99_us']):>10}{us(s['single_p50_us']):>13}"
+                  f"{us(s['single_p99_us']):>13}{us(s['cpu_us_per_msg']):>9}"
+                  f"{share(s['top_thread_share']):>7}"
+                  f"{s['lost']:>6}{s['refused']:>8}{mismatched:>11}")
     print("latencies and cpu/msg (the proxy process's CPU time per message) in microseconds;"
           "\nthread: the share of that CPU time its busiest thread used;"
           "\nmsgs/s, latencies and cpu/msg are medians over rounds;"
-          " spread = (max - min) / median of msgs/s")
-    for kind, reason in skipped.items():
-        print(f"{kind}: skipped ({reason.splitlines()[0]})")
-    print()
-    for name, value in ratio_values.items():
-        print(f"{name:<40}{'n/a' if value is None else f'{value:.2f}x'}")
-    proxies = [s["msgs_per_s"] for k, s in summary.items() if k != "direct"]
-    if "direct" in summary and proxies:
-        headroom = summary["direct"]["msgs_per_s"] / max(proxies)
-        print(f"{'direct/fastest proxy msgs_per_s':<40}{headroom:.2f}x"
-              + ("" if headroom >= 1.5 else
-                 "  WARNING: the load generator may be the bottleneck"))
+          " spread = (max - min) / median of msgs/s;"
+          "\nmismatched: replies that are not their request byte for byte (- not checked)")
+    for name, reason in skipped.items():
+        print(f"{name}: skipped ({reason.splitlines()[0]})")
+    if any(versus.values()):
+        print(f"\n{'against zmq.proxy, same client':<32}{'msgs/s':>8}{'cpu/msg':>9}"
+              f"{'p50 1-flight':>14}")
+        for client, kinds in versus.items():
+            for kind, v in kinds.items():
+                print(f"{client:<10}{kind:<22}{times(v['msgs_per_s']):>8}"
+                      f"{times(v['cpu_us_per_msg']):>9}{times(v['single_p50_us']):>14}")
+    for client, values in ratio_values.items():
+        lines = [f"{name:<40}{times(value)}" for name, value in values.items()
+                 if value is not None]  # the kinds it needs ran
+        kinds = summary[client]
+        proxies = [s["msgs_per_s"] for k, s in kinds.items() if k != "direct"]
+        if "direct" in kinds and proxies:
+            headroom = kinds["direct"]["msgs_per_s"] / max(proxies)
+            lines.append(f"{'direct/fastest proxy msgs_per_s':<40}{headroom:.2f}x"
+                         + ("" if headroom >= 1.5 else
+                            "  WARNING: the load client may be the bottleneck"))
+        if lines:
+            print(f"\nclient {client}:", *lines, sep="\n")
+
+
+def print_run(label: str, result: dict) -> None:
+    load, single = result["load"], result["single"]
+    mismatched = load.get("mismatched", 0) + single.get("mismatched", 0)
+    print(f"{label} {result['client']:<8}{result['kind']:<16}{load['msgs_per_s']:>11,.0f} "
+          f"msgs/s  p50 {load['p50_us'] or 0:,.1f} us  single p50 "
+          f"{single['p50_us'] or 0:,.1f} us  lost {load['lost'] + single['lost']}"
+          + (f"  mismatched {mismatched}" if mismatched else "")
+          + (f"  ({result['implementation'] or 'implementation not reported'})"
+             if result["kind"] in GATEKEEPER_KINDS else ""), flush=True)
 
 
 # -- main ------------------------------------------------------------------------------
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -480,15 +616,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, help="unmeasured seconds before each load run")
     p.add_argument("--connections", type=int)
     p.add_argument("--depth", type=int, help="requests in flight per connection")
-    p.add_argument("--size", type=int, default=64, help="request bytes (>= 8)")
+    p.add_argument("--size", type=int, default=64,
+                   help=f"request bytes (>= 8; >= {c_client.MIN_SIZE} with the c client)")
     p.add_argument("--latency-requests", type=int, help="single-in-flight round trips")
     p.add_argument("--only", default=",".join(KINDS[:-1]),
                    help=f"comma-separated kinds in run order, from {','.join(KINDS)} "
                    "(default: all but baseline, which --baseline adds)")
+    p.add_argument("--client", default="loadgen",
+                   help=f"comma-separated load clients in run order, from {','.join(CLIENTS)} "
+                   "(default: loadgen); each round runs every kind with each")
+    p.add_argument("--perf", default="", metavar="KINDS",
+                   help="after the rounds, one run of each of these kinds (among --only) "
+                   "with each client under `perf record -g`, not counted; prints the top "
+                   f"symbols and keeps perf.data in {PERF_DIR}")
     p.add_argument("--smoke", action="store_true",
                    help="one short round; exit 1 unless every run got replies and lost none")
     p.add_argument("--require-all", action="store_true",
-                   help="fail instead of skipping a gatekeeper kind that does not start")
+                   help="fail instead of skipping a gatekeeper kind that does not start or "
+                   "a client that cannot be built")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--baseline", type=Path, metavar="DIR",
                    help="a source tree (with src/gatekeeper and its extension built in "
@@ -504,7 +649,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for key, value in PRESETS["smoke" if args.smoke else "full"].items():
         if getattr(args, key) is None:  # explicit options win over the preset
             setattr(args, key, value)
-    args.kinds = [k.strip() for k in args.only.split(",") if k.strip()]
+    args.kinds = _names(args.only)
     if unknown := set(args.kinds) - set(KINDS):
         p.error(f"unknown kinds {sorted(unknown)}; choose from {','.join(KINDS)}")
     if args.baseline is None:
@@ -514,52 +659,101 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--baseline {args.baseline}: no src/gatekeeper in it")
     elif "baseline" not in args.kinds:
         args.kinds.append("baseline")
+    args.clients = _names(args.client)
+    if not args.clients or not set(args.clients) <= set(CLIENTS):
+        p.error(f"--client: choose from {','.join(CLIENTS)}")
+    args.perf = _names(args.perf)
+    if not set(args.perf) <= set(args.kinds) - {"direct"}:
+        p.error("--perf: kinds among those run (--only), and not direct (it has no proxy)")
+    if args.perf and shutil.which("perf") is None:
+        p.error("--perf needs perf (apt-get install linux-perf)")
     if args.size < 8:
         p.error("--size must be >= 8: the first 8 bytes carry the send time")
+    if "c" in args.clients and args.size < c_client.MIN_SIZE:
+        p.error(f"--size must be >= {c_client.MIN_SIZE} with the c client")
     if min(args.rounds, args.connections, args.depth, args.latency_requests) < 1:
         p.error("--rounds, --connections, --depth and --latency-requests must be >= 1")
     return args
+
+
+def build_clients(names: list[str], require_all: bool, skipped: dict[str, str]
+                  ) -> dict[str, str]:
+    """Build the clients; returns what each built one is. One that cannot be built goes
+    into `skipped`, or fails the run (a RuntimeError) with --require-all."""
+    built = {}
+    for name in names:
+        try:
+            CLIENTS[name].build()
+        except c_client.Unavailable as exc:
+            if require_all:
+                raise RuntimeError(f"the {name} client: {exc}") from None
+            skipped[f"client {name}"] = str(exc)
+            print(f"skipping the {name} client: {exc}", flush=True)
+            continue
+        built[name] = CLIENTS[name].describe()
+    return built
+
+
+def run_or_skip(kind: str, client: str, args: argparse.Namespace, ctx: zmq.Context,
+                skipped: dict[str, str], label: str, profile: Path | None = None
+                ) -> dict | None:
+    """run_one, or None, the kind added to `skipped`, if it is a gatekeeper kind that did
+    not start (a RuntimeError with --require-all)."""
+    try:
+        return run_one(kind, client, args, ctx, profile)
+    except StartFailure as exc:
+        if kind not in GATEKEEPER_KINDS or args.require_all:
+            raise RuntimeError(f"{kind} did not start: {exc}") from None
+        skipped[kind] = f"python -m gatekeeper did not start: {exc}"
+        print(f"{label}: skipping {kind}: {skipped[kind]}", flush=True)
+        return None
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     # Turn SIGTERM into an exception so the finally blocks stop every server.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    loadgen.load()  # build before any server starts, so compile time is not run time
+    skipped: dict[str, str] = {}
+    try:
+        clients = build_clients(args.clients, args.require_all, skipped)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     gk = importlib.util.find_spec("gatekeeper")
     print(f"python {platform.python_version()}, pyzmq {zmq.__version__}, libzmq "
           f"{zmq.zmq_version()}, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.2f}; gatekeeper from "
           f"{gk.origin if gk else SRC / 'gatekeeper'}")
-    print(f"rounds {args.rounds} x {','.join(args.kinds)}: {args.connections} connections x "
+    print(f"rounds {args.rounds} x {','.join(clients) or 'no client'} x "
+          f"{','.join(args.kinds)}: {args.connections} connections x "
           f"{args.depth} in flight, {args.size} B, {args.warmup:g} s warmup + "
           f"{args.seconds:g} s; single flight {args.latency_requests} round trips"
           + ("; CURVE frontend and clients" if args.curve else ""))
-    runs: dict[str, list[dict]] = {k: [] for k in args.kinds}
-    skipped: dict[str, str] = {}
+    for client, what in clients.items():
+        print(f"client {client}: {what}")
+    runs = {c: {k: [] for k in args.kinds} for c in clients}
     ctx = zmq.Context()
     try:
         for rnd in range(1, args.rounds + 1):
-            for kind in args.kinds:
+            for client in clients:
+                for kind in args.kinds:
+                    if kind in skipped:
+                        continue
+                    result = run_or_skip(kind, client, args, ctx, skipped, f"round {rnd}")
+                    if result is not None:
+                        result["round"] = rnd
+                        runs[client][kind].append(result)
+                        print_run(f"round {rnd}", result)
+        for client in clients:
+            for kind in args.perf:
                 if kind in skipped:
                     continue
-                try:
-                    result = run_one(kind, args, ctx)
-                except StartFailure as exc:
-                    if kind not in GATEKEEPER_KINDS or args.require_all:
-                        print(f"error: {kind} did not start: {exc}", file=sys.stderr)
-                        return 1
-                    skipped[kind] = f"python -m gatekeeper did not start: {exc}"
-                    print(f"round {rnd}: skipping {kind}: {skipped[kind]}", flush=True)
-                    continue
-                result["round"] = rnd
-                runs[kind].append(result)
-                load, single = result["load"], result["single"]
-                print(f"round {rnd} {kind:<16}{load['msgs_per_s']:>11,.0f} msgs/s  "
-                      f"p50 {load['p50_us'] or 0:,.1f} us  single p50 "
-                      f"{single['p50_us'] or 0:,.1f} us  lost {load['lost'] + single['lost']}"
-                      + (f"  ({result['implementation'] or 'implementation not reported'})"
-                         if kind in GATEKEEPER_KINDS else ""), flush=True)
+                profile = PERF_DIR / f"perf-{client}-{kind}.data"
+                result = run_or_skip(kind, client, args, ctx, skipped, "perf", profile)
+                if result is not None:
+                    print_run("perf (not counted)", result)
+                    print(f"{perf_summary(profile, PERF_ROWS)}\ncall graphs: perf report -i "
+                          f"{profile} --no-children\n", flush=True)
     except (RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -569,21 +763,28 @@ def main(argv: list[str]) -> int:
     finally:
         ctx.destroy(linger=0)
 
-    summary = {k: summarize(v) for k, v in runs.items() if v}
-    ratio_values = ratios(summary)
-    print_report(summary, ratio_values, skipped)
+    summary = {c: {k: summarize(v) for k, v in kinds.items() if v} for c, kinds in runs.items()}
+    summary = {c: kinds for c, kinds in summary.items() if kinds}
+    versus = {c: versus_proxy(kinds) for c, kinds in summary.items()}
+    ratio_values = {c: ratios(kinds) for c, kinds in summary.items()}
+    print_report(summary, versus, ratio_values, skipped, clients)
     if args.json:
         args.json.write_text(json.dumps({
             "config": {k: v for k, v in vars(args).items() if k != "json"},
             "environment": {"python": platform.python_version(), "pyzmq": zmq.__version__,
-                            "libzmq": zmq.zmq_version(), "cpus": os.cpu_count()},
-            "runs": runs, "summary": summary, "ratios": ratio_values, "skipped": skipped,
+                            "libzmq": zmq.zmq_version(), "cpus": os.cpu_count(),
+                            "clients": clients},
+            "runs": runs, "summary": summary, "versus_proxy": versus,
+            "ratios": ratio_values, "skipped": skipped,
         }, indent=2, default=str))
     if args.smoke:
-        failed = [f"{r['kind']} {part}: received {r[part]['received']}, lost "
-                  f"{r[part]['lost']}, refused {r[part]['bad']}"
-                  for rs in runs.values() for r in rs for part in ("load", "single")
-                  if not r[part]["received"] or r[part]["lost"] or r[part]["bad"]]
+        failed = [f"{r['client']} {r['kind']} {part}: received {r[part]['received']}, lost "
+                  f"{r[part]['lost']}, refused {r[part]['bad']}, mismatched "
+                  f"{r[part].get('mismatched', '-')}"
+                  for kinds in runs.values() for rs in kinds.values() for r in rs
+                  for part in ("load", "single")
+                  if not r[part]["received"] or r[part]["lost"] or r[part]["bad"]
+                  or r[part].get("mismatched")]
         if failed or not summary:
             print("smoke check failed: " + ("; ".join(failed) or "nothing ran"),
                   file=sys.stderr)

@@ -2,7 +2,9 @@
 
 `load()` compiles `_loadgen.pyx` into bench/build/loadgen-<hash>/ the first time (and
 whenever the .pyx, the ABI header, Cython or Python change) and imports it from there.
-`throughput()` and `latency()` own the pyzmq sockets; the C loop only borrows them.
+`drive()` owns the pyzmq sockets of one run; the C loop only borrows them.
+`throughput()` and `latency()` say what a run is, for this generator or for any other
+with `drive`'s signature (`c_client.drive`: the C client on the system's libzmq).
 
 `python bench/loadgen.py` builds it and prints where.
 """
@@ -20,6 +22,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import zmq
 
@@ -108,6 +111,9 @@ def load() -> ModuleType:
 # (client public, client secret, server public), Z85: the generator's DEALERs as CURVE
 # clients (bench/e2e.py --curve)
 CurveKeys = tuple[bytes, bytes, bytes]
+# drive(ctx, endpoint, identities, depth, curve, *, size, warmup_s, duration_s, drain_s,
+# max_requests, sample_cap) -> the counts and latencies of one run
+Driver = Callable[..., dict]
 
 
 def dealer(ctx: zmq.Context, endpoint: str, identity: bytes, depth: int = 1,
@@ -123,8 +129,9 @@ def dealer(ctx: zmq.Context, endpoint: str, identity: bytes, depth: int = 1,
     return s
 
 
-def _drive(ctx: zmq.Context, endpoint: str, identities: list[bytes], depth: int,
-           curve: CurveKeys | None = None, **kwargs) -> dict:
+def drive(ctx: zmq.Context, endpoint: str, identities: list[bytes], depth: int,
+          curve: CurveKeys | None = None, **kwargs) -> dict:
+    """One run: a DEALER per identity, `kwargs` as `_loadgen.run` takes them."""
     lg = load()
     socks = [dealer(ctx, endpoint, ident, depth, curve) for ident in identities]
     try:
@@ -137,9 +144,9 @@ def _drive(ctx: zmq.Context, endpoint: str, identities: list[bytes], depth: int,
 def throughput(ctx: zmq.Context, endpoint: str, *, connections: int = 4, depth: int = 64,
                size: int = 64, warmup_s: float = 0.5, seconds: float = 3.0,
                drain_s: float = 2.0, prefix: bytes = IDENTITY_PREFIX,
-               curve: CurveKeys | None = None) -> dict:
+               curve: CurveKeys | None = None, driver: Driver = drive) -> dict:
     """`connections` DEALERs (routing ids prefix+N), `depth` requests in flight each."""
-    return _drive(ctx, endpoint, [prefix + str(i).encode() for i in range(connections)],
+    return driver(ctx, endpoint, [prefix + str(i).encode() for i in range(connections)],
                   depth, curve, size=size, warmup_s=warmup_s, duration_s=seconds,
                   drain_s=drain_s)
 
@@ -147,10 +154,10 @@ def throughput(ctx: zmq.Context, endpoint: str, *, connections: int = 4, depth: 
 def latency(ctx: zmq.Context, endpoint: str, *, requests: int = 5000, size: int = 64,
             warmup_s: float = 0.1, timeout_s: float = 30.0,
             identity: bytes = IDENTITY_PREFIX + b"latency",
-            curve: CurveKeys | None = None) -> dict:
+            curve: CurveKeys | None = None, driver: Driver = drive) -> dict:
     """One DEALER, one request in flight, `requests` measured round trips (every one
     sampled); stops early after `timeout_s`."""
-    return _drive(ctx, endpoint, [identity], 1, curve, size=size, warmup_s=warmup_s,
+    return driver(ctx, endpoint, [identity], 1, curve, size=size, warmup_s=warmup_s,
                   duration_s=timeout_s, max_requests=requests, sample_cap=requests)
 
 
