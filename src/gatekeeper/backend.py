@@ -37,8 +37,11 @@ class LibzmqBackend:
     deploy, would cut the broker off for good."""
 
     name = "libzmq"
+    listener_files: list[str] = []  # libzmq removes a bound DEALER's own
 
-    def __init__(self, ctx: zmq.Context, policy: Any) -> None:
+    def __init__(self, ctx: zmq.Context, policy: Any, fallback: str = "") -> None:
+        """`fallback`: why the native DEALER does not run instead, "" if not asked for."""
+        self.fallback = fallback
         self._monitor = sockets.Monitor(ctx, _MONITOR_EVENTS)
         self.monitor = self._monitor.socket
         # by descriptor, at most the connections open: those in their handshake (with
@@ -57,6 +60,17 @@ class LibzmqBackend:
         except BaseException:
             self.monitor.close(0)
             raise
+
+    @property
+    def zmq_sockets(self) -> list[zmq.Socket]:
+        """The DEALER and its monitor, for the owner to close with the context."""
+        return [self.socket, self.monitor]
+
+    def attach(self, relay: Any) -> None:
+        """The relay sends and receives on `socket` itself."""
+
+    def close(self) -> None:
+        """Its sockets are closed with the context's (zmq_sockets)."""
 
     def serve_ready(self) -> None:
         for kind, value, endpoint in self._monitor.events():
@@ -96,6 +110,13 @@ class LibzmqBackend:
     def connections(self) -> int:
         """Broker connections up now."""
         return len(self._up)
+
+
+def build(ctx: zmq.Context, policy: Any, frontend_engine: str) -> LibzmqBackend | NativeDealer:
+    """The backend this policy runs behind `frontend_engine`: the native DEALER where it
+    can, a libzmq DEALER with the reason (`fallback`) where it cannot."""
+    name, why = engine_for(policy, frontend_engine)
+    return NativeDealer(policy) if name == "native" else LibzmqBackend(ctx, policy, why)
 
 
 def engine_for(policy: Any, frontend_engine: str) -> tuple[str, str]:
@@ -140,10 +161,13 @@ class NativeDealer:
     backend.bind it binds the endpoints, and the loop takes the brokers that connect."""
 
     name = "native"
+    fallback = ""
+    socket = None  # the loop's own links instead
     monitor = None
+    zmq_sockets: list[zmq.Socket] = []
 
-    def __init__(self, policy: Any, resolve: Callable[..., Any] = socket.getaddrinfo) -> None:
-        """`resolve`: getaddrinfo, run in the resolver's thread."""
+    def __init__(self, policy: Any, resolve: Callable[..., Any] | None = None) -> None:
+        """`resolve`: getaddrinfo (the default), run in the resolver's thread."""
         b = policy.backend
         self.endpoints = list(b.connect)
         self._first_wait_s = b.reconnect_ivl_ms / 1000
@@ -151,7 +175,7 @@ class NativeDealer:
         self._wait_s = [self._first_wait_s] * len(self.endpoints)
         self._dial_at = [0.0] * len(self.endpoints)
         self._linked = [False] * len(self.endpoints)
-        self._resolver = Resolver(resolve)
+        self._resolver = Resolver(resolve or socket.getaddrinfo)
         self.relay: Any = None
         # ipc files of backend.bind, for the owner to remove at close
         self.listener_files = [ep[len("ipc://"):] for ep in b.bind

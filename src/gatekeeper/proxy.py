@@ -17,11 +17,9 @@ from typing import Any
 import msgspec
 import zmq
 
-from . import frontend, sockets
+from . import backend, frontend, sockets
 from ._impl import IMPLEMENTATION, RUN_SERVICE, NativeRelay, PolicyEngine, Relay
 from .auth import ZapHandler
-from .backend import LibzmqBackend, NativeDealer
-from .backend import engine_for as backend_engine_for
 from .cluster import ClusterSync, cluster_config
 from .control import ControlServer, round_trip_figures
 from .frontend import LibzmqFrontend
@@ -108,16 +106,10 @@ class Gatekeeper:
                 self._frontend_fds = [(e, s.fileno()) for e, s in zip(self.endpoints, listeners)]
                 self.socket_activated = [e for e, s in zip(self.endpoints, listeners)
                                          if s in from_systemd]
-            self.backend_engine_name, self.backend_fallback = backend_engine_for(
-                policy, self.engine_name)
-            if self.backend_engine_name == "native":
-                self.backend_engine: LibzmqBackend | NativeDealer = NativeDealer(policy)
-                self.backend = None
-                self._listener_files += self.backend_engine.listener_files
-            else:
-                self.backend_engine = LibzmqBackend(self.ctx, policy)
-                self.backend = self.backend_engine.socket
-                self._sockets.extend([self.backend, self.backend_engine.monitor])
+            self.backend_engine = backend.build(self.ctx, policy, self.engine_name)
+            self.backend = self.backend_engine.socket
+            self._sockets.extend(self.backend_engine.zmq_sockets)
+            self._listener_files += self.backend_engine.listener_files
             self.control = ControlServer(
                 self.ctx, policy.control, self,
                 _take(inherited, "control", "control_endpoint", policy.control.bind))
@@ -134,10 +126,9 @@ class Gatekeeper:
                 self.relay = NativeRelay(
                     listeners, self.backend, services, self.engine,
                     frontend.native_settings(policy, self.zap.frontend_keys,
-                                             dealer=self.backend_engine_name == "native"))
+                                             dealer=self.backend is None))
                 self.frontend_engine = frontend.NativeFrontend(self.relay)
-                if isinstance(self.backend_engine, NativeDealer):
-                    self.backend_engine.attach(self.relay)
+                self.backend_engine.attach(self.relay)
                 # systemd's socket files are systemd's to remove
                 activated = {e[len("ipc://"):] for e in self.socket_activated}
                 self._listener_files += [p for p in self.relay.listener_files
@@ -170,11 +161,11 @@ class Gatekeeper:
         if self.engine_fallback:
             self.log.warning("engine_fallback", engine=self.engine_name,
                              reason=self.engine_fallback)
-        if self.backend_fallback:
-            self.log.info("backend_engine", engine=self.backend_engine_name,
-                          reason=self.backend_fallback)
+        if self.backend_engine.fallback:
+            self.log.info("backend_engine", engine=self.backend_engine.name,
+                          reason=self.backend_engine.fallback)
         self.log.info("started", frontend=self.endpoints, engine=self.engine_name,
-                      backend_engine=self.backend_engine_name,
+                      backend_engine=self.backend_engine.name,
                       implementation=IMPLEMENTATION, libzmq=zmq.zmq_version(),
                       policy=self.loaded.path)
         if self.socket_activated:
@@ -337,7 +328,7 @@ class Gatekeeper:
             lingers[self.frontend] = policy.frontend.linger_ms
         if hasattr(self, "backend"):
             lingers[self.backend] = policy.backend.linger_ms
-        if isinstance(getattr(self, "backend_engine", None), NativeDealer):
+        if hasattr(self, "backend_engine"):
             self.backend_engine.close()
         for s in self._sockets:
             s.close(linger=linger if linger is not None else lingers.get(s, 0))
