@@ -83,9 +83,12 @@ class GatekeeperProcess:
 
     def __init__(self, workdir: Path, extra: str = "", *, python_twin: bool = False,
                  backend_port: int | None = None, metrics: bool = False,
-                 engine: str = "native", brokers: int = 1) -> None:
+                 engine: str = "native", backend_engine: str | None = None,
+                 brokers: int = 1) -> None:
+        """`backend_engine`: by default the frontend engine's own (the same name)."""
         self.workdir = workdir
         self.engine = engine
+        self.backend_engine = backend_engine or engine
         self.frontend_port = free_port()
         self.backend_port = backend_port or free_port()
         self.frontend = f"tcp://127.0.0.1:{self.frontend_port}"
@@ -115,6 +118,7 @@ class GatekeeperProcess:
             engine = "{self.engine}"
             [backend]
             connect = {json.dumps(self.backends)}
+            engine = "{self.backend_engine}"
             [control]
             bind = "{self.control}"
             [metrics]

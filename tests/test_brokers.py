@@ -26,15 +26,6 @@ reconnect_ivl_max_ms = 250
 """
 
 
-@pytest.fixture(params=["native", "libzmq"])
-def backend(request, engine) -> str:
-    """The backend engine under test, as `[backend]` TOML; the native DEALER runs in the
-    native frontend's loop only."""
-    if request.param == "native" and engine != "native":
-        pytest.skip("the native DEALER runs in the native frontend's loop")
-    return f'[backend]\nengine = "{request.param}"\n'
-
-
 class CountingEchoBroker(EchoBroker):
     """An echo broker that counts the requests it answered."""
 
@@ -58,8 +49,8 @@ def ask(sock: zmq.Socket, body: bytes) -> list[bytes]:
     return sock.recv_multipart()
 
 
-def test_two_brokers_share_the_requests(gatekeeper_factory, backend, ctx):
-    gk = gatekeeper_factory(backend, broker=False, brokers=2)
+def test_two_brokers_share_the_requests(gatekeeper_factory, ctx):
+    gk = gatekeeper_factory(broker=False, brokers=2)
     brokers = [CountingEchoBroker(endpoint) for endpoint in gk.backends]
     try:
         assert wait_for(lambda: gk.ctl("STATS")["backend_connections"] == 2)
@@ -78,10 +69,10 @@ def test_two_brokers_share_the_requests(gatekeeper_factory, backend, ctx):
 
 
 def test_a_broker_gone_is_backend_unavailable_at_once_then_served_on_its_return(
-        gatekeeper_factory, echo_broker_factory, backend, ctx):
-    gk = gatekeeper_factory(backend + "[violations]\naction = \"reject\"\n"
+        gatekeeper_factory, echo_broker_factory, backend_engine, ctx):
+    gk = gatekeeper_factory("[violations]\naction = \"reject\"\n"
                             "[backpressure]\non_backend_full = \"reject\"\n" + QUICK_RECONNECTS)
-    assert f'"{gk.ctl("STATS")["backend_engine"]}"' in backend
+    assert gk.ctl("STATS")["backend_engine"] == backend_engine
     dealer = client(ctx, gk.frontend, identity=b"d")
     assert ask(dealer, b"before") == [b"", b"before"]
     gk.broker.close()
@@ -101,8 +92,8 @@ def debian_curve_broker(tmp_path_factory):
     return build(tmp_path_factory, "curve_server")
 
 
-def test_a_curve_broker_on_debians_libzmq(gatekeeper_factory, debian_curve_broker, engine,
-                                          ctx, tmp_path):
+def test_a_curve_broker_on_debians_libzmq(gatekeeper_factory, debian_curve_broker,
+                                          backend_engine, ctx, tmp_path):
     """tests/interop/curve_server.c: a ROUTER linked against the system's libzmq (4.3.4,
     its own libsodium) that echoes COUNT messages, then exits 0."""
     broker_public, broker_secret = zmq.curve_keypair()
@@ -121,7 +112,7 @@ def test_a_curve_broker_on_debians_libzmq(gatekeeper_factory, debian_curve_broke
     try:
         version = broker.stdout.readline().split()[1]
         assert version != zmq.zmq_version(), "the broker's libzmq is pyzmq's own"
-        assert gk.ctl("STATS")["backend_engine"] == engine  # native: the native DEALER
+        assert gk.ctl("STATS")["backend_engine"] == backend_engine
         dealer = client(ctx, gk.frontend, identity=b"d", timeout_ms=10000)
         for i in range(count):
             assert ask(dealer, b"over curve %d" % i) == [b"", b"over curve %d" % i]
@@ -166,10 +157,11 @@ class GarbageServer:
         self.listener.close()
 
 
-@pytest.mark.engines("default")
+@pytest.mark.engines("default")  # about the backends alone: on the default frontend
+@pytest.mark.backends("native", "libzmq")
 def test_an_endpoint_that_spoke_garbage_is_retried_until_a_broker_serves_it(
-        gatekeeper_factory, echo_broker_factory, backend, ctx):
-    gk = gatekeeper_factory(backend + QUICK_RECONNECTS, broker=False)
+        gatekeeper_factory, echo_broker_factory, ctx):
+    gk = gatekeeper_factory(QUICK_RECONNECTS, broker=False)
     garbage = GarbageServer(gk.backend_port)
     try:
         # tried again and again after the garbage (libzmq's DEALER alone would stop at 1)

@@ -200,7 +200,7 @@ def curve_broker():
 
 @pytest.mark.parametrize("server", ["broker", "mallory"], ids=["right-key", "wrong-key"])
 def test_backend_curve_client_to_a_curve_broker(gatekeeper_factory, curve_broker, peers,
-                                                keys, tmp_path, server, engine):
+                                                keys, tmp_path, server, backend_engine):
     d, _, pairs = keys
     gk_keys = tmp_path / "gk-keys"
     keygen(gk_keys, "gatekeeper")
@@ -211,7 +211,7 @@ def test_backend_curve_client_to_a_curve_broker(gatekeeper_factory, curve_broker
         f'[backend.curve]\nserver_public_key_file = "{d}/{server}.key"\n'
         f'secret_key_file = "{gk_keys}/gatekeeper.key_secret"\n', broker=False)
     curve_broker(gk.backend, pairs["broker"][1], broker_allows)
-    assert gk.ctl("STATS")["backend_engine"] == engine  # native: the native DEALER's CURVE
+    assert gk.ctl("STATS")["backend_engine"] == backend_engine
     req = peers.connect(gk.frontend, kind=zmq.REQ)
     if server == "broker":
         assert req.request([b"over curve"], timeout=10) == [b"over curve"]
