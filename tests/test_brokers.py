@@ -1,7 +1,7 @@
 """The backend as a broker sees it, end to end through the real CLI process: requests
 round-robin over live brokers, a broker that goes away and comes back, a CURVE broker
-built on Debian's libzmq, and an endpoint that answered as the wrong service before a real
-broker took it."""
+built on Debian's libzmq, an endpoint that answered as the wrong service before a real
+broker took it, and replies a broker sent just before it closed."""
 
 import socket
 import subprocess
@@ -176,3 +176,24 @@ def test_an_endpoint_that_spoke_garbage_is_retried_until_a_broker_serves_it(
     dealer = client(ctx, gk.frontend, identity=b"d", timeout_ms=5000)
     assert ask(dealer, b"served") == [b"", b"served"]
     assert gk.proc.poll() is None
+
+
+@pytest.mark.backends("native")
+def test_replies_a_broker_sent_just_before_it_closed_all_reach_the_client(gatekeeper_factory,
+                                                                        ctx):
+    """A broker that answers with 200 replies and closes at once, as a worker that exits
+    after its last answer: the client gets every one. (A libzmq DEALER with `immediate`
+    drops those it had not handed over when the connection ended, often all of them.)"""
+    gk = gatekeeper_factory(broker=False)
+    broker = ctx.socket(zmq.ROUTER)
+    broker.bind(gk.backend)
+    assert wait_for(lambda: gk.ctl("STATS")["backend_connections"] == 1)
+    dealer = client(ctx, gk.frontend, identity=b"d")
+    dealer.send_multipart([b"", b"go"])
+    assert broker.poll(5000)
+    request = broker.recv_multipart()
+    for i in range(200):
+        broker.send_multipart([*request[:-1], b"%d" % i])
+    broker.close(linger=5000)  # every reply written, then the connection closed
+    assert [dealer.recv_multipart() for _ in range(200)] == [[b"", b"%d" % i]
+                                                             for i in range(200)]
