@@ -30,24 +30,58 @@ if _fast is not None and not os.environ.get("GATEKEEPER_NO_EXTENSIONS"):
     else:
         ENGINES.insert(0, "native")
 
+# The gatekeepers a test runs: (frontend engine, backend engine) for every pairing that
+# exists, the default first. The native DEALER runs in the native frontend's loop only, so
+# the libzmq frontend has its libzmq DEALER alone; each frontend's own backend engine bears
+# its name. A test id names the frontend engine, and the backend engine where it is not the
+# frontend's own: `native`, `native+libzmq-backend`, `libzmq`.
+GATEKEEPERS = [(e, b) for e in ENGINES for b in (["native", "libzmq"] if e == "native" else [e])]
+
+# GATEKEEPER_TEST_BACKENDS (comma-separated: native, libzmq) keeps only the backend engines
+# it names wherever a frontend engine has the choice: `native` runs each frontend on its own
+# backend alone. A frontend with none of them keeps its own, so the frontend matrix stays.
+if os.environ.get("GATEKEEPER_TEST_BACKENDS"):
+    _wanted = os.environ["GATEKEEPER_TEST_BACKENDS"].split(",")
+    if not set(_wanted) <= {"native", "libzmq"}:
+        raise ValueError(f"GATEKEEPER_TEST_BACKENDS={','.join(_wanted)}: native, libzmq")
+    GATEKEEPERS = [(e, b) for e, b in GATEKEEPERS
+                   if b in _wanted or b == e and not any(
+                       e2 == e and b2 in _wanted for e2, b2 in GATEKEEPERS)]
+
+
+def gatekeeper_id(frontend: str, backend: str) -> str:
+    return frontend if backend == frontend else f"{frontend}+{backend}-backend"
+
 
 def pytest_generate_tests(metafunc):
     """Every test that runs a gatekeeper (the `engine` fixture, through
-    `gatekeeper_factory`) runs once per frontend engine, or on those its
-    `@pytest.mark.engines(...)` names; "default" names the first one built."""
-    if "engine" in metafunc.fixturenames:
-        marker = metafunc.definition.get_closest_marker("engines")
-        names = ENGINES if marker is None else [
-            ENGINES[0] if name == "default" else name for name in marker.args]
-        engines = [e for e in ENGINES if e in names]
-        metafunc.parametrize("engine", engines, ids=engines)
+    `gatekeeper_factory`) runs once per pairing in GATEKEEPERS, or on those its markers
+    leave: `@pytest.mark.engines(...)` names frontend engines, `@pytest.mark.backends(...)`
+    backend engines, "default" the first of each built."""
+    if "gatekeeper_engines" in metafunc.fixturenames:
+        pairs = gatekeepers_for(metafunc.definition.get_closest_marker("engines"),
+                                metafunc.definition.get_closest_marker("backends"))
+        metafunc.parametrize("gatekeeper_engines", pairs,
+                             ids=[gatekeeper_id(*pair) for pair in pairs])
+
+
+def gatekeepers_for(engines, backends) -> list[tuple[str, str]]:
+    """The pairings that markers `engines` and `backends` (either None) leave."""
+    if engines is not None and backends is None and engines.args == ("default",):
+        return GATEKEEPERS[:1]  # a test about neither engine: the default gatekeeper once
+    default_frontend, default_backend = GATEKEEPERS[0]
+    frontends = [default_frontend if name == "default" else name
+                 for name in (engines.args if engines else ENGINES)]
+    backends = [default_backend if name == "default" else name
+                for name in (backends.args if backends else ["native", "libzmq"])]
+    return [(e, b) for e, b in GATEKEEPERS if e in frontends and b in backends]
 
 
 def pytest_collection_modifyitems(config, items):
     # The pure-Python twin has no native engine: such a pairing would only repeat the
     # libzmq one.
     twin_native = [i for i in items if getattr(i, "callspec", None) is not None
-                   and i.callspec.params.get("engine") == "native"
+                   and i.callspec.params.get("gatekeeper_engines", ("",))[0] == "native"
                    and i.callspec.params.get("twin") is True]
     if twin_native:
         config.hook.pytest_deselected(items=twin_native)
@@ -112,9 +146,28 @@ def echo_broker_factory():
 
 
 @pytest.fixture
-def engine():
-    """The frontend engine under test: `native` or `libzmq` (see pytest_generate_tests)."""
-    return ENGINES[0]
+def gatekeeper_engines():
+    """(frontend engine, backend engine) under test (see pytest_generate_tests)."""
+    return GATEKEEPERS[0]
+
+
+@pytest.fixture
+def engine(gatekeeper_engines):
+    """The frontend engine under test: `native` or `libzmq`."""
+    return gatekeeper_engines[0]
+
+
+@pytest.fixture
+def backend_engine(gatekeeper_engines):
+    """The backend engine under test: `native` (the native DEALER) or `libzmq`."""
+    return gatekeeper_engines[1]
+
+
+@pytest.fixture
+def all_gatekeepers():
+    """Every (frontend engine, backend engine) pairing this run covers, for a test that
+    runs them all itself."""
+    return list(GATEKEEPERS)
 
 
 @pytest.fixture
@@ -137,12 +190,12 @@ def redis_factory(tmp_path):
 
 
 @pytest.fixture
-def gatekeeper_factory(tmp_path, echo_broker_factory, engine):
+def gatekeeper_factory(tmp_path, echo_broker_factory, engine, backend_engine):
     """`make(extra_toml, broker=True, python_twin=False, metrics=False, brokers=1,
     brokers_connect=False)`: an echo broker and a running gatekeeper CLI process in front
     of it (connected to `brokers` endpoints, `gk.backends`, or bound there with
-    `brokers_connect`; the broker is on the first), on the `engine` under test; both
-    stopped afterwards."""
+    `brokers_connect`; the broker is on the first), on the `engine` and `backend_engine`
+    under test; both stopped afterwards."""
     from harness import GatekeeperProcess
 
     procs = []
@@ -152,8 +205,9 @@ def gatekeeper_factory(tmp_path, echo_broker_factory, engine):
         workdir = tmp_path / f"gk{len(procs)}"
         workdir.mkdir()
         gk = GatekeeperProcess(workdir, extra, python_twin=python_twin, metrics=metrics,
-                               engine="libzmq" if python_twin else engine, brokers=brokers,
-                               brokers_connect=brokers_connect)
+                               engine="libzmq" if python_twin else engine,
+                               backend_engine="libzmq" if python_twin else backend_engine,
+                               brokers=brokers, brokers_connect=brokers_connect)
         procs.append(gk)
         if broker:
             gk.broker = echo_broker_factory(gk.backend)

@@ -83,12 +83,14 @@ class GatekeeperProcess:
 
     def __init__(self, workdir: Path, extra: str = "", *, python_twin: bool = False,
                  backend_port: int | None = None, metrics: bool = False,
-                 engine: str = "native", brokers: int = 1,
-                 brokers_connect: bool = False) -> None:
-        """`brokers_connect`: the backend binds `backends` (backend.bind) and brokers
-        connect to it, instead of the other way round."""
+                 engine: str = "native", backend_engine: str | None = None,
+                 brokers: int = 1, brokers_connect: bool = False) -> None:
+        """`backend_engine`: by default the frontend engine's own (the same name);
+        `brokers_connect`: the backend binds `backends` (backend.bind) and brokers connect
+        to it, instead of the other way round."""
         self.workdir = workdir
         self.engine = engine
+        self.backend_engine = backend_engine or engine
         self.brokers_connect = brokers_connect
         self.frontend_port = free_port()
         self.backend_port = backend_port or free_port()
@@ -119,6 +121,7 @@ class GatekeeperProcess:
             engine = "{self.engine}"
             [backend]
             {"bind" if self.brokers_connect else "connect"} = {json.dumps(self.backends)}
+            engine = "{self.backend_engine}"
             [control]
             bind = "{self.control}"
             [metrics]

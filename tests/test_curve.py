@@ -201,7 +201,7 @@ def curve_broker():
 @pytest.mark.parametrize("brokers_connect", [False, True], ids=["dialed", "connecting-in"])
 @pytest.mark.parametrize("server", ["broker", "mallory"], ids=["right-key", "wrong-key"])
 def test_backend_curve_client_to_a_curve_broker(gatekeeper_factory, curve_broker, peers,
-                                                keys, tmp_path, server, engine,
+                                                keys, tmp_path, server, backend_engine,
                                                 brokers_connect):
     d, _, pairs = keys
     gk_keys = tmp_path / "gk-keys"
@@ -214,7 +214,7 @@ def test_backend_curve_client_to_a_curve_broker(gatekeeper_factory, curve_broker
         f'secret_key_file = "{gk_keys}/gatekeeper.key_secret"\n', broker=False,
         brokers_connect=brokers_connect)
     curve_broker(gk.backend, pairs["broker"][1], broker_allows, not brokers_connect)
-    assert gk.ctl("STATS")["backend_engine"] == engine  # native: the native DEALER's CURVE
+    assert gk.ctl("STATS")["backend_engine"] == backend_engine
     req = peers.connect(gk.frontend, kind=zmq.REQ)
     if server == "broker":
         assert req.request([b"over curve"], timeout=10) == [b"over curve"]

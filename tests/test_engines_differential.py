@@ -1,6 +1,8 @@
-"""The native engine against the libzmq one: the same random traffic from several clients
-through a gatekeeper process on each engine gives the broker and every client the same
-frames, and the gatekeeper the same counters, refusals and offenders."""
+"""The native engines against the libzmq ones: the same random traffic from several clients
+through a gatekeeper process on each pairing of frontend and backend engine (native on the
+native DEALER, native on a libzmq DEALER, libzmq on a libzmq DEALER) gives the broker and
+every client the same frames, and the gatekeeper the same counters, refusals and
+offenders."""
 
 import random
 
@@ -97,14 +99,13 @@ def _message(rng: random.Random, sizes: list[int], req: bool) -> list[bytes]:
     return frames
 
 
-def _run(gatekeeper_factory, ctx, engine: str, name: str, seed: int, pipelined: bool) -> dict:
+def _run(gatekeeper_factory, ctx, engines: tuple[str, str], name: str, seed: int,
+         pipelined: bool) -> dict:
     """Sequential: one request at a time across all clients (a fixed global order).
     Pipelined: each client sends all of its requests, then reads its replies (a fixed
     order per client; how clients interleave is up to the engines)."""
     policy = POLICIES[name]
-    gk = gatekeeper_factory(policy, broker=False, start=False)
-    gk.engine = engine
-    gk.write_policy(policy)
+    gk = _gatekeeper(gatekeeper_factory, engines, policy)
     broker = RecordingBroker(gk.backend)
     try:
         gk.start()
@@ -127,7 +128,7 @@ def _run(gatekeeper_factory, ctx, engine: str, name: str, seed: int, pipelined: 
                 sockets[who].send_multipart(frames)
                 replies.append((who, sockets[who].recv_multipart()))
         stats = gk.ctl("STATS")
-        assert stats["engine"] == engine
+        assert (stats["engine"], stats["backend_engine"]) == engines
         for s in sockets:
             s.close(0)
     finally:
@@ -148,22 +149,38 @@ def _run(gatekeeper_factory, ctx, engine: str, name: str, seed: int, pipelined: 
             "offenders": sorted(offenders)}
 
 
-@pytest.mark.engines("native")  # runs both engines itself
+def _gatekeeper(gatekeeper_factory, engines: tuple[str, str], policy: str):
+    """A gatekeeper on `engines` (frontend, backend), not started, its broker not made."""
+    gk = gatekeeper_factory(policy, broker=False, start=False)
+    gk.engine, gk.backend_engine = engines
+    gk.write_policy(policy)
+    return gk
+
+
+def _assert_all_alike(runs: dict) -> None:
+    """Each pairing's run equals the first's, part by part (the part named on failure)."""
+    (first, reference), *others = runs.items()
+    for engines, run in others:
+        for part, value in run.items():
+            assert value == reference[part], f"{part}: {engines} against {first}"
+
+
+@pytest.mark.engines("default")  # runs every pairing itself
 @pytest.mark.parametrize("pipelined", [False, True], ids=["sequential", "pipelined"])
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("name", list(POLICIES))
-def test_same_traffic_same_frames_and_counters(gatekeeper_factory, ctx, name, seed, pipelined):
-    native = _run(gatekeeper_factory, ctx, "native", name, seed, pipelined)
-    libzmq = _run(gatekeeper_factory, ctx, "libzmq", name, seed, pipelined)
+def test_same_traffic_same_frames_and_counters(gatekeeper_factory, all_gatekeepers, ctx, name,
+                                               seed, pipelined):
+    assert len(all_gatekeepers) >= 2
+    runs = {engines: _run(gatekeeper_factory, ctx, engines, name, seed, pipelined)
+            for engines in all_gatekeepers}
     if pipelined:  # per client, in its own order; rejects may pass echoes still on the way
-        for part in ("replies", "received"):
-            native[part], libzmq[part] = _by_client(native[part]), _by_client(libzmq[part])
-    assert native["replies"] == libzmq["replies"]
-    assert native["received"] == libzmq["received"]
-    assert native["counters"] == libzmq["counters"]
-    assert native["offenders"] == libzmq["offenders"]
+        for run in runs.values():
+            for part in ("replies", "received"):
+                run[part] = _by_client(run[part])
+    _assert_all_alike(runs)
     # the traffic did exercise the checks
-    refused = {r for r, n in native["counters"]["violations"].items() if n}
+    refused = {r for r, n in runs[all_gatekeepers[0]]["counters"]["violations"].items() if n}
     assert len(refused) >= 2, refused
 
 
@@ -190,7 +207,7 @@ class HoldingBroker(RecordingBroker):
             self.socket.close(0)
 
 
-def _run_in_flight(gatekeeper_factory, ctx, engine: str) -> dict:
+def _run_in_flight(gatekeeper_factory, ctx, engines: tuple[str, str]) -> dict:
     """Clients in turn, each pipelining ten requests to a broker that answers none: which
     are forwarded and which refused `too_many_in_flight` is fixed by the limits alone."""
     policy = """
@@ -201,9 +218,7 @@ def _run_in_flight(gatekeeper_factory, ctx, engine: str) -> dict:
         [violations]
         action = "reject"
         """
-    gk = gatekeeper_factory(policy, broker=False, start=False)
-    gk.engine = engine
-    gk.write_policy(policy)
+    gk = _gatekeeper(gatekeeper_factory, engines, policy)
     broker = HoldingBroker(gk.backend)
     names = [b"alice", b"bob", b"carol", b"dave"]
     try:
@@ -217,6 +232,7 @@ def _run_in_flight(gatekeeper_factory, ctx, engine: str) -> dict:
             replies.append([sock.recv_multipart() for _ in range(expected)])
             sock.close(0)
         stats = gk.ctl("STATS")
+        assert (stats["engine"], stats["backend_engine"]) == engines
     finally:
         gk.stop()
         broker.close()
@@ -224,10 +240,11 @@ def _run_in_flight(gatekeeper_factory, ctx, engine: str) -> dict:
             "violations": stats["violations"], "forwarded": stats["forwarded"]}
 
 
-@pytest.mark.engines("native")  # runs both engines itself
-def test_same_requests_in_flight_same_refusals(gatekeeper_factory, ctx):
-    native = _run_in_flight(gatekeeper_factory, ctx, "native")
-    libzmq = _run_in_flight(gatekeeper_factory, ctx, "libzmq")
-    assert native == libzmq
-    assert native["in_flight"] == native["forwarded"] == 8  # 3 + 3 + 2 + 0
-    assert native["violations"]["too_many_in_flight"] == 32
+@pytest.mark.engines("default")  # runs every pairing itself
+def test_same_requests_in_flight_same_refusals(gatekeeper_factory, all_gatekeepers, ctx):
+    runs = {engines: _run_in_flight(gatekeeper_factory, ctx, engines)
+            for engines in all_gatekeepers}
+    _assert_all_alike(runs)
+    run = runs[all_gatekeepers[0]]
+    assert run["in_flight"] == run["forwarded"] == 8  # 3 + 3 + 2 + 0
+    assert run["violations"]["too_many_in_flight"] == 32

@@ -57,11 +57,12 @@ def on_port(gk: GatekeeperProcess, port: int, extra: str = "") -> GatekeeperProc
 
 @pytest.mark.engines("native")
 def test_restart_with_the_listener_held_answers_what_was_sent_meanwhile(
-        engine, tmp_path, echo_broker_factory):
+        backend_engine, tmp_path, echo_broker_factory):
     held = socket.socket()
     held.bind(("127.0.0.1", 0))
     held.listen(100)
-    gk = on_port(GatekeeperProcess(tmp_path), held.getsockname()[1])
+    gk = on_port(GatekeeperProcess(tmp_path, backend_engine=backend_engine),
+                 held.getsockname()[1])
     echo_broker_factory(gk.backend)
     launch = [sys.executable, "-c", LAUNCH, str(held.fileno())]
     ctx = zmq.Context()
@@ -95,9 +96,10 @@ def test_restart_with_the_listener_held_answers_what_was_sent_meanwhile(
 @pytest.mark.engines("native")
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
                     reason="no systemd-socket-activate")
-def test_serves_on_what_systemd_socket_activate_passes(engine, tmp_path, echo_broker_factory):
+def test_serves_on_what_systemd_socket_activate_passes(backend_engine, tmp_path,
+                                                      echo_broker_factory):
     path = tmp_path / "front.sock"
-    gk = GatekeeperProcess(tmp_path)
+    gk = GatekeeperProcess(tmp_path, backend_engine=backend_engine)
     ipc = f"ipc://{path}"
     bound_here = f"tcp://127.0.0.1:{free_port()}"  # not passed: bound by the gatekeeper
     gk.policy_path.write_text(gk.policy_path.read_text().replace(
@@ -126,6 +128,7 @@ def test_serves_on_what_systemd_socket_activate_passes(engine, tmp_path, echo_br
 
 
 @pytest.mark.engines("native")
+@pytest.mark.backends("default")  # refused before a backend is made
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
                     reason="no systemd-socket-activate")
 @pytest.mark.parametrize("case", ["other address", "datagram", "libzmq engine"])
@@ -152,13 +155,14 @@ def test_a_passed_socket_that_does_not_fit_is_named(engine, tmp_path, case):
 
 
 @pytest.mark.engines("native")
-def test_restart_under_load_refuses_nothing_and_loses_nothing(engine, tmp_path):
+def test_restart_under_load_refuses_nothing_and_loses_nothing(backend_engine, tmp_path):
     from test_takeover import JitterBroker, Load, RefusalProbe, wait_for
 
     held = socket.socket()
     held.bind(("127.0.0.1", 0))
     held.listen(100)
-    gk = on_port(GatekeeperProcess(tmp_path), held.getsockname()[1])
+    gk = on_port(GatekeeperProcess(tmp_path, backend_engine=backend_engine),
+                 held.getsockname()[1])
     broker = JitterBroker(gk.backend)
     launch = [sys.executable, "-c", LAUNCH, str(held.fileno())]
     load = probe = None

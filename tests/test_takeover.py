@@ -156,17 +156,19 @@ class RefusalProbe:
         self.thread.join(5)
 
 
-def taker_for(old: GatekeeperProcess, workdir: Path, bind: list[str], extra: str = "",
-              engine: str = "native") -> GatekeeperProcess:
-    """A second gatekeeper on the same control endpoint, with its own policy file."""
+def taker_for(old: GatekeeperProcess, workdir: Path, bind: list[str],
+              extra: str = "") -> GatekeeperProcess:
+    """A second gatekeeper on the same control endpoint and engines, with its own policy
+    file."""
     workdir.mkdir()
-    new = GatekeeperProcess(workdir, engine=engine, backend_port=old.backend_port)
+    new = GatekeeperProcess(workdir, engine=old.engine, backend_engine=old.backend_engine,
+                            backend_port=old.backend_port)
     new.control, new.metrics_port = old.control, old.metrics_port
     metrics = f"127.0.0.1:{old.metrics_port}" if old.metrics_port else ""
     brokers = "bind" if old.brokers_connect else "connect"
     new.policy_path.write_text(
-        f'[frontend]\nbind = {json.dumps(bind)}\nengine = "{engine}"\n{extra}\n'
-        f'[backend]\n{brokers} = ["{old.backend}"]\n'
+        f'[frontend]\nbind = {json.dumps(bind)}\nengine = "{old.engine}"\n{extra}\n'
+        f'[backend]\n{brokers} = ["{old.backend}"]\nengine = "{old.backend_engine}"\n'
         f'[control]\nbind = "{old.control}"\n[metrics]\nlisten = "{metrics}"\n')
     return new
 
@@ -431,7 +433,7 @@ def run_cli_as(uid: int, argv: list[str], log_path: Path, timeout: float = 20.0)
 @pytest.mark.engines("native")
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run a process as another user")
 @pytest.mark.parametrize("mode", [0o600, 0o666])
-def test_takeover_by_another_user_is_refused(engine, echo_broker_factory, mode):
+def test_takeover_by_another_user_is_refused(backend_engine, echo_broker_factory, mode):
     """A taker of another user: the handover socket's mode keeps it out; with the mode
     widened (as root, whom no mode stops, would not even need), SO_PEERCRED does."""
     workdir = Path(tempfile.mkdtemp(prefix="gk-takeover-"))  # tmp_path is root's alone
@@ -439,7 +441,7 @@ def test_takeover_by_another_user_is_refused(engine, echo_broker_factory, mode):
     old = None
     try:
         (workdir / "old").mkdir()
-        old = GatekeeperProcess(workdir / "old")
+        old = GatekeeperProcess(workdir / "old", backend_engine=backend_engine)
         echo_broker_factory(old.backend)
         old.start()
         handover = old.control[len("ipc://"):] + ".handover"
@@ -469,7 +471,7 @@ def test_takeover_by_another_user_is_refused(engine, echo_broker_factory, mode):
 @pytest.mark.engines("libzmq")
 def test_libzmq_engine_cannot_take_over(gatekeeper_factory, engine, tmp_path):
     old = gatekeeper_factory()
-    new = taker_for(old, tmp_path / "new", [old.frontend], engine="libzmq")
+    new = taker_for(old, tmp_path / "new", [old.frontend])
     new.start(wait=False, args=("--takeover",))
     assert new.wait(15) == 1
     new.stop()

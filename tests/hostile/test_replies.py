@@ -10,7 +10,9 @@ import zmq
 from harness import EchoBroker, client
 from hostile_util import assert_alive, process, wait_for
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.engines("native")]
+# the native DEALER's return path: no libzmq pipe (backend.rcvhwm) holds replies on the way
+pytestmark = [pytest.mark.timeout(120), pytest.mark.engines("native"),
+              pytest.mark.backends("native")]
 
 MIB = 2**20
 BIG = 256 * 1024
@@ -122,7 +124,6 @@ def big_gatekeeper(gatekeeper_factory, ctx):
     brokers = []
 
     def make(extra: str = ""):
-        # the native DEALER: no libzmq pipe (backend.rcvhwm) holds replies on the way
         gk = gatekeeper_factory(extra, broker=False)
         assert gk.ctl("STATS")["backend_engine"] == "native"
         gk.broker = BigReplyBroker(gk.backend)
