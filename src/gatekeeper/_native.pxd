@@ -180,6 +180,23 @@ cdef struct Cidr:
     uint8_t net[16]
 
 
+# A broker's reply read in place (_native_dealer.pxi): the body frames of the reply in
+# progress that lie whole in the read slice (r.rbuf), recorded as the decoder yields them,
+# so that a reply read whole in one slice reaches its client in one copy. What does not fit
+# here (more frames than REPLY_IN_PLACE, a frame split across reads, a CURVE box gathered
+# in `sealed`) is held in the link's `box`, and so is what this holds when the slice ends.
+cdef enum:
+    REPLY_IN_PLACE = 16     # most replies are a few frames: an envelope, then a body
+
+cdef struct ReplyFrame:
+    const uint8_t *data
+    uint64_t size
+
+cdef struct InPlace:
+    ReplyFrame frames[REPLY_IN_PLACE]
+    uint32_t n
+
+
 # The connection room's shared state (_native_conn.pxi): the slots, whatever a connection's
 # role, and what their output and timers need.
 cdef struct ConnTable:
@@ -270,6 +287,7 @@ cdef class NativeRelay:
 
     # The frontend, what clients send (_native_requests.pxi)
     cdef uint8_t *rbuf
+    cdef InPlace in_place             # a broker's reply read in rbuf (_native_dealer.pxi)
     # budget of partially received messages
     cdef size_t max_buffered
     cdef size_t buffered

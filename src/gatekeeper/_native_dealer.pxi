@@ -123,7 +123,9 @@ cdef void dl_read(NativeRelay r, Conn *c, double now) noexcept nogil:
 
 
 cdef void dl_process(NativeRelay r, Conn *c, size_t n, double now) noexcept nogil:
-    """What one read of `n` bytes into r.rbuf holds."""
+    """What one read of `n` bytes into r.rbuf holds. A reply read whole is delivered
+    from r.rbuf itself (r.in_place); one begun here and not ended is held in `c.box`
+    before the next read overwrites r.rbuf."""
     cdef ZmtpEvent ev
     cdef size_t pos = 0
     while c.fd >= 0:
@@ -134,13 +136,18 @@ cdef void dl_process(NativeRelay r, Conn *c, size_t n, double now) noexcept nogi
             if c.curve:
                 dl_on_box(r, c, &ev, now)
             else:
-                dl_on_frame(r, c, &ev, now)
+                dl_on_frame(r, c, &ev, now, True)
         elif ev.kind == ZMTP_ERROR:
             dl_lose(r, c)  # garbage, a frame over max_message_size, or the peer's ERROR
         elif ev.kind == ZMTP_COMMAND:
             dl_on_command(r, c, &ev)
         else:
             dl_on_handshake(r, c, &ev)
+    if c.fd >= 0:
+        if r.in_place.n:
+            dl_spill(r, c)
+    else:  # lost, and the reply with it
+        r.in_place.n = 0
 
 
 cdef void dl_on_handshake(NativeRelay r, Conn *c, ZmtpEvent *ev) noexcept nogil:
@@ -384,9 +391,14 @@ cdef void dl_flush_dirty(NativeRelay r, double now) noexcept nogil:
 # -- replies ------------------------------------------------------------------------
 
 cdef void dl_on_box(NativeRelay r, Conn *c, ZmtpEvent *ev, double now) noexcept nogil:
-    """A CURVE link's frame: one MESSAGE box, held whole (MORE is inside it), opened in
-    place, then taken as the reply frame, or the command (a PING), it holds."""
+    """A CURVE link's frame: one MESSAGE box (MORE is inside it), opened in place, then
+    taken as the reply frame, or the command (a PING), it holds. A box whole in this
+    read is opened where it lies in r.rbuf, ours until the next read, its ciphertext
+    wanted by no one once the decoder is past it; one split across reads is gathered in
+    `c.sealed` first."""
     cdef uint8_t *grown
+    cdef uint8_t *box
+    cdef size_t box_len
     cdef uint8_t flags
     cdef ssize_t n
     cdef ZmtpEvent frame
@@ -394,46 +406,55 @@ cdef void dl_on_box(NativeRelay r, Conn *c, ZmtpEvent *ev, double now) noexcept 
     if ev.more:
         dl_lose(r, c)  # libzmq never sets MORE outside a box
         return
-    if ev.begin and ev.frame_size > c.sealed_cap:
-        grown = <uint8_t *>realloc(c.sealed, ev.frame_size)
-        if grown == NULL:
-            dl_lose(r, c)
+    if ev.begin and ev.end:
+        box, box_len = <uint8_t *>ev.data, ev.len
+    else:
+        if ev.begin and ev.frame_size > c.sealed_cap:
+            grown = <uint8_t *>realloc(c.sealed, ev.frame_size)
+            if grown == NULL:
+                dl_lose(r, c)
+                return
+            c.sealed, c.sealed_cap = grown, ev.frame_size
+        if ev.begin:
+            c.sealed_len = 0
+        memcpy(c.sealed + c.sealed_len, ev.data, ev.len)
+        c.sealed_len += ev.len
+        if not ev.end:
             return
-        c.sealed, c.sealed_cap = grown, ev.frame_size
-    if ev.begin:
-        c.sealed_len = 0
-    memcpy(c.sealed + c.sealed_len, ev.data, ev.len)
-    c.sealed_len += ev.len
-    if not ev.end:
-        return
-    n = curve_decrypt(&c.cs, c.sealed, c.sealed_len, c.sealed, &flags)
+        box, box_len = c.sealed, c.sealed_len
+    n = curve_decrypt(&c.cs, box, box_len, box, &flags)
     if n < 0:
         dl_lose(r, c)  # a replayed nonce or a forged box
         return
     if flags & CURVE_FLAG_COMMAND:
         # a command in a box: name length, name, body (RFC 23); PING's body, TTL and context
-        if n >= 7 and c.sealed[0] == 4 and memcmp(c.sealed + 1, b"PING", 4) == 0:
+        if n >= 7 and box[0] == 4 and memcmp(box + 1, b"PING", 4) == 0:
             conn_send_command(&r.links, c, out, zmtp_pong(
-                out, c.sealed + 7, min(<size_t>n - 7, <size_t>ZMTP_PING_MAX_CONTEXT)))
+                out, box + 7, min(<size_t>n - 7, <size_t>ZMTP_PING_MAX_CONTEXT)))
             conn_mark_dirty(&r.links, c)
-        elif n >= 6 and c.sealed[0] == 5 and memcmp(c.sealed + 1, b"ERROR", 5) == 0:
+        elif n >= 6 and box[0] == 5 and memcmp(box + 1, b"ERROR", 5) == 0:
             dl_lose(r, c)
         return
     memset(&frame, 0, sizeof(ZmtpEvent))
     frame.kind = ZMTP_FRAME
-    frame.data, frame.len, frame.frame_size = c.sealed, <size_t>n, <uint64_t>n
+    frame.data, frame.len, frame.frame_size = box, <size_t>n, <uint64_t>n
     frame.begin = frame.end = True
     frame.more = (flags & CURVE_FLAG_MORE) != 0
-    dl_on_frame(r, c, &frame, now)
+    dl_on_frame(r, c, &frame, now, box != c.sealed)
 
-cdef void dl_on_frame(NativeRelay r, Conn *c, ZmtpEvent *ev, double now) noexcept nogil:
-    """A piece of a reply. The routing id (frame 0) is gathered in `c.id`, the other
-    frames in `c.box` (each its size, then its bytes); the reply goes to its client only
-    whole, so that nothing queued for that client meanwhile (a reject, a PONG) lands
-    between its frames. What one reply may hold is the client's max_queued_bytes: a
-    bigger one could never be queued to it."""
-    cdef size_t need
-    cdef uint8_t *grown
+
+cdef void dl_on_frame(NativeRelay r, Conn *c, ZmtpEvent *ev, double now,
+                      bint in_rbuf) noexcept nogil:
+    """A piece of a reply; `in_rbuf`: it lies in r.rbuf, unchanged until this read is
+    processed (not in `c.sealed`, which takes the next box). The routing id (frame 0)
+    is gathered in `c.id`; the other frames are recorded in place (r.in_place) when
+    whole there, else held in `c.box`, and the reply goes to its client only whole, so
+    that nothing queued for that client meanwhile (a reject, a PONG) lands between its
+    frames. What one reply may hold is the client's max_queued_bytes, as it takes in
+    `c.box` (checked there as it grows, and at dl_deliver for what is in place): a
+    bigger one could never be queued to it. A dropped reply's frames in place are let
+    go with it."""
+    cdef InPlace *p = &r.in_place
     if c.reply_frame == 0:
         if ev.begin:
             c.id[0] = 0
@@ -452,8 +473,27 @@ cdef void dl_on_frame(NativeRelay r, Conn *c, ZmtpEvent *ev, double now) noexcep
                 dl_deliver(r, c)
         return
     c.reply_bytes += ev.len
-    if ev.begin and not c.reply_dropped:
-        need = c.box_len + sizeof(uint64_t) + ev.frame_size
+    if in_rbuf and ev.begin and ev.end and p.n < REPLY_IN_PLACE:  # the bound in place
+        p.frames[p.n].data = ev.data
+        p.frames[p.n].size = ev.frame_size
+        p.n += 1
+    elif not c.reply_dropped:
+        dl_spill(r, c)  # the box holds the frames in order: those recorded go first
+        dl_hold(r, c, ev.data, ev.len, ev.frame_size, ev.begin)
+    if ev.end:
+        c.reply_frame += 1
+        if not ev.more:
+            dl_deliver(r, c)
+
+
+cdef void dl_hold(NativeRelay r, Conn *c, const uint8_t *data, size_t n, uint64_t frame_size,
+                  bint begin) noexcept nogil:
+    """`n` bytes of a reply frame of `frame_size` into `c.box` (each frame its size,
+    then its bytes), or the reply dropped if it passes what a client may hold."""
+    cdef size_t need
+    cdef uint8_t *grown
+    if begin and not c.reply_dropped:
+        need = c.box_len + sizeof(uint64_t) + frame_size
         if need > r.max_queued:
             c.reply_dropped = True
         elif need > c.box_size:
@@ -463,15 +503,39 @@ cdef void dl_on_frame(NativeRelay r, Conn *c, ZmtpEvent *ev, double now) noexcep
             else:
                 c.box, c.box_size = grown, max(need, 2 * c.box_size)
         if not c.reply_dropped:
-            memcpy(c.box + c.box_len, &ev.frame_size, sizeof(uint64_t))
+            memcpy(c.box + c.box_len, &frame_size, sizeof(uint64_t))
             c.box_len += sizeof(uint64_t)
     if not c.reply_dropped:
-        memcpy(c.box + c.box_len, ev.data, ev.len)
-        c.box_len += ev.len
-    if ev.end:
-        c.reply_frame += 1
-        if not ev.more:
-            dl_deliver(r, c)
+        memcpy(c.box + c.box_len, data, n)
+        c.box_len += n
+
+
+cdef void dl_spill(NativeRelay r, Conn *c) noexcept nogil:
+    """The frames recorded in place into `c.box`, after those it holds: r.rbuf is about
+    to be overwritten, or a frame that must be held comes after them."""
+    cdef InPlace *p = &r.in_place
+    cdef uint32_t i
+    for i in range(p.n):
+        dl_hold(r, c, p.frames[i].data, p.frames[i].size, p.frames[i].size, True)
+    p.n = 0
+
+
+cdef inline const uint8_t *dl_next_frame(NativeRelay r, Conn *c, size_t *at,
+                                        uint64_t *size) noexcept nogil:
+    """The reply's next body frame, and its size, from `*at` = 0 on: those held in
+    `c.box` first, then those recorded in place (`*at` past box_len counts them). The
+    caller stops at its last: the reply has `c.reply_frame - 1`."""
+    cdef const uint8_t *data
+    cdef ReplyFrame *f
+    if at[0] < c.box_len:
+        memcpy(size, c.box + at[0], sizeof(uint64_t))
+        data = c.box + at[0] + sizeof(uint64_t)
+        at[0] += sizeof(uint64_t) + size[0]
+        return data
+    f = &r.in_place.frames[at[0] - c.box_len]
+    at[0] += 1
+    size[0] = f.size
+    return f.data
 
 
 cdef void dl_deliver(NativeRelay r, Conn *c) noexcept nogil:
@@ -479,27 +543,29 @@ cdef void dl_deliver(NativeRelay r, Conn *c) noexcept nogil:
     budgets, or counted as dropped, late or unroutable."""
     cdef int slot = ki_find(&r.ids, c.id + 1, c.id[0]) if c.reply_frame > 1 else -1
     cdef Conn *client = NULL
-    cdef size_t pos = 0, wire = 0
+    cdef size_t at = 0, wire = 0, held = 0
+    cdef uint32_t i, n = c.reply_frame - 1
+    cdef const uint8_t *data
     cdef uint64_t size
     if slot < 0:  # no client with that id, or a routing id with nothing after it
         be_count_unroutable(r, c.id + 1, c.id[0], c.reply_frame > 1)
     else:
         client = &r.io.conns[(<uint32_t *>r.ids.payload)[slot]]
     if client != NULL:
-        while pos < c.box_len:
-            memcpy(&size, c.box + pos, sizeof(uint64_t))
-            wire += framed_size(client, size)
-            pos += sizeof(uint64_t) + size
-        if c.reply_dropped or client.queued >= r.sndhwm or not fe_make_room(r, client, wire):
+        if not c.reply_dropped:  # else some of its frames were let go
+            for i in range(n):
+                dl_next_frame(r, c, &at, &size)
+                wire += framed_size(client, size)
+                held += sizeof(uint64_t) + size
+        if (c.reply_dropped or held > r.max_queued or client.queued >= r.sndhwm
+                or not fe_make_room(r, client, wire)):
             r.counts[REPLY_DROPPED] += 1
             client = NULL
     if client != NULL:
-        pos = 0
-        while pos < c.box_len:
-            memcpy(&size, c.box + pos, sizeof(uint64_t))
-            pos += sizeof(uint64_t)
-            conn_append_frame(&r.io, client, c.box + pos, size, pos + size < c.box_len)
-            pos += size
+        at = 0
+        for i in range(n):
+            data = dl_next_frame(r, c, &at, &size)
+            conn_append_frame(&r.io, client, data, size, i < n - 1)
         client.queued += 1
         conn_mark_dirty(&r.io, client)
         r.counts[REPLIED] += 1
@@ -509,6 +575,7 @@ cdef void dl_deliver(NativeRelay r, Conn *c) noexcept nogil:
     r.counts[BE_BYTES_IN] += c.reply_bytes
     c.reply_frame = 0
     c.box_len = 0
+    r.in_place.n = 0
     if c.box_size > OUT_KEEP:  # an outsized reply's room is not kept
         free(c.box)
         c.box = NULL

@@ -55,6 +55,13 @@ class RawPeer:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buf = b""
 
+    @classmethod
+    def accepted(cls, sock: socket.socket) -> "RawPeer":
+        """The same over a connection a listener took: a raw broker's side."""
+        peer = cls.__new__(cls)
+        peer.sock, peer._buf = sock, b""
+        return peer
+
     def close(self) -> None:
         self.sock.close()
 
