@@ -126,14 +126,9 @@ def mechanism(request) -> str:
     return request.param
 
 
-@pytest.fixture(params=["native", "libzmq"])
-def backend_engine(request) -> str:
-    return request.param
-
-
 def test_replies_whole_and_in_order_however_the_reads_split_them(
         gatekeeper_factory, mechanism, backend_engine, ctx, tmp_path):
-    extra = f'[backend]\nengine = "{backend_engine}"\n'
+    extra = ""
     broker_secret = None
     if mechanism == "curve":
         broker_public, broker_secret_z85 = zmq.curve_keypair()
