@@ -186,13 +186,17 @@ def test_an_endpoint_that_spoke_garbage_is_retried_until_a_broker_serves_it(
     assert gk.proc.poll() is None
 
 
+@pytest.mark.parametrize("immediate", ["true", "false"])
 def test_brokers_that_connect_in_share_the_requests_and_one_gone_leaves_the_other(
-        gatekeeper_factory, backend_engine, ctx):
-    """backend.bind: brokers connect to the gatekeeper, over tcp and ipc."""
-    gk = gatekeeper_factory(broker=False, brokers=2, brokers_connect=True,
+        gatekeeper_factory, backend_engine, ctx, immediate):
+    """backend.bind: brokers connect to the gatekeeper, over tcp and ipc. Whatever
+    `immediate` says, nothing waits for a broker that left (a bound DEALER has no pipe
+    for a broker not connected)."""
+    extra = f"[backend]\nimmediate = {immediate}\n"
+    gk = gatekeeper_factory(extra, broker=False, brokers=2, brokers_connect=True,
                             start=False)
     gk._more_backends[0] = f"ipc://{gk.workdir}/brokers.ipc"
-    gk.write_policy()
+    gk.write_policy(extra)
     gk.start()
     brokers = [CountingEchoBroker.connecting(endpoint) for endpoint in gk.backends]
     try:

@@ -252,7 +252,9 @@ def native_settings(policy: Policy, client_keys: frozenset[bytes] | None = None,
         # a slot per endpoint dialed, or per broker that connects in (at most MAX_LINKS)
         backend_links=(len(policy.backend.connect) or MAX_LINKS) if dealer else 0,
         backend_sndhwm=policy.backend.sndhwm,
-        backend_immediate=policy.backend.immediate,
+        # a bound DEALER has no pipe for a broker not connected (libzmq's neither): a
+        # request held for a slot a broker left would wait while the others could serve it
+        backend_immediate=policy.backend.immediate or bool(policy.backend.bind),
         backend_max_message_size=policy.backend.max_message_size,
         backend_heartbeat_interval_ms=policy.backend.heartbeat_interval_ms,
         backend_heartbeat_timeout_ms=policy.backend.heartbeat_timeout_ms,
