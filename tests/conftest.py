@@ -57,7 +57,8 @@ def pytest_generate_tests(metafunc):
     """Every test that runs a gatekeeper (the `engine` fixture, through
     `gatekeeper_factory`) runs once per pairing in GATEKEEPERS, or on those its markers
     leave: `@pytest.mark.engines(...)` names frontend engines, `@pytest.mark.backends(...)`
-    backend engines, "default" the first of each built."""
+    backend engines, "default" the first of each built; `backends("own")` runs each
+    frontend engine on its own backend engine alone."""
     if "gatekeeper_engines" in metafunc.fixturenames:
         pairs = gatekeepers_for(metafunc.definition.get_closest_marker("engines"),
                                 metafunc.definition.get_closest_marker("backends"))
@@ -72,6 +73,8 @@ def gatekeepers_for(engines, backends) -> list[tuple[str, str]]:
     default_frontend, default_backend = GATEKEEPERS[0]
     frontends = [default_frontend if name == "default" else name
                  for name in (engines.args if engines else ENGINES)]
+    if backends is not None and backends.args == ("own",):
+        return [(e, b) for e, b in GATEKEEPERS if e in frontends and b == e]
     backends = [default_backend if name == "default" else name
                 for name in (backends.args if backends else ["native", "libzmq"])]
     return [(e, b) for e, b in GATEKEEPERS if e in frontends and b in backends]

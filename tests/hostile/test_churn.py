@@ -7,7 +7,8 @@ import pytest
 from attackers import churn
 from hostile_util import assert_serving, process
 
-pytestmark = pytest.mark.timeout(120)
+# about the frontend: each frontend engine on its own backend is enough
+pytestmark = [pytest.mark.timeout(120), pytest.mark.backends("own")]
 
 MAX_KEYS = 100
 WARMUP = 400

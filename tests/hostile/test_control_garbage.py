@@ -10,7 +10,8 @@ import zmq
 
 from hostile_util import CALM_P99_S, assert_serving, p99, round_trips
 
-pytestmark = pytest.mark.timeout(60)
+# about the frontend: each frontend engine on its own backend is enough
+pytestmark = [pytest.mark.timeout(60), pytest.mark.backends("own")]
 
 
 def test_raw_bytes_on_the_ipc_control_socket(gatekeeper_factory, ctx):

@@ -12,7 +12,8 @@ import zmtp
 from attackers import GARBAGE_KINDS, garbage_once
 from hostile_util import assert_serving, process, round_trips, wait_for
 
-pytestmark = pytest.mark.timeout(60)
+# about the frontend: each frontend engine on its own backend is enough
+pytestmark = [pytest.mark.timeout(60), pytest.mark.backends("own")]
 
 HANDSHAKE_MS = 500
 FAST_HANDSHAKE = f"[frontend]\nhandshake_timeout_ms = {HANDSHAKE_MS}\n"

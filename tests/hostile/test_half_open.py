@@ -11,7 +11,8 @@ import zmtp
 from harness import client
 from hostile_util import CALM_P99_S, assert_serving, p99, process, round_trips, wait_for
 
-pytestmark = pytest.mark.timeout(60)
+# about the frontend: each frontend engine on its own backend is enough
+pytestmark = [pytest.mark.timeout(60), pytest.mark.backends("own")]
 
 HANDSHAKE_MS = 500
 

@@ -9,7 +9,8 @@ import zmq
 from harness import client
 from hostile_util import assert_alive, echo_via, wait_for
 
-pytestmark = pytest.mark.timeout(60)
+# about the frontend: each frontend engine on its own backend is enough
+pytestmark = [pytest.mark.timeout(60), pytest.mark.backends("own")]
 
 
 def _broker(ctx, gk):

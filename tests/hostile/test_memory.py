@@ -7,7 +7,8 @@ import pytest
 import zmtp
 from hostile_util import assert_serving, process
 
-pytestmark = pytest.mark.timeout(60)
+# about the frontend: each frontend engine on its own backend is enough
+pytestmark = [pytest.mark.timeout(60), pytest.mark.backends("own")]
 
 PUSH_BYTES = 160 * 2**20
 BOUND = 64 * 2**20

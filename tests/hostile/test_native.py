@@ -16,7 +16,9 @@ from harness import client
 from hostile_util import (LosslessEchoBroker, assert_serving, p99, process, round_trips,
                           wait_for)
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.engines("native")]
+# about the frontend: each frontend engine on its own backend is enough
+pytestmark = [pytest.mark.timeout(120), pytest.mark.engines("native"),
+              pytest.mark.backends("own")]
 
 MIB = 2**20
 

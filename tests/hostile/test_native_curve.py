@@ -13,7 +13,9 @@ import curvezmq
 import zmtp
 from hostile_util import assert_serving, process, wait_for
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.engines("native")]
+# about the frontend: each frontend engine on its own backend is enough
+pytestmark = [pytest.mark.timeout(120), pytest.mark.engines("native"),
+              pytest.mark.backends("own")]
 
 MIB = 2**20
 
