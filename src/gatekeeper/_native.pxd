@@ -293,6 +293,7 @@ cdef class NativeRelay:
     cdef size_t buffered
     cdef readonly size_t buffered_peak
     cdef int throttled_head
+    cdef int read_turn                # the slot read first at the last wake-up (fe_read_ready)
     cdef Pool frame_arrays
     # the reply budgets
     cdef uint32_t sndhwm

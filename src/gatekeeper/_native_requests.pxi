@@ -10,20 +10,42 @@
 # -- reading, within the budget of partial messages ----------------------------------
 
 cdef void fe_read_ready(NativeRelay r, double now) noexcept nogil:
+    """Each ready connection a slice. Epoll hands level-triggered connections back in the
+    same order every time, and a wake-up may end after one read (the backend full, wait
+    mode): the connection read first goes round by slot, the nearest after the last
+    wake-up's first, so that one that stays ready ahead of the others cannot take every
+    turn."""
     cdef epoll_event events[MAX_EVENTS]
-    cdef int n, i
-    cdef Conn *c
+    cdef int n, i, first = -1
+    cdef int cap = r.io.max_conns
+    cdef int slot, distance, nearest = cap
     n = epoll_wait(r.inner, events, MAX_EVENTS, 0)
     for i in range(n):
-        c = &r.io.conns[tag_index(events[i].data.u64)]
-        if c.fd < 0 or not c.reading:
-            continue
-        if events[i].events & EPOLLERR:
-            fe_drop(r, c, HS_DISCONNECTED if c.state != ST_OPEN else -1)
-            continue
-        fe_read_conn(r, c, now)
-        if r.npending or not r.frontend_open or r.paused:
+        slot = <int>tag_index(events[i].data.u64)
+        distance = (slot - r.read_turn - 1 + cap) % cap
+        if distance < nearest:
+            nearest, first = distance, i
+    if first < 0:
+        return
+    r.read_turn = <int>tag_index(events[first].data.u64)
+    if not fe_read_event(r, &events[first], now):
+        return
+    for i in range(n):
+        if i != first and not fe_read_event(r, &events[i], now):
             return  # the rest stay ready, for the next wake-up
+
+
+cdef bint fe_read_event(NativeRelay r, epoll_event *event, double now) noexcept nogil:
+    """Read the connection of one inner epoll event; False when this wake-up reads no
+    more."""
+    cdef Conn *c = &r.io.conns[tag_index(event.data.u64)]
+    if c.fd < 0 or not c.reading:
+        return True
+    if event.events & EPOLLERR:
+        fe_drop(r, c, HS_DISCONNECTED if c.state != ST_OPEN else -1)
+        return True
+    fe_read_conn(r, c, now)
+    return not (r.npending or not r.frontend_open or r.paused)
 
 
 cdef inline bint fe_holding(NativeRelay r, Conn *c) noexcept nogil:

@@ -32,25 +32,45 @@ def test_rate_limited_flood_does_not_starve_a_calm_client(gatekeeper_factory, ct
     assert stats["tracked_keys"] <= 3
 
 
+def _calm_client_beside_a_flood(gk, ctx, attacker, seconds: str,
+                                while_flooding=lambda: None) -> None:
+    """The hog's unlimited flood to a lossless broker, and beside it the calm client's
+    round trips, within CALM_P99_S; `while_flooding` checks more before the flood
+    stops."""
+    broker = LosslessEchoBroker(gk.backend)  # a bounded one would drop calm replies too
+    try:
+        flood = attacker("flood", gk.frontend, "hog", seconds)
+        _flood_under_way(gk)
+        latencies = round_trips(ctx, gk.frontend, CALM_REQUESTS, identity=b"calm")
+        assert p99(latencies) < CALM_P99_S, f"calm p99 {p99(latencies):.3f} s under a flood"
+        while_flooding()
+        flood.stop()
+        assert_serving(gk, ctx)
+    finally:
+        gk.stop()
+        broker.close()
+
+
 def test_unlimited_flood_that_never_reads_its_replies(gatekeeper_factory, ctx, attacker):
     """No rate limit: the flood is forwarded, its replies pile up on a pipe it never
     drains and are dropped (reply_dropped) without blocking the loop; the calm client's
     replies are not. (With a bounded echo broker the broker itself would drop replies
     under this flood, the calm one's too: that is what [rate_limit] is for.)"""
     gk = gatekeeper_factory(broker=False)
-    broker = LosslessEchoBroker(gk.backend)
-    try:
-        flood = attacker("flood", gk.frontend, "hog", "6")
-        _flood_under_way(gk)
-        latencies = round_trips(ctx, gk.frontend, CALM_REQUESTS, identity=b"calm")
-        assert p99(latencies) < CALM_P99_S, f"calm p99 {p99(latencies):.3f} s under a flood"
-        wait_for(lambda: gk.ctl("STATS")["dropped"]["reply_dropped"] > 0, timeout=20,
-                 message="the hog's replies were never dropped: is its pipe unbounded?")
-        flood.stop()
-        assert_serving(gk, ctx)
-    finally:
-        gk.stop()
-        broker.close()
+    _calm_client_beside_a_flood(
+        gk, ctx, attacker, "6",
+        lambda: wait_for(lambda: gk.ctl("STATS")["dropped"]["reply_dropped"] > 0, timeout=20,
+                         message="the hog's replies were never dropped: is its pipe unbounded?"))
+
+
+def test_a_flood_that_fills_the_backend_does_not_starve_a_client_behind_it(
+        gatekeeper_factory, ctx, attacker):
+    """on_backend_full = "wait" with a backend sndhwm one read of the flood overfills:
+    each time the backend takes more, reading goes on with the next client in turn, not
+    with the flood's connection again, so a client that connected after the flood (and
+    so comes after it among the ready ones) is still served."""
+    gk = gatekeeper_factory("[backend]\nsndhwm = 20\n", broker=False)
+    _calm_client_beside_a_flood(gk, ctx, attacker, "30")
 
 
 def test_flood_of_refused_messages(gatekeeper_factory, ctx, attacker):
