@@ -99,14 +99,33 @@ class RawBroker:
             if not more:
                 return frames
 
+    def encode_command(self, name: bytes, body: bytes = b"") -> bytes:
+        """A command on the wire; under CURVE in a box, as libzmq sends its heartbeats."""
+        if self.session is None:
+            return wire.command(name, body)
+        return wire.frame(self.session.encrypt(bytes([len(name)]) + name + body,
+                                               _curve.FLAG_COMMAND))
+
+    def recv_command(self, timeout: float = 10.0) -> bytes:
+        """The next command (name length, name, body), requests skipped."""
+        while True:
+            flags, body, _ = self.peer.read_frame(timeout)
+            if self.session is not None:
+                body, boxed = self.session.decrypt(body)
+                if boxed & _curve.FLAG_COMMAND:
+                    return body
+            elif flags & wire.FLAG_COMMAND:
+                return body
+
     def encode(self, frames: list[bytes]) -> bytes:
         """One reply on the wire; under CURVE each frame a box (nonces go up in the
         order encoded: encode in the order written)."""
+        return b"".join(self.encode_frame(f, i < len(frames) - 1) for i, f in enumerate(frames))
+
+    def encode_frame(self, body: bytes, more: bool) -> bytes:
         if self.session is None:
-            return wire.message(frames)
-        return b"".join(
-            wire.frame(self.session.encrypt(f, _curve.FLAG_MORE if i < len(frames) - 1 else 0))
-            for i, f in enumerate(frames))
+            return wire.frame(body, more)
+        return wire.frame(self.session.encrypt(body, _curve.FLAG_MORE if more else 0))
 
 
 def writes_of(replies: list[tuple[bytes, int | None]]) -> list[bytes]:
@@ -126,8 +145,9 @@ def mechanism(request) -> str:
     return request.param
 
 
-def test_replies_whole_and_in_order_however_the_reads_split_them(
-        gatekeeper_factory, mechanism, backend_engine, ctx, tmp_path):
+def _gatekeeper_before_a_raw_broker(gatekeeper_factory, mechanism: str,
+                                    tmp_path) -> tuple:
+    """(gatekeeper, raw broker) speaking `mechanism`, the gatekeeper not started."""
     extra = ""
     broker_secret = None
     if mechanism == "curve":
@@ -141,7 +161,12 @@ def test_replies_whole_and_in_order_however_the_reads_split_them(
         extra += (f'[backend.curve]\nserver_public_key_file = "{tmp_path}/broker.key"\n'
                   f'secret_key_file = "{tmp_path}/gk.key_secret"\n')
     gk = gatekeeper_factory(extra, broker=False, start=False)
-    broker = RawBroker(gk.backend_port, broker_secret)
+    return gk, RawBroker(gk.backend_port, broker_secret)
+
+
+def test_replies_whole_and_in_order_however_the_reads_split_them(
+        gatekeeper_factory, mechanism, backend_engine, ctx, tmp_path):
+    gk, broker = _gatekeeper_before_a_raw_broker(gatekeeper_factory, mechanism, tmp_path)
     try:
         gk.start()
         broker.accept()
@@ -195,5 +220,36 @@ def test_replies_whole_and_in_order_however_the_reads_split_them(
         assert stats["backend"]["messages_in"] == total
         assert stats["frontend"]["messages_out"] == total
         assert stats["backend"]["bytes_in"] == stats["frontend"]["bytes_out"] == reply_bytes
+    finally:
+        broker.close()
+
+
+def test_a_brokers_heartbeats_between_the_frames_of_a_reply(
+        gatekeeper_factory, mechanism, backend_engine, ctx, tmp_path):
+    """libzmq sends a PING, or the PONG to ours, where its encoder is, between the
+    frames of a reply too: the reply still goes whole to its client, the PING is
+    answered, and the link stays (the broker takes no second connection)."""
+    gk, broker = _gatekeeper_before_a_raw_broker(gatekeeper_factory, mechanism, tmp_path)
+    try:
+        gk.start()
+        broker.accept()
+        assert wait_for(lambda: gk.ctl("STATS")["backend_connections"] == 1)
+        dealer = client(ctx, gk.frontend, identity=b"c0")
+        for n in range(2):
+            body = b"%05d" % n
+            dealer.send_multipart([b"", body])
+            assert broker.recv() == [b"c0", b"", body]
+            broker.peer.sock.sendall(  # encoded in the order written: CURVE nonces go up
+                broker.encode_frame(b"c0", True)
+                + broker.encode_command(b"PING", b"\x00\x0a" + b"hb%d" % n)
+                + broker.encode_frame(b"", True)
+                + broker.encode_command(b"PONG")
+                + broker.encode_frame(body, False))
+            assert dealer.recv_multipart() == [b"", body]
+            assert broker.recv_command() == b"\x04PONG" + b"hb%d" % n
+        stats = gk.ctl("STATS")
+        assert stats["backend_connections"] == 1
+        assert stats["replied"] == 2
+        assert gk.ctl("STATS")["backend_engine"] == backend_engine
     finally:
         broker.close()

@@ -319,7 +319,7 @@ ERROR_INPUTS = {
     "bad_size": READY_DEALER + b"\x02" + struct.pack(">Q", 1 << 63),
     "reserved_flags": READY_DEALER + b"\x08\x00",
     "command_with_more": READY_DEALER + b"\x05\x05\x04PING\x00\x00",
-    "command_in_message": READY_DEALER + wire.frame(b"a", more=True) + wire.command(b"PING", b"\0\0"),
+    "command_in_message": READY_DEALER + wire.frame(b"a", more=True) + wire.command(b"SUBSCRIBE", b"t"),
     "frame_before_ready": GREETING + wire.frame(b"early"),
     "unexpected_command": GREETING + wire.command(b"HELLO"),
     "malformed_command": READY_DEALER + wire.command(b"PING", b"\x00"),
@@ -329,6 +329,20 @@ ERROR_INPUTS = {
     "bad_identity_frame": v2_greeting()[:-2] + b"\x01\x00",
     "peer_error": GREETING + wire.command(b"ERROR", b"\x06denied"),
 }
+
+
+def test_heartbeats_between_the_frames_of_a_message():
+    """libzmq sends a PING, or the PONG to ours, where its encoder is, between a
+    message's frames too: each is delivered as it comes, at every split, and the message
+    goes on around it."""
+    stream = (READY_DEALER + wire.frame(b"", more=True) + wire.command(b"PING", b"\x00\x0a")
+              + wire.frame(b"GET", more=True) + wire.command(b"PONG", b"ctx")
+              + wire.frame(b"body"))
+    events = joined(feed_all(stream))
+    assert [ev[0] for ev in events if ev[0] in ("COMMAND", "ERROR")] == ["COMMAND", "COMMAND"]
+    assert messages(events) == [[b"", b"GET", b"body"]]
+    for cut in range(1, len(stream)):
+        assert joined(feed_all(stream, [cut])) == events
 
 
 @pytest.mark.parametrize("code", list(ERROR_INPUTS))

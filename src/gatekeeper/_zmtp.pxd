@@ -90,7 +90,7 @@ cdef enum ZmtpError:
     ZMTP_E_BAD_SIZE                 # long size with the top bit set (RFC 23: < 2^63)
     ZMTP_E_RESERVED_FLAGS           # flag bits RFC 23 (7-3) or RFC 15 (7-2) reserve
     ZMTP_E_COMMAND_WITH_MORE        # RFC 23: MORE SHALL be zero on command frames
-    ZMTP_E_COMMAND_IN_MESSAGE       # a command after a frame with MORE
+    ZMTP_E_COMMAND_IN_MESSAGE       # a command but PING, PONG after a frame with MORE
     ZMTP_E_FRAME_BEFORE_READY       # a data frame during the handshake
     ZMTP_E_UNEXPECTED_COMMAND       # a handshake command the mechanism does not take
     ZMTP_E_MALFORMED_COMMAND        # empty, bad name length, PING without TTL, bad ERROR

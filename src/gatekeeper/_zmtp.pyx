@@ -211,8 +211,6 @@ cdef int check_flags(const ZmtpDecoder *d, uint8_t flags) noexcept nogil:
     if flags & FLAG_COMMAND:
         if flags & FLAG_MORE:
             return ZMTP_E_COMMAND_WITH_MORE
-        if d.in_message:
-            return ZMTP_E_COMMAND_IN_MESSAGE
     elif not d.ready:
         return ZMTP_E_FRAME_BEFORE_READY
     return ZMTP_E_NONE
@@ -367,6 +365,12 @@ cdef void deliver(ZmtpDecoder *d, const uint8_t *body, size_t size, ZmtpEvent *e
         ev.command = ZMTP_CMD_PONG
         ev.context = rest
         ev.context_len = rest_len
+    if (err == ZMTP_E_NONE and d.in_message
+            and ev.command != ZMTP_CMD_PING and ev.command != ZMTP_CMD_PONG):
+        # Heartbeats go where libzmq's encoder is, between a message's frames too
+        # (zmtp_engine.cpp process_heartbeat_message, stream_engine_base.cpp
+        # timer_event); no other command does.
+        err = ZMTP_E_COMMAND_IN_MESSAGE
     if err != ZMTP_E_NONE:
         fail(d, ev, err)
     else:

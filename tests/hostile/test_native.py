@@ -174,6 +174,26 @@ def test_zmtp1_greeting_is_counted_as_legacy_protocol(gatekeeper_factory, ctx, r
     assert_serving(gk, ctx)
 
 
+def test_heartbeats_between_the_frames_of_a_request(gatekeeper_factory, ctx, raw_peers):
+    """libzmq sends a PING, or the PONG to ours, where its encoder is, between the
+    frames of a request too: the request still goes whole, the PING is answered, and the
+    connection stays."""
+    gk = gatekeeper_factory()
+    peer = raw_peers(gk.frontend_port)
+    peer.handshake(b"beating")
+    for n in range(2):
+        context = b"hb%d" % n
+        peer.send(zmtp.frame(b"", more=True) + zmtp.command(b"PING", b"\x00\x0a" + context)
+                  + zmtp.frame(b"GET", more=True) + zmtp.command(b"PONG")
+                  + zmtp.frame(b"%d" % n))
+        flags, body, _ = peer.read_frame()  # the PONG is written at once, before the echo
+        assert flags & zmtp.FLAG_COMMAND and body == b"\x04PONG" + context
+        assert peer.recv_message() == [b"", b"GET", b"%d" % n]
+    stats = assert_serving(gk, ctx)
+    assert stats["handshakes"]["protocol_error"] == 0
+    assert stats["forwarded"] == stats["replied"] >= 2
+
+
 # -- connections ----------------------------------------------------------------------------
 
 
