@@ -96,7 +96,8 @@ class GatekeeperProcess:
         self.backend_port = backend_port or free_port()
         self.frontend = f"tcp://127.0.0.1:{self.frontend_port}"
         self.backend = f"tcp://127.0.0.1:{self.backend_port}"
-        self._more_backends = [f"tcp://127.0.0.1:{free_port()}" for _ in range(brokers - 1)]
+        # the broker endpoints after `backend`; a test may set others before write_policy
+        self.more_backends = [f"tcp://127.0.0.1:{free_port()}" for _ in range(brokers - 1)]
         self.control = f"ipc://{workdir}/gk.ctl"
         self.metrics_port = free_port() if metrics else None
         self.policy_path = workdir / "policy.toml"
@@ -111,7 +112,7 @@ class GatekeeperProcess:
     @property
     def backends(self) -> list[str]:
         """Every broker endpoint the backend connects to, `backend` first."""
-        return [self.backend, *self._more_backends]
+        return [self.backend, *self.more_backends]
 
     def write_policy(self, extra: str = "") -> None:
         metrics = f"127.0.0.1:{self.metrics_port}" if self.metrics_port else ""

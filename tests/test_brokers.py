@@ -195,7 +195,7 @@ def test_brokers_that_connect_in_share_the_requests_and_one_gone_leaves_the_othe
     extra = f"[backend]\nimmediate = {immediate}\n"
     gk = gatekeeper_factory(extra, broker=False, brokers=2, brokers_connect=True,
                             start=False)
-    gk._more_backends[0] = f"ipc://{gk.workdir}/brokers.ipc"
+    gk.more_backends[0] = f"ipc://{gk.workdir}/brokers.ipc"
     gk.write_policy(extra)
     gk.start()
     brokers = [CountingEchoBroker.connecting(endpoint) for endpoint in gk.backends]

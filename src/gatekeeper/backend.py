@@ -37,7 +37,11 @@ class LibzmqBackend:
     deploy, would cut the broker off for good."""
 
     name = "libzmq"
-    listener_files: list[str] = []  # libzmq removes a bound DEALER's own
+
+    @property
+    def listener_files(self) -> list[str]:
+        """None for the owner to remove: libzmq removes a bound DEALER's own."""
+        return []
 
     def __init__(self, ctx: zmq.Context, policy: Any, fallback: str = "") -> None:
         """`fallback`: why the native DEALER does not run instead, "" if not asked for."""
@@ -164,7 +168,11 @@ class NativeDealer:
     fallback = ""
     socket = None  # the loop's own links instead
     monitor = None
-    zmq_sockets: list[zmq.Socket] = []
+
+    @property
+    def zmq_sockets(self) -> list[zmq.Socket]:
+        """None: the links are the loop's own."""
+        return []
 
     def __init__(self, policy: Any, resolve: Callable[..., Any] | None = None) -> None:
         """`resolve`: getaddrinfo (the default), run in the resolver's thread."""
