@@ -93,6 +93,17 @@ def test_a_broker_gone_is_backend_unavailable_at_once_then_served_on_its_return(
     assert wait_for(lambda: ask(dealer, b"again") == [b"", b"again"], timeout=2.0,
                     interval=0.05)
     assert time.monotonic() - back < 2.0
+    # the log: the loss with its reason, the retries while it was gone not one a line
+    wait_for(lambda: len(_broker_events(gk)) >= 3)
+    said = _broker_events(gk)
+    assert [e["event"] for e in said] == ["backend_up", "backend_lost", "backend_up"], said
+    assert {e["endpoint"] for e in said} == {gk.backend}
+    assert said[1]["reason"] == "closed"
+
+
+def _broker_events(gk) -> list[dict]:
+    return [e for e in gk.events()
+            if e["event"] in ("backend_up", "backend_lost", "backend_unreachable")]
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +195,11 @@ def test_an_endpoint_that_spoke_garbage_is_retried_until_a_broker_serves_it(
     dealer = client(ctx, gk.frontend, identity=b"d", timeout_ms=5000)
     assert ask(dealer, b"served") == [b"", b"served"]
     assert gk.proc.poll() is None
+    # the garbage said once however often it was met (why depends on when the server
+    # closed: before our greeting went, or after), then the broker up
+    wait_for(lambda: len(_broker_events(gk)) >= 2)
+    said = _broker_events(gk)
+    assert [e["event"] for e in said] == ["backend_unreachable", "backend_up"], said
 
 
 @pytest.mark.parametrize("immediate", ["true", "false"])

@@ -253,3 +253,24 @@ def test_a_brokers_heartbeats_between_the_frames_of_a_reply(
         assert gk.ctl("STATS")["backend_engine"] == backend_engine
     finally:
         broker.close()
+
+
+def test_garbage_after_the_handshake_cuts_the_link_and_says_why(
+        gatekeeper_factory, backend_engine, ctx, tmp_path):
+    """A frame whose size has the top bit set (RFC 23: < 2^63), from an open broker
+    connection: the link is cut, and the log's backend_lost names the codec's error
+    (libzmq's monitor tells no more than that the connection closed)."""
+    gk, broker = _gatekeeper_before_a_raw_broker(gatekeeper_factory, "null", tmp_path)
+    try:
+        gk.start()
+        broker.accept()
+        assert wait_for(lambda: gk.ctl("STATS")["backend_connections"] == 1)
+        broker.peer.sock.sendall(b"\x02" + (1 << 63).to_bytes(8, "big"))
+        assert wait_for(lambda: gk.ctl("STATS")["backend_connections"] == 0)
+        assert wait_for(lambda: any(e["event"] == "backend_lost" for e in gk.events()))
+        lost = [e for e in gk.events() if e["event"] == "backend_lost"]
+        assert [e["reason"] for e in lost] == [
+            {"native": "protocol_error: bad_size", "libzmq": "closed"}[backend_engine]]
+        assert lost[0]["endpoint"] == gk.backend
+    finally:
+        broker.close()

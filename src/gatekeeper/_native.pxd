@@ -63,6 +63,19 @@ cdef enum:
     LINK_UP = 1          # its handshake completed
     LINK_LOST = 2        # it closed: refused, garbage, or gone
 
+# Why a broker link was lost (NativeRelay.take_link_news names them), and the detail each
+# carries in link_lost_detail.
+cdef enum:
+    LOST_REFUSED = 1     # the connect failed: errno
+    LOST_CLOSED          # the broker closed it
+    LOST_IO              # a read or a write failed: errno
+    LOST_PROTOCOL        # garbage, or a command out of place: the codec's ZmtpError, or 0
+    LOST_NOT_A_BROKER    # ZMTP before 3, another mechanism, or a socket type a DEALER
+                         # does not talk to
+    LOST_CURVE           # the CURVE handshake failed, or a box did not open
+    LOST_TIMEOUT         # conn_timers: CONN_HANDSHAKE_TIMEOUT or CONN_DEAD
+    LOST_CLOSING         # the gatekeeper stops
+
 # Handshake results, indexed as rules.HANDSHAKE_RESULTS.
 cdef enum:
     HS_ACCEPTED = 0
@@ -323,6 +336,8 @@ cdef class NativeRelay:
     cdef uint32_t link_sndhwm         # requests waiting to be written to one link
     cdef uint64_t link_max_frame      # backend.max_message_size
     cdef uint8_t link_news[MAX_LINKS] # LINK_UP, LINK_LOST since Python last looked
+    cdef uint8_t link_lost_why[MAX_LINKS]  # the last LOST_*, and its detail
+    cdef int link_lost_detail[MAX_LINKS]
     cdef bint link_curve              # [backend.curve]: every broker speaks CURVE
     cdef CurveClientKeys link_keys
     cdef uint8_t *link_scratch        # what curve_client_on_welcome writes

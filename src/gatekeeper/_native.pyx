@@ -26,6 +26,7 @@ full), `_native_dealer.pxi` (our own DEALER) and `_native_loop.pxi` (the epoll l
 
 cimport cython
 
+import os as _os
 import socket as _socket
 
 import zmq
@@ -132,6 +133,7 @@ from gatekeeper._zmtp cimport (
     ZMTP_CMD_ERROR,
     ZMTP_CMD_PING,
     ZMTP_E_LEGACY_PROTOCOL,
+    ZMTP_E_PEER_ERROR,
     ZMTP_ERROR,
     ZMTP_ERROR_MAX,
     ZMTP_FRAME,
@@ -174,6 +176,7 @@ from gatekeeper._zmtp cimport (
     zmtp_v2_identity,
 )
 
+from . import _zmtp
 from .backend import MAX_BROKER_LISTENERS, MAX_LINKS as BACKEND_MAX_LINKS
 from .rules import COUNTER_NAMES, HANDSHAKE_RESULTS
 
@@ -327,6 +330,19 @@ cdef void _liveness(ConnTable *t, settings, int interval_ms, int timeout_ms, int
     t.keepalive_idle = settings.tcp_keepalive_idle_s
     t.keepalive_interval = settings.tcp_keepalive_interval_s
     t.keepalive_count = settings.tcp_keepalive_count
+
+
+def _link_loss(int why, int detail) -> str:
+    """A LOST_* and its detail, as the backend_lost log line says them."""
+    if why == LOST_REFUSED or why == LOST_IO:
+        return f"{'refused' if why == LOST_REFUSED else 'io_error'}: {_os.strerror(detail)}"
+    if why == LOST_PROTOCOL:
+        return f"protocol_error: {_zmtp.ERRORS[detail]}" if detail else "protocol_error"
+    if why == LOST_TIMEOUT:
+        return ("handshake_timeout" if detail == CONN_HANDSHAKE_TIMEOUT
+                else "heartbeat_timeout")
+    return {LOST_CLOSED: "closed", LOST_NOT_A_BROKER: "not_a_broker",
+            LOST_CURVE: "curve_error", LOST_CLOSING: "closing"}[why]
 
 
 cdef class NativeRelay:
@@ -495,12 +511,14 @@ cdef class NativeRelay:
                 raise OSError(errno, "epoll_ctl")
 
     def take_link_news(self):
-        """[(slot, up, lost)] of the links that came up or were lost since the last call."""
+        """[(slot, up, lost)] of the links that came up or were lost since the last call;
+        `lost` is None, or why, in words."""
         news = []
         for i in range(self.links.max_conns):
             if self.link_news[i]:
                 news.append((i, bool(self.link_news[i] & LINK_UP),
-                             bool(self.link_news[i] & LINK_LOST)))
+                             _link_loss(self.link_lost_why[i], self.link_lost_detail[i])
+                             if self.link_news[i] & LINK_LOST else None))
                 self.link_news[i] = 0
         return news
 
@@ -560,7 +578,7 @@ cdef class NativeRelay:
         if self.links.conns != NULL:  # before the clients: a reply in progress is theirs
             for i in range(MAX_LINKS):
                 if self.links.conns[i].fd >= 0:
-                    dl_lose(self, &self.links.conns[i])
+                    dl_lose(self, &self.links.conns[i], LOST_CLOSING, 0)
             free(self.links.conns)
         free(self.links.dirty)
         for i in range(MAX_LINKS):

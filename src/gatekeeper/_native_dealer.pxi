@@ -35,7 +35,7 @@ cdef bint dl_watch(NativeRelay r, int fd, int slot, uint32_t events, double now)
     ev.events = events
     ev.data.u64 = <uint64_t>slot
     if epoll_ctl(r.link_epoll, EPOLL_CTL_ADD, fd, &ev) < 0:
-        dl_lose(r, c)
+        dl_lose(r, c, LOST_IO, errno)
         return False
     return True
 
@@ -80,7 +80,7 @@ cdef void dl_ready(NativeRelay r, double now) noexcept nogil:
             continue
         if c.state == ST_CONNECTING:
             if getsockopt(c.fd, SOL_SOCKET, SO_ERROR, &err, &err_len) < 0 or err != 0:
-                dl_lose(r, c)
+                dl_lose(r, c, LOST_REFUSED, err if err else errno)
                 continue
             ev.events = EPOLLIN
             ev.data.u64 = events[i].data.u64
@@ -113,8 +113,10 @@ cdef void dl_read(NativeRelay r, Conn *c, double now) noexcept nogil:
            and r.counts[BE_MSGS_IN] - first < <uint64_t>REPLY_BATCH):
         n = recv(c.fd, r.rbuf, READ_SLICE, 0)
         if n <= 0:
-            if not (n < 0 and (errno == EAGAIN or errno == EINTR)):
-                dl_lose(r, c)
+            if n == 0:
+                dl_lose(r, c, LOST_CLOSED, 0)
+            elif errno != EAGAIN and errno != EINTR:
+                dl_lose(r, c, LOST_IO, errno)
             break
         c.last_recv = now
         dl_process(r, c, <size_t>n, now)
@@ -138,7 +140,8 @@ cdef void dl_process(NativeRelay r, Conn *c, size_t n, double now) noexcept nogi
             else:
                 dl_on_frame(r, c, &ev, now, True)
         elif ev.kind == ZMTP_ERROR:
-            dl_lose(r, c)  # garbage, a frame over max_message_size, or the peer's ERROR
+            # garbage, a frame over max_message_size, or the peer's ERROR
+            dl_lose(r, c, LOST_PROTOCOL, ev.error)
         elif ev.kind == ZMTP_COMMAND:
             dl_on_command(r, c, &ev)
         else:
@@ -157,20 +160,20 @@ cdef void dl_on_handshake(NativeRelay r, Conn *c, ZmtpEvent *ev) noexcept nogil:
         conn_append(&r.links, c, out, zmtp_greeting_major(out))
     elif ev.kind == ZMTP_REVISION:
         if ev.revision < 3:
-            dl_lose(r, c)  # a DEALER speaks ZMTP 3 to its broker, as libzmq's
+            dl_lose(r, c, LOST_NOT_A_BROKER, 0)  # a DEALER speaks ZMTP 3, as libzmq's
             return
         conn_append(&r.links, c, out, zmtp_greeting_rest(
             out, ev.revision, ZMTP_MECH_CURVE if r.link_curve else ZMTP_MECH_NULL))
     elif ev.kind == ZMTP_GREETING:
         if not is_mechanism(ev.mechanism, "CURVE" if r.link_curve else "NULL"):
-            dl_lose(r, c)
+            dl_lose(r, c, LOST_NOT_A_BROKER, 0)
             return
         c.heartbeats = True
         if r.link_curve:
             zmtp_decoder_set_mechanism(&c.dec, ZMTP_MECH_CURVE)
             c.curve = True
             if curve_client_start(&c.cs, &r.link_keys, out, &n) != 0:
-                dl_lose(r, c)
+                dl_lose(r, c, LOST_CURVE, 0)
                 return
         else:
             # READY now; data only after the broker's READY (libzmq 4.3.5 closes a
@@ -189,7 +192,7 @@ cdef void dl_open(NativeRelay r, Conn *c, ZmtpEvent *peer) noexcept nogil:
     if not (is_socket_type(peer.socket_type, peer.socket_type_len, "ROUTER")
             or is_socket_type(peer.socket_type, peer.socket_type_len, "REP")
             or is_socket_type(peer.socket_type, peer.socket_type_len, "DEALER")):
-        dl_lose(r, c)
+        dl_lose(r, c, LOST_NOT_A_BROKER, 0)
         return
     c.state = ST_OPEN
     r.links_up += 1
@@ -247,7 +250,7 @@ cdef void dl_on_curve_handshake(NativeRelay r, Conn *c, ZmtpEvent *ev) noexcept 
         if curve_client_on_welcome(&c.cs, &r.link_keys, cmd, n, metadata,
                                    zmtp_dealer_metadata(metadata), r.link_scratch,
                                    &out_len) != 0:
-            dl_lose(r, c)  # an ERROR (a refused key) is the codec's, and closes as well
+            dl_lose(r, c, LOST_CURVE, 0)  # an ERROR (a refused key) closes as well
             return
         conn_append(&r.links, c, r.link_scratch, out_len)
         dl_flush(r, c)
@@ -255,7 +258,7 @@ cdef void dl_on_curve_handshake(NativeRelay r, Conn *c, ZmtpEvent *ev) noexcept 
     memset(&peer, 0, sizeof(ZmtpEvent))
     if (curve_client_on_ready(&c.cs, cmd, n, r.link_scratch, &metadata_len) != 0
             or zmtp_parse_metadata(r.link_scratch, metadata_len, &peer) != 0):
-        dl_lose(r, c)
+        dl_lose(r, c, LOST_CURVE, 0)
         return
     zmtp_decoder_handshake_done(&c.dec)
     dl_open(r, c, &peer)
@@ -265,7 +268,7 @@ cdef void dl_on_command(NativeRelay r, Conn *c, ZmtpEvent *ev) noexcept nogil:
     cdef uint8_t out[ZMTP_PONG_MAX]
     if c.curve:
         if c.state == ST_OPEN:
-            dl_lose(r, c)  # commands travel in boxes now: one in clear is an error
+            dl_lose(r, c, LOST_PROTOCOL, 0)  # commands travel in boxes now, not in clear
         else:
             dl_on_curve_handshake(r, c, ev)
         return
@@ -273,7 +276,7 @@ cdef void dl_on_command(NativeRelay r, Conn *c, ZmtpEvent *ev) noexcept nogil:
         conn_send_command(&r.links, c, out, zmtp_pong(out, ev.context, ev.context_len))
         conn_mark_dirty(&r.links, c)
     elif ev.command == ZMTP_CMD_ERROR:
-        dl_lose(r, c)
+        dl_lose(r, c, LOST_PROTOCOL, ZMTP_E_PEER_ERROR)
 
 
 # -- requests ------------------------------------------------------------------------
@@ -371,7 +374,7 @@ cdef inline bint dl_put(NativeRelay r, Conn *link, LinkQueue *waiting, const uin
 
 cdef void dl_flush(NativeRelay r, Conn *c) noexcept nogil:
     if not conn_flush(&r.links, c):
-        dl_lose(r, c)
+        dl_lose(r, c, LOST_IO, ENOMEM if c.broken else errno)
 
 
 cdef void dl_flush_dirty(NativeRelay r, double now) noexcept nogil:
@@ -404,7 +407,7 @@ cdef void dl_on_box(NativeRelay r, Conn *c, ZmtpEvent *ev, double now) noexcept 
     cdef ZmtpEvent frame
     cdef uint8_t out[ZMTP_PONG_MAX]
     if ev.more:
-        dl_lose(r, c)  # libzmq never sets MORE outside a box
+        dl_lose(r, c, LOST_PROTOCOL, 0)  # libzmq never sets MORE outside a box
         return
     if ev.begin and ev.end:
         box, box_len = <uint8_t *>ev.data, ev.len
@@ -412,7 +415,7 @@ cdef void dl_on_box(NativeRelay r, Conn *c, ZmtpEvent *ev, double now) noexcept 
         if ev.begin and ev.frame_size > c.sealed_cap:
             grown = <uint8_t *>realloc(c.sealed, ev.frame_size)
             if grown == NULL:
-                dl_lose(r, c)
+                dl_lose(r, c, LOST_IO, ENOMEM)
                 return
             c.sealed, c.sealed_cap = grown, ev.frame_size
         if ev.begin:
@@ -424,7 +427,7 @@ cdef void dl_on_box(NativeRelay r, Conn *c, ZmtpEvent *ev, double now) noexcept 
         box, box_len = c.sealed, c.sealed_len
     n = curve_decrypt(&c.cs, box, box_len, box, &flags)
     if n < 0:
-        dl_lose(r, c)  # a replayed nonce or a forged box
+        dl_lose(r, c, LOST_CURVE, 0)  # a replayed nonce or a forged box
         return
     if flags & CURVE_FLAG_COMMAND:
         # a command in a box: name length, name, body (RFC 23); PING's body, TTL and context
@@ -433,7 +436,7 @@ cdef void dl_on_box(NativeRelay r, Conn *c, ZmtpEvent *ev, double now) noexcept 
                 out, box + 7, min(<size_t>n - 7, <size_t>ZMTP_PING_MAX_CONTEXT)))
             conn_mark_dirty(&r.links, c)
         elif n >= 6 and box[0] == 5 and memcmp(box + 1, b"ERROR", 5) == 0:
-            dl_lose(r, c)
+            dl_lose(r, c, LOST_PROTOCOL, ZMTP_E_PEER_ERROR)
         return
     memset(&frame, 0, sizeof(ZmtpEvent))
     frame.kind = ZMTP_FRAME
@@ -588,15 +591,18 @@ cdef void dl_sweep(NativeRelay r, double now) noexcept nogil:
     """Links whose connect or handshake takes longer than handshake_timeout_ms (a port
     that takes the connection and says nothing), or whose broker stopped answering
     PINGs; heartbeats to the others."""
-    cdef int i
+    cdef int i, timer
     cdef Conn *c
     for i in range(r.links.max_conns):
         c = &r.links.conns[i]
-        if c.fd >= 0 and conn_timers(&r.links, c, now) != CONN_ALIVE:
-            dl_lose(r, c)
+        if c.fd >= 0:
+            timer = conn_timers(&r.links, c, now)
+            if timer != CONN_ALIVE:
+                dl_lose(r, c, LOST_TIMEOUT, timer)
 
-cdef void dl_lose(NativeRelay r, Conn *c) noexcept nogil:
-    """Close a link (a reply it had begun is lost with it); Python dials again."""
+cdef void dl_lose(NativeRelay r, Conn *c, uint8_t why, int detail) noexcept nogil:
+    """Close a link (a reply it had begun is lost with it), for Python to say `why` (a
+    LOST_*) and dial again."""
     if c.fd >= 0:
         epoll_ctl(r.link_epoll, EPOLL_CTL_DEL, c.fd, NULL)
         if c.writing:
@@ -606,6 +612,8 @@ cdef void dl_lose(NativeRelay r, Conn *c) noexcept nogil:
         r.links_up -= 1
     if c.state != ST_FREE:
         r.link_news[c - r.links.conns] |= LINK_LOST
+        r.link_lost_why[c - r.links.conns] = why
+        r.link_lost_detail[c - r.links.conns] = detail
         zmtp_decoder_free(&c.dec)
     conn_release_out(&r.links, c)
     free(c.box)

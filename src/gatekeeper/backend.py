@@ -17,8 +17,38 @@ from .handover import describe
 
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+# what backend_unreachable says of each (libzmq tells no more)
+_HANDSHAKE_FAILURES = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
+                       zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol_error",
+                       zmq.EVENT_HANDSHAKE_FAILED_AUTH: "curve_error"}
 _MONITOR_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
                    | _HANDSHAKE_FAILED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
+
+
+class BrokerEvents:
+    """What the log says of broker connections, for either backend: `backend_up` and
+    `backend_lost` for each connection that completes its handshake and then ends, and
+    `backend_unreachable` once for an endpoint whose attempts fail, until one succeeds:
+    a broker down for an hour is one line, not one a retry."""
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+        self._up: dict[Any, str] = {}     # connection -> endpoint: at most those up
+        self._failing: set[str] = set()   # endpoints said unreachable: at most the policy's
+
+    def up(self, connection: Any, endpoint: str) -> None:
+        self._up[connection] = endpoint
+        self._failing.discard(endpoint)
+        self._log.info("backend_up", endpoint=endpoint)
+
+    def ended(self, connection: Any, endpoint: str, reason: str, **fields: Any) -> None:
+        """A connection ended, or an attempt failed; the retries that fail after it are
+        not logged again until one is up."""
+        if self._up.pop(connection, None) is not None:
+            self._log.warning("backend_lost", endpoint=endpoint, reason=reason, **fields)
+        elif endpoint not in self._failing:
+            self._log.warning("backend_unreachable", endpoint=endpoint, reason=reason, **fields)
+        self._failing.add(endpoint)
 
 
 class LibzmqBackend:
@@ -43,9 +73,10 @@ class LibzmqBackend:
         """None for the owner to remove: libzmq removes a bound DEALER's own."""
         return []
 
-    def __init__(self, ctx: zmq.Context, policy: Any, fallback: str = "") -> None:
+    def __init__(self, ctx: zmq.Context, policy: Any, log: Any, fallback: str = "") -> None:
         """`fallback`: why the native DEALER does not run instead, "" if not asked for."""
         self.fallback = fallback
+        self._events = BrokerEvents(log)
         self._monitor = sockets.Monitor(ctx, _MONITOR_EVENTS)
         self.monitor = self._monitor.socket
         # by descriptor, at most the connections open: those in their handshake (with
@@ -86,12 +117,16 @@ class LibzmqBackend:
                     del self._handshaking[fd]
                     if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                         self._up.add(fd)
+                        self._events.up(fd, endpoint.decode())
                 if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED and endpoint in self._wait_s:
                     self._wait_s[endpoint] = self._first_wait_s
+                elif kind != zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._events.ended(fd, endpoint.decode(), _HANDSHAKE_FAILURES[kind])
             else:  # disconnected, closed
                 if value in self._handshaking:
                     self._redial(self._handshaking.pop(value))
                 self._up.discard(value)
+                self._events.ended(value, endpoint.decode(), "closed")
 
     def _redial(self, endpoint: bytes) -> None:
         wait = self._wait_s.get(endpoint)
@@ -116,11 +151,15 @@ class LibzmqBackend:
         return len(self._up)
 
 
-def build(ctx: zmq.Context, policy: Any, frontend_engine: str) -> LibzmqBackend | NativeDealer:
+def build(ctx: zmq.Context, policy: Any, frontend_engine: str,
+          log: Any) -> LibzmqBackend | NativeDealer:
     """The backend this policy runs behind `frontend_engine`: the native DEALER where it
-    can, a libzmq DEALER with the reason (`fallback`) where it cannot."""
+    can, a libzmq DEALER with the reason (`fallback`) where it cannot. `log` takes what
+    it says of its broker connections (BrokerEvents)."""
     name, why = engine_for(policy, frontend_engine)
-    return NativeDealer(policy) if name == "native" else LibzmqBackend(ctx, policy, why)
+    if name == "native":
+        return NativeDealer(policy, log)
+    return LibzmqBackend(ctx, policy, log, why)
 
 
 def engine_for(policy: Any, frontend_engine: str) -> tuple[str, str]:
@@ -174,9 +213,11 @@ class NativeDealer:
         """None: the links are the loop's own."""
         return []
 
-    def __init__(self, policy: Any, resolve: Callable[..., Any] | None = None) -> None:
+    def __init__(self, policy: Any, log: Any,
+                 resolve: Callable[..., Any] | None = None) -> None:
         """`resolve`: getaddrinfo (the default), run in the resolver's thread."""
         b = policy.backend
+        self._events = BrokerEvents(log)
         self.endpoints = list(b.connect)
         self._first_wait_s = b.reconnect_ivl_ms / 1000
         self._longest_wait_s = b.reconnect_ivl_max_ms / 1000
@@ -216,13 +257,19 @@ class NativeDealer:
 
     def tick(self, now: float) -> None:
         for slot, up, lost in self.relay.take_link_news():
-            if slot >= len(self.endpoints):
-                continue  # a broker that connected in: its own to come back
+            dialed = slot < len(self.endpoints)  # else a broker that connected in
+            endpoint = self.endpoints[slot] if dialed else f"{', '.join(self.bound)} (in)"
             if up:
-                self._wait_s[slot] = self._first_wait_s
-            if lost:
+                self._events.up(slot, endpoint)
+                if dialed:
+                    self._wait_s[slot] = self._first_wait_s
+            if lost is not None and not dialed:
+                self._events.ended(slot, endpoint, lost)  # its own to come back
+            elif lost is not None:
                 self._linked[slot] = False
                 self._retry_later(slot, now)
+                self._events.ended(slot, endpoint, lost,
+                                   retry_in_s=round(self._dial_at[slot] - now, 3))
         for slot, answer in self._resolver.answers():
             self._connect(slot, answer, now)
         for slot, linked in enumerate(self._linked):
@@ -256,9 +303,11 @@ class NativeDealer:
             if isinstance(target, OSError):
                 raise target
             sock = _connecting(*target)
-        except OSError:
+        except OSError as exc:
             self._linked[slot] = False
             self._retry_later(slot, now)  # a name that does not resolve, no route, ...
+            self._events.ended(None, self.endpoints[slot], f"no_connect: {exc}",
+                               retry_in_s=round(self._dial_at[slot] - now, 3))
             return
         self.relay.add_link(sock.detach(), slot)
         self._linked[slot] = True

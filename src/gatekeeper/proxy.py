@@ -106,7 +106,7 @@ class Gatekeeper:
                 self._frontend_fds = [(e, s.fileno()) for e, s in zip(self.endpoints, listeners)]
                 self.socket_activated = [e for e, s in zip(self.endpoints, listeners)
                                          if s in from_systemd]
-            self.backend_engine = backend.build(self.ctx, policy, self.engine_name)
+            self.backend_engine = backend.build(self.ctx, policy, self.engine_name, self.log)
             self.backend = self.backend_engine.socket
             self._sockets.extend(self.backend_engine.zmq_sockets)
             self._listener_files += self.backend_engine.listener_files
