@@ -39,7 +39,8 @@ The kinds alternate within each round, so drift on a shared machine hits all of 
 with several clients a round runs every kind with the first, then with the next, and so
 on, so that each client's kinds stand side by side in time. The report gives medians per
 (client, kind) and each kind's ratios to zmq.proxy under the same client: msgs/s, CPU per
-message, single-flight p50.
+message, single-flight p50, and the lowest and highest msgs/s ratio of a single round
+(against zmq.proxy's run of that round), which says how much the median hides.
 
 --perf KINDS: after the measured rounds, one more run of each of those kinds with each
 client, not counted, with `perf record -g` on the proxy process (all its threads) while
@@ -529,13 +530,18 @@ def ratios(summary: dict) -> dict:
 VERSUS_PROXY = ("msgs_per_s", "cpu_us_per_msg", "single_p50_us")
 
 
-def versus_proxy(summary: dict) -> dict:
-    """Each proxy kind's VERSUS_PROXY ratios to zmq.proxy, within one client's summary."""
+def versus_proxy(summary: dict, kind_runs: dict[str, list[dict]]) -> dict:
+    """Each proxy kind's VERSUS_PROXY ratios to zmq.proxy, within one client's summary,
+    and its msgs/s over zmq.proxy's round by round (`by_round`: how much a median
+    hides on a shared machine)."""
     proxy = summary.get("proxy")
     if proxy is None:
         return {}
-    return {kind: {key: s[key] / proxy[key] if s[key] is not None and proxy[key] else None
-                   for key in VERSUS_PROXY}
+    proxy_rates = {r["round"]: r["load"]["msgs_per_s"] for r in kind_runs["proxy"]}
+    return {kind: {**{key: s[key] / proxy[key] if s[key] is not None and proxy[key] else None
+                      for key in VERSUS_PROXY},
+                   "by_round": [r["load"]["msgs_per_s"] / proxy_rates[r["round"]]
+                                for r in kind_runs[kind] if proxy_rates.get(r["round"])]}
             for kind, s in summary.items() if kind not in ("direct", "proxy")}
 
 
@@ -573,11 +579,14 @@ def print_report(summary: dict, versus: dict, ratio_values: dict, skipped: dict,
         print(f"{name}: skipped ({reason.splitlines()[0]})")
     if any(versus.values()):
         print(f"\n{'against zmq.proxy, same client':<32}{'msgs/s':>8}{'cpu/msg':>9}"
-              f"{'p50 1-flight':>14}")
+              f"{'p50 1-flight':>14}  msgs/s round by round: lowest, highest")
         for client, kinds in versus.items():
             for kind, v in kinds.items():
+                rounds = v["by_round"]
+                spread = f"{min(rounds):.2f}x, {max(rounds):.2f}x" if rounds else "-"
                 print(f"{client:<10}{kind:<22}{times(v['msgs_per_s']):>8}"
-                      f"{times(v['cpu_us_per_msg']):>9}{times(v['single_p50_us']):>14}")
+                      f"{times(v['cpu_us_per_msg']):>9}{times(v['single_p50_us']):>14}"
+                      f"  {spread}")
     for client, values in ratio_values.items():
         lines = [f"{name:<40}{times(value)}" for name, value in values.items()
                  if value is not None]  # the kinds it needs ran
@@ -765,7 +774,7 @@ def main(argv: list[str]) -> int:
 
     summary = {c: {k: summarize(v) for k, v in kinds.items() if v} for c, kinds in runs.items()}
     summary = {c: kinds for c, kinds in summary.items() if kinds}
-    versus = {c: versus_proxy(kinds) for c, kinds in summary.items()}
+    versus = {c: versus_proxy(kinds, runs[c]) for c, kinds in summary.items()}
     ratio_values = {c: ratios(kinds) for c, kinds in summary.items()}
     print_report(summary, versus, ratio_values, skipped, clients)
     if args.json:
