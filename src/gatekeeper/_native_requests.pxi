@@ -17,12 +17,12 @@ cdef void fe_read_ready(NativeRelay r, double now) noexcept nogil:
     turn."""
     cdef epoll_event events[MAX_EVENTS]
     cdef int n, i, first = -1
-    cdef int cap = r.io.max_conns
-    cdef int slot, distance, nearest = cap
+    cdef int distance, nearest = r.io.max_conns
     n = epoll_wait(r.inner, events, MAX_EVENTS, 0)
     for i in range(n):
-        slot = <int>tag_index(events[i].data.u64)
-        distance = (slot - r.read_turn - 1 + cap) % cap
+        distance = <int>tag_index(events[i].data.u64) - r.read_turn - 1
+        if distance < 0:
+            distance += r.io.max_conns  # the slots before the turn come after the rest
         if distance < nearest:
             nearest, first = distance, i
     if first < 0:

@@ -41,6 +41,9 @@ class BrokerEvents:
         self._failing.discard(endpoint)
         self._log.info("backend_up", endpoint=endpoint)
 
+    def connections_up(self) -> int:
+        return len(self._up)
+
     def ended(self, connection: Any, endpoint: str, reason: str, **fields: Any) -> None:
         """A connection ended, or an attempt failed; the retries that fail after it are
         not logged again until one is up."""
@@ -79,10 +82,9 @@ class LibzmqBackend:
         self._events = BrokerEvents(log)
         self._monitor = sockets.Monitor(ctx, _MONITOR_EVENTS)
         self.monitor = self._monitor.socket
-        # by descriptor, at most the connections open: those in their handshake (with
-        # their endpoint, in the order they came) and those up
+        # by descriptor, at most the connections in their handshake, with their endpoint,
+        # in the order they came (those up are the BrokerEvents')
         self._handshaking: dict[int, bytes] = {}
-        self._up: set[int] = set()
         b = policy.backend
         self._first_wait_s, self._longest_wait_s = (b.reconnect_ivl_ms / 1000,
                                                     b.reconnect_ivl_max_ms / 1000)
@@ -116,7 +118,6 @@ class LibzmqBackend:
                 if fd is not None:
                     del self._handshaking[fd]
                     if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                        self._up.add(fd)
                         self._events.up(fd, endpoint.decode())
                 if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED and endpoint in self._wait_s:
                     self._wait_s[endpoint] = self._first_wait_s
@@ -125,7 +126,6 @@ class LibzmqBackend:
             else:  # disconnected, closed
                 if value in self._handshaking:
                     self._redial(self._handshaking.pop(value))
-                self._up.discard(value)
                 self._events.ended(value, endpoint.decode(), "closed")
 
     def _redial(self, endpoint: bytes) -> None:
@@ -148,7 +148,7 @@ class LibzmqBackend:
 
     def connections(self) -> int:
         """Broker connections up now."""
-        return len(self._up)
+        return self._events.connections_up()
 
 
 def build(ctx: zmq.Context, policy: Any, frontend_engine: str,
