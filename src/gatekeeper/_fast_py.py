@@ -7,10 +7,8 @@ change here must be mirrored there; the differential tests hold the two together
 
 from __future__ import annotations
 
-import bisect
 import math
 import time
-from collections import deque
 from typing import Iterable, Sequence
 
 import zmq
@@ -32,25 +30,19 @@ from .rules import (
     KEY_PROPERTIES,
     MALFORMED_ENVELOPE,
     MAX_KEY_BYTES,
-    MAX_SYNC_KEYS,
     MESSAGE_TOO_LARGE,
     OFFENDER_SLOTS,
     RATE_LIMITED,
     REASONS,
-    RECLAIM_SCAN,
-    ROUND_TRIP_BUCKETS,
-    ROUND_TRIP_DEPTH,
-    ROUND_TRIP_IDS,
-    ROUND_TRIP_STALE_S,
     SOURCE_CONTROL,
     SOURCE_PENALTY,
-    TIMEOUT_ANSWERS,
     TOO_MANY_IN_FLIGHT,
     TOO_MANY_FRAMES,
     TOP_OFFENDERS,
-    Limits,
     Rules,
 )
+from ._round_trips_py import RoundTrips
+from ._tables_py import BanTable, Bucket, RateTable, StrikeTable
 
 IMPLEMENTATION = "python"
 
@@ -63,273 +55,22 @@ REJECT_MARKER = b"GATEKEEPER"
 _REASON_BYTES = tuple(r.encode() for r in REASONS)
 
 
-class _Bucket:
-    """A token bucket (messages, and bytes when the limits have a byte budget)."""
-
-    __slots__ = ("key", "tokens", "byte_tokens", "last", "used", "used_bytes", "listed",
-                 "strikes")
-
-    def __init__(self, key: bytes, limits: Limits, now: float) -> None:
-        self.listed = False  # in the rate table's list of keys for the next sync
-        self.reset(key, limits, now)
-
-    def reset(self, key: bytes, limits: Limits, now: float) -> None:
-        """Also when the bucket is reclaimed for another key: a listed bucket stays listed,
-        and the new key's usage is what the sync then reports for it."""
-        self.key = key
-        self.tokens = limits.burst
-        self.byte_tokens = limits.byte_capacity
-        self.last = now
-        # Taken since the last sync, with a shared budget only. A reclaimed bucket had
-        # refilled, so whatever usage it still held is long out of date.
-        self.used = 0
-        self.used_bytes = 0
-        self.strikes = _Strikes()
-
-    def refill(self, limits: Limits, now: float) -> None:
-        elapsed = now - self.last
-        if elapsed > 0.0:
-            self.tokens = min(limits.burst, self.tokens + elapsed * limits.messages_per_second)
-            if limits.bytes_per_second > 0.0:
-                self.byte_tokens = min(
-                    limits.byte_capacity, self.byte_tokens + elapsed * limits.bytes_per_second
-                )
-            self.last = now
-
-    def take(self, limits: Limits, nbytes: int) -> bool:
-        if self.tokens < 1.0:
-            return False
-        if limits.bytes_per_second > 0.0 and self.byte_tokens < nbytes:
-            return False
-        self.tokens -= 1.0
-        self.byte_tokens -= nbytes
-        return True
-
-    def give_back(self, nbytes: int, shared: bool) -> None:
-        self.tokens += 1.0
-        self.byte_tokens += nbytes
-        if shared:
-            self.used -= 1
-            self.used_bytes -= nbytes
-
-    def is_full(self, limits: Limits, now: float) -> bool:
-        """Idle long enough to be full again: it carries no information any more."""
-        elapsed = now - self.last
-        if elapsed < 0.0:
-            elapsed = 0.0
-        if self.tokens + elapsed * limits.messages_per_second < limits.burst:
-            return False
-        return (
-            limits.bytes_per_second <= 0.0
-            or self.byte_tokens + elapsed * limits.bytes_per_second >= limits.byte_capacity
-        )
-
-
-class _Strikes:
-    """A key's refusals that count towards a ban ([penalty]), in a fixed window: the
-    window opens at the first refusal and lasts `window` seconds, after which the count
-    starts again from the next one."""
-
-    __slots__ = ("start", "count")
-
-    def __init__(self) -> None:
-        self.start = 0.0
-        self.count = 0
-
-    def live(self, now: float, window: float) -> bool:
-        return self.count > 0 and now - self.start < window
-
-    def add(self, now: float, window: float) -> int:
-        if not self.live(now, window):
-            self.start = now
-            self.count = 0
-        self.count += 1
-        return self.count
-
-
-class _StrikeTable:
-    """Without [rate_limit], the strikes per routing id in a table of their own, at most
-    `size` keys: when full, a key whose window has closed is reclaimed by a clock hand
-    (RECLAIM_SCAN at most per new key), else the new key's refusals are not counted."""
-
-    def __init__(self, size: int, window: float) -> None:
-        self.size = size
-        self.window = window
-        self.keys: list[bytes] = []
-        self.slots: list[_Strikes] = []
-        self.index: dict[bytes, int] = {}
-        self.hand = 0
-
-    def find(self, key: bytes) -> _Strikes | None:
-        slot = self.index.get(key)
-        return self.slots[slot] if slot is not None else None
-
-    def lookup(self, key: bytes, now: float) -> _Strikes | None:
-        slot = self.index.get(key)
-        if slot is not None:
-            return self.slots[slot]
-        if len(self.slots) < self.size:
-            self.index[key] = len(self.slots)
-            self.keys.append(key)
-            self.slots.append(_Strikes())
-            return self.slots[-1]
-        for _ in range(min(RECLAIM_SCAN, self.size)):
-            slot = self.hand
-            self.hand = (self.hand + 1) % self.size
-            if not self.slots[slot].live(now, self.window):
-                del self.index[self.keys[slot]]
-                self.keys[slot] = key
-                self.index[key] = slot
-                self.slots[slot] = _Strikes()
-                return self.slots[slot]
-        return None
-
-
-class _Ban:
-    __slots__ = ("key", "until", "length", "source", "reason")
-
-    def __init__(self, key: bytes) -> None:
-        self.key = key
-
-
-class _BanTable:
-    """Bans by key: each with its end (inf: until UNBAN), its length, its source and the
-    reason code that earned it (0: none). An ended ban stays as the key's memory, for the
-    next ban within `forget` to last twice as long, until its place is wanted: at most
-    `size` entries, and past it the one that ends soonest (an ended one first) gives way.
-    Slots as the compiled key table keeps them (dense, the last moved into a freed one) and
-    scanned in that order, so that both twins give the same entry away."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.slots: list[_Ban] = []
-        self.index: dict[bytes, int] = {}
-
-    def find(self, key: bytes) -> _Ban | None:
-        slot = self.index.get(key)
-        return self.slots[slot] if slot is not None else None
-
-    def active(self, key: bytes, now: float) -> bool:
-        ban = self.find(key)
-        return ban is not None and now < ban.until
-
-    def put(self, key: bytes, now: float, length: float, source: int, reason: int) -> None:
-        slot = self.index.get(key)
-        if slot is None:
-            if len(self.slots) < self.size:
-                slot = len(self.slots)
-                self.slots.append(_Ban(key))
-            else:
-                slot = min(range(len(self.slots)), key=lambda i: self.slots[i].until)
-                del self.index[self.slots[slot].key]
-                self.slots[slot].key = key
-            self.index[key] = slot
-        ban = self.slots[slot]
-        ban.until = now + length
-        ban.length = length
-        ban.source = source
-        ban.reason = reason
-
-    def remove(self, key: bytes) -> None:
-        slot = self.index.pop(key)
-        last = self.slots.pop()
-        if slot < len(self.slots):
-            self.slots[slot] = last
-            self.index[last.key] = slot
-
-    def resized(self, size: int) -> _BanTable:
-        """The same bans in a table of `size`: the longest-lasting kept, in an order both
-        twins share."""
-        table = _BanTable(size)
-        for ban in sorted(self.slots, key=lambda b: (-b.until, b.key))[:size]:
-            table.index[ban.key] = len(table.slots)
-            table.slots.append(ban)
-        return table
-
-
-class _RateTable:
-    """At most `max_keys` buckets; idle (full) ones are reclaimed by a clock hand; when
-    none is reclaimable new keys share one overflow bucket, so churn buys nothing."""
-
-    def __init__(self, rules: Rules, now: float) -> None:
-        assert rules.rate_limit is not None
-        self.limits = rules.rate_limit
-        self.max_keys = rules.max_keys
-        self.slots: list[_Bucket] = []
-        self.index: dict[bytes, int] = {}
-        self.hand = 0
-        self.overflow = _Bucket(b"", self.limits, now)
-        self.override_limits = dict(rules.per_key)
-        self.overrides = {k: _Bucket(k, lim, now) for k, lim in rules.per_key.items()}
-        self.shared = rules.shared_budget
-        self.listed: list[_Bucket] = []  # at most MAX_SYNC_KEYS, each bucket once
-        # a bucket with strikes in an open window is not idle: its key is nearing a ban
-        self.window = rules.penalty_window
-
-    def lookup(self, key: bytes, now: float) -> tuple[_Bucket, Limits]:
-        bucket = self.overrides.get(key)
-        if bucket is not None:
-            return bucket, self.override_limits[key]
-        slot = self.index.get(key)
-        if slot is not None:
-            return self.slots[slot], self.limits
-        if len(self.slots) < self.max_keys:
-            self.index[key] = len(self.slots)
-            self.slots.append(_Bucket(key, self.limits, now))
-            return self.slots[-1], self.limits
-        for _ in range(min(RECLAIM_SCAN, self.max_keys)):
-            slot = self.hand
-            self.hand = (self.hand + 1) % self.max_keys
-            bucket = self.slots[slot]
-            if bucket.is_full(self.limits, now) and not bucket.strikes.live(now, self.window):
-                del self.index[bucket.key]
-                bucket.reset(key, self.limits, now)
-                self.index[key] = slot
-                return bucket, self.limits
-        return self.overflow, self.limits
-
-    def find(self, key: bytes | None) -> tuple[_Bucket, Limits] | None:
-        """The bucket a key has now, without creating one; None is the overflow bucket."""
-        if key is None:
-            return self.overflow, self.limits
-        bucket = self.overrides.get(key)
-        if bucket is not None:
-            return bucket, self.override_limits[key]
-        slot = self.index.get(key)
-        return (self.slots[slot], self.limits) if slot is not None else None
-
-    def took(self, bucket: _Bucket, nbytes: int) -> None:
-        bucket.used += 1
-        bucket.used_bytes += nbytes
-        if not bucket.listed and len(self.listed) < MAX_SYNC_KEYS:
-            bucket.listed = True
-            self.listed.append(bucket)
-
-    def take_usage(self) -> list[tuple[bytes | None, int, int]]:
-        usage = [(None if b is self.overflow else b.key, b.used, b.used_bytes)
-                 for b in self.listed]
-        for bucket in self.listed:
-            bucket.used = bucket.used_bytes = 0
-            bucket.listed = False
-        self.listed = []
-        return usage
-
 
 class PolicyEngine:
     """Per-message decisions and the state behind them: bans, buckets, violation counts,
     top offenders and log samples. Knows nothing of sockets."""
 
     def __init__(self, rules: Rules, now: float | None = None) -> None:
-        self._bans = _BanTable(rules.max_bans)
-        self._strikes: _StrikeTable | None = None  # without [rate_limit]
+        self._bans = BanTable(rules.max_bans)
+        self._strikes: StrikeTable | None = None  # without [rate_limit]
         self._bans_total = [0] * len(BAN_SOURCES)
         self._ban_events: list[tuple[bytes, float, int]] = []  # (key, seconds, reason code)
         self._ban_events_dropped = 0
         self._clock = 0.0  # the last check's: `record` follows it for the same message
         self._violations = [0] * len(REASONS)
         self._offenders: list[list] = []  # [key, count], space-saving over OFFENDER_SLOTS
-        self._table: _RateTable | None = None
-        self._taken: tuple[_Bucket, int] | None = None
+        self._table: RateTable | None = None
+        self._taken: tuple[Bucket, int] | None = None
         # the relays count what they forward and what comes back here; `check` reads it
         self.round_trips = RoundTrips()
         self.rules = rules
@@ -352,7 +93,7 @@ class PolicyEngine:
         self.rules = rules
         if not same_rate:
             now = time.monotonic() if now is None else now
-            self._table = _RateTable(rules, now) if rules.rate_limit is not None else None
+            self._table = RateTable(rules, now) if rules.rate_limit is not None else None
         if old.log_per_second != rules.log_per_second:
             self._reset_samples()
         if old.max_bans != rules.max_bans:
@@ -364,7 +105,7 @@ class PolicyEngine:
             if (self._strikes is None or old.max_bans != rules.max_bans
                     or old.penalty_on != rules.penalty_on):
                 # one slot while nothing counts: the compiled twin allocates its index whole
-                self._strikes = _StrikeTable(rules.max_bans if rules.penalty_on else 1,
+                self._strikes = StrikeTable(rules.max_bans if rules.penalty_on else 1,
                                              rules.penalty_window)
             self._strikes.window = rules.penalty_window
         self.round_trips.configure(
@@ -664,211 +405,6 @@ def _property(frame: zmq.Frame, name: str) -> bytes | None:
         return None
     return value.encode("utf-8", "surrogateescape")
 
-
-class _InFlight:
-    """One routing id's requests in flight since its entry was made: how many were sent
-    and answered, and the send times of at most ROUND_TRIP_DEPTH of them, oldest first,
-    each with its request's number, so that a reply only ever meets its own request.
-    `rate_key` is the key its requests count against; `lockstep` says a REQ sent them."""
-
-    __slots__ = ("key", "sent", "replied", "stamps", "last", "rate_key", "lockstep")
-
-    def __init__(self, key: bytes) -> None:
-        self.key = key
-        self.sent = 0
-        self.replied = 0
-        self.stamps: deque[tuple[int, float]] = deque()
-        self.last = 0.0
-        self.rate_key = key
-        self.lockstep = False
-
-
-class RoundTrips:
-    """Requests in flight and backend round trips: from forwarding a request to its reply
-    coming back, per routing id in order (the n-th reply to an id answers its n-th
-    request, as REQ clients and in-order brokers have it), into a histogram over
-    ROUND_TRIP_BUCKETS, and counted per id, per rate-limit key and in all for
-    `[requests]`.
-
-    Bounded: an id has an entry only while it has requests in flight, at most `max_ids`
-    of them; when the table is full, an entry idle for ROUND_TRIP_STALE_S (its replies
-    presumably lost) may go to the new id, else the request is neither timed nor counted
-    in flight (`table_full`). At most ROUND_TRIP_DEPTH times per id: past it the newest is
-    not timed (`queue_full`), so the oldest keep their place. A reply with no entry is
-    `unmatched`.
-
-    A request the broker never answers would leave its id one reply behind for good, every
-    later sample running from the request before. So the requests in flight are taken as
-    `lost` and the matching starts afresh when the id sends again after ROUND_TRIP_STALE_S
-    of silence, or at once when the sender is `lockstep` (a REQ socket, which sends its
-    next request only when it has its reply or has given up on it). With a `timeout`,
-    `expire` forgets the requests older than it (`timed_out`); an untimed request is taken
-    to be as old as the timed one after it, or as the id's newest. A DEALER whose broker
-    drops or reorders its replies, while it keeps sending, still skews its own samples.
-    The 32-bit counts of the compiled twin are kept here too.
-    """
-
-    def __init__(self, max_ids: int = ROUND_TRIP_IDS) -> None:
-        self.max_ids = max_ids
-        self._slots: list[_InFlight] = []
-        self._index: dict[bytes, int] = {}
-        self._hand = 0
-        self._counts = [0] * (len(ROUND_TRIP_BUCKETS) + 1)
-        self._sum = 0.0
-        self._untimed = {"queue_full": 0, "table_full": 0, "lost": 0}
-        self._unmatched = 0
-        self.in_flight = 0
-        self.timed_out = 0
-        self.timeout = 0.0
-        # requests in flight per rate-limit key, kept only while a limit asks for them and
-        # the key is not the routing id (whose entry counts them already)
-        self._keyed = False
-        self._per_key: dict[bytes, int] = {}
-
-    def configure(self, timeout: float, keyed: bool) -> None:
-        """`timeout` in seconds (0: never); `keyed`: count per rate-limit key."""
-        self.timeout = timeout
-        if keyed != self._keyed:
-            self._keyed = keyed
-            self._per_key = {}
-            if keyed:
-                for entry in self._slots:
-                    self._count_key(entry.rate_key, (entry.sent - entry.replied) & 0xFFFFFFFF)
-
-    def _count_key(self, key: bytes, delta: int) -> None:
-        n = self._per_key.get(key, 0) + delta
-        if n > 0:
-            self._per_key[key] = n
-        else:
-            self._per_key.pop(key, None)
-
-    def _forget(self, entry: _InFlight, n: int) -> None:
-        """`n` of the entry's requests are in flight no more (answered, lost, timed out)."""
-        self.in_flight -= n
-        if self._keyed:
-            self._count_key(entry.rate_key, -n)
-
-    def key_in_flight(self, identity: bytes, key: bytes) -> int:
-        """Requests in flight counted against `key` (the message's, from `identity`)."""
-        if self._keyed:
-            return self._per_key.get(key[:MAX_KEY_BYTES], 0)
-        slot = self._index.get(identity[:MAX_KEY_BYTES])
-        if slot is None:
-            return 0
-        entry = self._slots[slot]
-        return (entry.sent - entry.replied) & 0xFFFFFFFF
-
-    def sent(self, identity: bytes, now: float, lockstep: bool = False,
-             key: bytes | None = None) -> None:
-        identity = identity[:MAX_KEY_BYTES]
-        slot = self._index.get(identity)
-        if slot is not None:
-            entry = self._slots[slot]
-            if lockstep or now - entry.last >= ROUND_TRIP_STALE_S:
-                lost = (entry.sent - entry.replied) & 0xFFFFFFFF
-                self._untimed["lost"] += lost
-                self._forget(entry, lost)
-                entry.replied = entry.sent
-                entry.stamps.clear()
-        else:
-            slot = self._new_entry(identity, now)
-            if slot is None:
-                self._untimed["table_full"] += 1
-                return
-        entry = self._slots[slot]
-        entry.sent = (entry.sent + 1) & 0xFFFFFFFF
-        entry.last = now
-        entry.lockstep = lockstep
-        entry.rate_key = identity if key is None else key[:MAX_KEY_BYTES]
-        self.in_flight += 1
-        if self._keyed:
-            self._count_key(entry.rate_key, 1)
-        if len(entry.stamps) == ROUND_TRIP_DEPTH:
-            self._untimed["queue_full"] += 1
-            return
-        entry.stamps.append((entry.sent, now))
-
-    def _new_entry(self, identity: bytes, now: float) -> int | None:
-        if len(self._slots) < self.max_ids:
-            self._slots.append(_InFlight(identity))
-            slot = len(self._slots) - 1
-        else:
-            for _ in range(min(RECLAIM_SCAN, self.max_ids)):
-                slot = self._hand
-                self._hand = (self._hand + 1) % self.max_ids
-                stale = self._slots[slot]
-                if now - stale.last >= ROUND_TRIP_STALE_S:
-                    self._forget(stale, (stale.sent - stale.replied) & 0xFFFFFFFF)
-                    del self._index[stale.key]
-                    self._slots[slot] = _InFlight(identity)
-                    break
-            else:
-                return None
-        self._index[identity] = slot
-        return slot
-
-    def replied(self, identity: bytes, now: float) -> None:
-        slot = self._index.get(identity[:MAX_KEY_BYTES])
-        if slot is None:
-            self._unmatched += 1
-            return
-        entry = self._slots[slot]
-        entry.replied = (entry.replied + 1) & 0xFFFFFFFF
-        self._forget(entry, 1)
-        if entry.stamps and entry.stamps[0][0] == entry.replied:
-            elapsed = max(0.0, now - entry.stamps.popleft()[1])
-            self._counts[bisect.bisect_left(ROUND_TRIP_BUCKETS, elapsed)] += 1
-            self._sum += elapsed
-        if entry.replied == entry.sent:
-            self._remove(slot)
-
-    def expire(self, now: float) -> tuple[int, list[bytes]]:
-        """Forgets the requests in flight for `timeout` or longer: how many, and the ids of
-        the lockstep senders among them (at most TIMEOUT_ANSWERS: the scan stops there and
-        the next call goes on). Entries are visited from the last slot down, so that one
-        moved into a freed slot has been visited already."""
-        if self.timeout <= 0.0:
-            return 0, []
-        expired, lockstep = 0, []
-        for slot in range(len(self._slots) - 1, -1, -1):
-            if len(lockstep) == TIMEOUT_ANSWERS:
-                break
-            entry = self._slots[slot]
-            n = 0
-            while entry.replied != entry.sent:
-                oldest = entry.stamps[0][1] if entry.stamps else entry.last
-                if now - oldest < self.timeout:
-                    break
-                entry.replied = (entry.replied + 1) & 0xFFFFFFFF
-                if entry.stamps and entry.stamps[0][0] == entry.replied:
-                    entry.stamps.popleft()
-                n += 1
-            if n == 0:
-                continue
-            expired += n
-            self._forget(entry, n)
-            if entry.lockstep:
-                lockstep.append(entry.key)
-            if entry.replied == entry.sent:
-                self._remove(slot)
-        self.timed_out += expired
-        return expired, lockstep
-
-    def _remove(self, slot: int) -> None:
-        """As the compiled key table does: the last entry moves into the freed slot."""
-        del self._index[self._slots[slot].key]
-        last = self._slots.pop()
-        if slot < len(self._slots):
-            self._slots[slot] = last
-            self._index[last.key] = slot
-
-    def snapshot(self) -> dict:
-        """Non-cumulative counts per bucket (the last is +Inf), their sum in seconds, and
-        what was not timed."""
-        return {"bucket_counts": list(self._counts), "count": sum(self._counts),
-                "sum": self._sum, "ids": len(self._slots),
-                "untimed_requests": dict(self._untimed),
-                "unmatched_replies": self._unmatched}
 
 
 class Relay:
