@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gatekeeper.policy import Cluster, PolicyError, format_policy, parse_policy, redact_url
+from gatekeeper.policy import Cluster, PolicyError, format_policy, parse_policy
+from gatekeeper.redis_url import redact_url
 from gatekeeper.rules import rules_from_policy
 
 pytestmark = pytest.mark.timeout(30)

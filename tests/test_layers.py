@@ -82,8 +82,9 @@ def test_modules_import_without_circles():
 
 def test_the_schema_sits_below_sockets_and_auth():
     graph = _graph()
-    assert graph["policy"] <= {"rules", "keys"}, graph["policy"]
+    assert graph["policy"] <= {"rules", "keys", "redis_url"}, graph["policy"]
     assert graph["keys"] == set(), graph["keys"]
+    assert graph["redis_url"] == set(), graph["redis_url"]  # a leaf, as keys
 
 
 def test_control_and_metrics_do_not_import_the_proxy():

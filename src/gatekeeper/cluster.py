@@ -44,7 +44,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .log import EventLog
-from .policy import Cluster, Policy, redact_url, redis_options
+from .policy import Cluster, Policy
+from .redis_url import redact_url, redis_options
 from .rules import Limits, Rules
 
 # KEYS: one hash per shared bucket: t = tokens, b = byte tokens, at = Redis time of the
